@@ -1,0 +1,76 @@
+"""``bam``: one command per pipeline stage, reading params.yaml (``--set key=value`` overrides).
+
+``dvc.yaml`` calls these same commands, so a stage run by hand and by DVC is the same code.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from functools import wraps
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from bam_vae.config import Params, load_params
+from bam_vae.errors import BamError, Interrupted
+
+app = typer.Typer(
+    help="bam-vae: VAEs on MNIST as a reproducible DVC + MLflow pipeline.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+ParamsFile = Annotated[Path, typer.Option("--params", "-p", help="params file to read")]
+Overrides = Annotated[
+    list[str] | None,
+    typer.Option("--set", "-s", help="override one param, e.g. --set model.z_dim=16 (repeatable)"),
+]
+
+
+def _fail(message: str, code: int) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def stage(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn project errors into one line on stderr and a non-zero exit, with no traceback."""
+
+    @wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except BamError as exc:
+            _fail(str(exc), 130 if isinstance(exc, Interrupted) else 2)
+        except KeyboardInterrupt:
+            _fail("interrupted", 130)
+
+    return wrapper
+
+
+def _params(params: Path, overrides: list[str] | None) -> Params:
+    return load_params(params, overrides or [])
+
+
+@app.command()
+@stage
+def prepare(params: ParamsFile = Path("params.yaml"), set_: Overrides = None) -> None:
+    """Stage prepare-mnist: fetch real MNIST and write data/mnist/{train,test}.pt."""
+    from bam_vae.data import prepare as run
+
+    run(_params(params, set_).data)
+
+
+@app.command()
+@stage
+def train(params: ParamsFile = Path("params.yaml"), set_: Overrides = None) -> None:
+    """Stage train: fit the VAE, log it to MLflow and register a new model version."""
+    from bam_vae.train import fit
+
+    fit(_params(params, set_))
+
+
+def main() -> None:  # pragma: no cover - console entry point
+    sys.exit(app())

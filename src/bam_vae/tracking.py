@@ -1,0 +1,162 @@
+"""MLflow: one SQLite store inside the project, one run per trained model, a registry version.
+
+The store is ``mlruns/mlflow.db`` with artifacts in ``mlruns/artifacts``, both under the real
+project root (``DVC_ROOT`` inside ``dvc exp run --temp/--queue`` copies), so every experiment,
+wherever DVC runs it, lands in the same place. ``MLFLOW_TRACKING_URI`` overrides the store.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import numpy as np
+import torch
+from filelock import FileLock
+from mlflow.tracking import MlflowClient
+
+from bam_vae.errors import BamError
+from bam_vae.paths import project_root, write_json
+
+EXPERIMENT = "bam-vae"
+RUN_REF = Path("models/mlflow_run.json")
+
+# MLflow logs every alembic migration and registry step at INFO; keep stage output readable.
+logging.getLogger("mlflow").setLevel(logging.WARNING)
+logging.getLogger("alembic").setLevel(logging.WARNING)
+
+
+def store_dir() -> Path:
+    return project_root() / "mlruns"
+
+
+def tracking_uri() -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{store_dir() / 'mlflow.db'}"
+
+
+def artifact_root() -> Path:
+    return store_dir() / "artifacts"
+
+
+@contextmanager
+def store_lock() -> Iterator[None]:
+    """Serialise schema creation and registry writes between parallel queue workers.
+
+    SQLite allows one writer; MLflow's first-use migrations and model registration are
+    multi-statement and fail with "database is locked" or duplicate rows when two
+    ``dvc queue`` workers race. Metric logging is short and goes unlocked.
+    """
+    store_dir().mkdir(parents=True, exist_ok=True)
+    with FileLock(str(store_dir() / ".store.lock"), timeout=600):
+        yield
+
+
+def init(experiment: str = EXPERIMENT) -> str:
+    """Point MLflow at the project store and return the experiment id (created if new)."""
+    mlflow.set_tracking_uri(tracking_uri())
+    with store_lock():
+        found = mlflow.get_experiment_by_name(experiment)
+        if found is not None:
+            experiment_id = found.experiment_id
+        else:
+            # Explicit: MLflow's default artifact location is relative to the working directory.
+            artifact_root().mkdir(parents=True, exist_ok=True)
+            experiment_id = mlflow.create_experiment(
+                experiment, artifact_location=artifact_root().as_uri()
+            )
+    mlflow.set_experiment(experiment_id=experiment_id)
+    return experiment_id
+
+
+def git_commit() -> str:
+    done = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True)
+    if done.returncode == 0:
+        return done.stdout.strip()
+    return os.environ.get("DVC_EXP_BASELINE_REV", "unknown")
+
+
+def run_tags(data_sha256: str, sweep: str) -> dict[str, str]:
+    tags = {
+        "dvc_exp_name": os.environ.get("DVC_EXP_NAME", ""),
+        "dvc_exp_baseline_rev": os.environ.get("DVC_EXP_BASELINE_REV", ""),
+        "git_commit": git_commit(),
+        "data_sha256": data_sha256,
+        "mlflow.source.git.commit": git_commit(),
+    }
+    if sweep:
+        tags["sweep"] = sweep
+    return tags
+
+
+def flat_params(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flat_params(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def registered_name(arch: str) -> str:
+    return f"bam-vae-{arch}"
+
+
+def log_generator(generator: torch.nn.Module, z_dim: int, arch: str) -> tuple[str, str]:
+    """Log the decoder as a ``pt2`` exported program and register it; returns (uri, version).
+
+    ``pt2`` (torch.export) loads without unpickling any code. The batch of two in the input
+    example keeps the batch dimension dynamic.
+    """
+    example = np.zeros((2, z_dim), dtype=np.float32)
+    info = mlflow.pytorch.log_model(
+        generator.eval().cpu(),
+        name="generator",
+        serialization_format="pt2",
+        input_example=example,
+        # Explicit requirements skip MLflow's slow import-tracing inference.
+        pip_requirements=[
+            f"torch=={torch.__version__.split('+')[0]}",
+            f"mlflow=={mlflow.__version__}",
+        ],
+    )
+    with store_lock():
+        version = mlflow.register_model(info.model_uri, registered_name(arch))
+    return info.model_uri, str(version.version)
+
+
+def write_run_ref(path: Path, **ref: str) -> None:
+    write_json(path, ref)
+
+
+def read_run_ref(path: Path = RUN_REF) -> dict[str, str]:
+    """The MLflow run a trained model belongs to, written by ``train`` for later stages."""
+    if not path.is_file():
+        raise BamError(f"MLflow run file {path} not found; run `bam train` (or `dvc repro`) first")
+    try:
+        ref = json.loads(path.read_text())
+        ref["run_id"]  # noqa: B018 - fail here, not deep in a later stage
+    except (ValueError, KeyError, TypeError) as exc:
+        raise BamError(f"corrupt MLflow run file {path}: {exc}") from None
+    return ref
+
+
+@contextmanager
+def reopen_run(path: Path = RUN_REF) -> Iterator[mlflow.ActiveRun]:
+    """Log a later stage's results into the MLflow run of the model it scores."""
+    ref = read_run_ref(path)
+    init()
+    with mlflow.start_run(run_id=ref["run_id"]) as run:
+        yield run
+
+
+def client() -> MlflowClient:
+    return MlflowClient(tracking_uri=tracking_uri())

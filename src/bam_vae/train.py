@@ -1,0 +1,285 @@
+"""Stage ``train``: fit a VAE on prepared MNIST, track it in MLflow, register its generator.
+
+Batches are sliced from one in-memory float tensor (no per-sample PIL or ``ToTensor``).
+SIGINT/SIGTERM stop after the current batch and leave a checkpoint under the project root;
+the next run with the same params resumes from it and ends with the same weights as an
+uninterrupted run (the shuffling is derived from (seed, epoch); RNG and optimiser state are
+saved).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+import torch
+from tqdm import tqdm
+
+from bam_vae import tracking
+from bam_vae.config import Params, TrainConfig
+from bam_vae.data import data_sha256, load_split
+from bam_vae.errors import BamError, Interrupted
+from bam_vae.models import Generator, build_model, n_parameters, save_model, vae_loss
+from bam_vae.paths import atomic_path, project_root, write_json
+
+MODEL_PATH = Path("models/vae.pt")
+METRICS_PATH = Path("metrics/train.json")
+HISTORY_PATH = Path("metrics/train_history.csv")
+EVAL_SEED = 12345  # fixed posterior noise for test losses, so epochs compare like with like
+
+
+# ---------------------------------------------------------------------------- machine setup
+def resolve_device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise BamError("train.device: 'cuda' requested but no CUDA device is available")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
+
+
+def available_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def configure_threads(requested: int) -> int:
+    """Torch threads: the param if set, else cores / parallel workers (``BAM_PARALLEL_JOBS``).
+
+    Two torch processes that each take every core run many times slower than one alone, so
+    queue workers must split the machine between them.
+    """
+    jobs = max(1, int(os.environ.get("BAM_PARALLEL_JOBS", "1")))
+    threads = requested or max(1, available_cores() // jobs)
+    torch.set_num_threads(threads)
+    return threads
+
+
+def seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+# ---------------------------------------------------------------------------- data
+def training_images(cfg: TrainConfig, images: torch.Tensor) -> torch.Tensor:
+    """Float images in [0, 1], subset to ``train_fraction``, with noise on ``noise_fraction``.
+
+    Both choices are drawn from their own generator seeded by ``seed`` so they do not depend
+    on anything else in the run.
+    """
+    gen = torch.Generator().manual_seed(cfg.seed)
+    x = images.float().div_(255.0).unsqueeze(1)
+    if cfg.train_fraction < 1.0:
+        keep = max(1, round(cfg.train_fraction * len(x)))
+        x = x[torch.randperm(len(x), generator=gen)[:keep].sort().values]
+    if cfg.noise_fraction > 0 and cfg.noise_std > 0:
+        n_noisy = round(cfg.noise_fraction * len(x))
+        idx = torch.randperm(len(x), generator=gen)[:n_noisy]
+        noise = torch.randn((n_noisy, *x.shape[1:]), generator=gen) * cfg.noise_std
+        x[idx] = (x[idx] + noise).clamp_(0.0, 1.0)
+    return x
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+
+
+# ---------------------------------------------------------------------------- checkpoints
+def run_key(params: Params, data_digest: str) -> str:
+    blob = json.dumps(
+        {
+            "model": params.model.model_dump(),
+            "train": params.train.model_dump(),
+            "data": data_digest,
+        },
+        sort_keys=True,
+    )
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def checkpoint_path(key: str) -> Path:
+    return project_root() / ".cache" / "checkpoints" / f"train-{key}.pt"
+
+
+@dataclass
+class State:
+    """Everything needed to continue a run exactly where it stopped."""
+
+    epoch: int = 0  # epochs completed
+    batch: int = 0  # batches completed within ``epoch``
+    sums: dict[str, float] = field(default_factory=lambda: {"loss": 0.0, "recon": 0.0, "kl": 0.0})
+    seen: int = 0
+    history: list[dict[str, float]] = field(default_factory=list)
+    run_id: str = ""
+
+
+def save_checkpoint(path: Path, model, optimizer, state: State) -> None:
+    with atomic_path(path) as tmp:
+        torch.save(
+            {
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "rng": torch.get_rng_state(),
+                "state": state.__dict__,
+            },
+            tmp,
+        )
+
+
+def load_checkpoint(path: Path, model, optimizer) -> State:
+    blob = torch.load(path, weights_only=True)
+    model.load_state_dict(blob["model"])
+    optimizer.load_state_dict(blob["optimizer"])
+    torch.set_rng_state(blob["rng"])
+    return State(**blob["state"])
+
+
+@contextmanager
+def stop_on_signals() -> Iterator[Callable[[], bool]]:
+    """Turn SIGINT/SIGTERM into a flag the loop checks between batches."""
+    caught: list[int] = []
+    handler = lambda signum, _frame: caught.append(signum)  # noqa: E731
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield lambda: bool(caught)
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+# ---------------------------------------------------------------------------- loop
+@torch.no_grad()
+def evaluate(model, x: torch.Tensor, cfg: TrainConfig, device: torch.device) -> dict[str, float]:
+    model.eval()
+    gen = torch.Generator(device=device).manual_seed(EVAL_SEED)
+    sums = {"loss": 0.0, "recon": 0.0, "kl": 0.0}
+    for start in range(0, len(x), 1000):
+        xb = x[start : start + 1000].to(device)
+        parts = vae_loss(model(xb, generator=gen), xb, cfg.k1, cfg.k2, cfg.recon).as_floats()
+        for k, v in parts.items():
+            sums[k] += v * len(xb)
+    model.train()
+    return {k: v / len(x) for k, v in sums.items()}
+
+
+def fit(
+    params: Params,
+    model_path: Path = MODEL_PATH,
+    metrics_path: Path = METRICS_PATH,
+    history_path: Path = HISTORY_PATH,
+    run_ref_path: Path = tracking.RUN_REF,
+    on_batch: Callable[[int], None] | None = None,
+) -> dict:
+    """Run the stage. ``on_batch(step)`` is called after each optimiser step (tests use it)."""
+    cfg = params.train
+    device = resolve_device(cfg.device)
+    threads = configure_threads(cfg.threads)
+    train_images, _ = load_split(params.data.out_dir, "train")
+    test_images, _ = load_split(params.data.out_dir, "test")
+    digest = data_sha256(train_images, test_images)
+
+    seed_everything(cfg.seed)
+    x_train = training_images(cfg, train_images).to(device)
+    x_test = test_images.float().div_(255.0).unsqueeze(1).to(device)
+    model = build_model(params.model).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+
+    ckpt = checkpoint_path(run_key(params, digest))
+    state = State()
+    if ckpt.is_file():
+        state = load_checkpoint(ckpt, model, optimizer)
+        print(f"train: resuming from {ckpt} at epoch {state.epoch + 1}, batch {state.batch}")
+
+    tracking.init()
+    with mlflow.start_run(run_id=state.run_id or None) as run:
+        if not state.run_id:
+            state.run_id = run.info.run_id
+            mlflow.log_params(tracking.flat_params(params.model_dump(mode="json")))
+            mlflow.log_params({"n_parameters": n_parameters(model), "n_train_images": len(x_train),
+                               "torch_threads": threads, "device": str(device)})  # fmt: skip
+            mlflow.set_tags(tracking.run_tags(digest, cfg.sweep))
+        try:
+            with stop_on_signals() as stopped:
+                _epochs(
+                    model, optimizer, x_train, x_test, cfg, device, state, on_batch, stopped, ckpt
+                )
+        except Interrupted:
+            mlflow.end_run(status="KILLED")
+            raise
+
+        model.cpu()
+        save_model(model, params.model, model_path)
+        mlflow.log_artifact(str(model_path), artifact_path="checkpoint")
+        model_uri, version = tracking.log_generator(
+            Generator(model), params.model.z_dim, params.model.arch
+        )
+        final = {k: v for k, v in state.history[-1].items() if k != "epoch"}
+        final |= {"epochs": cfg.epochs, "n_parameters": n_parameters(model)}
+        write_json(metrics_path, final)
+        with atomic_path(history_path) as tmp:
+            pd.DataFrame(state.history).to_csv(tmp, index=False)
+        mlflow.log_artifact(str(history_path))
+        mlflow.set_tag(
+            "registered_model_version", f"{tracking.registered_name(params.model.arch)}/{version}"
+        )
+        tracking.write_run_ref(
+            run_ref_path,
+            run_id=state.run_id,
+            experiment_id=run.info.experiment_id,
+            model_name=tracking.registered_name(params.model.arch),
+            model_version=version,
+            model_uri=model_uri,
+        )
+    ckpt.unlink(missing_ok=True)
+    print(f"train: registered {tracking.registered_name(params.model.arch)} version {version}")
+    return final
+
+
+def _epochs(model, optimizer, x_train, x_test, cfg, device, state, on_batch, stopped, ckpt) -> None:
+    n_batches = -(-len(x_train) // cfg.batch_size)
+    model.train()
+    for epoch in range(state.epoch, cfg.epochs):
+        order = epoch_order(len(x_train), cfg.seed, epoch)
+        bar = tqdm(total=n_batches, initial=state.batch, desc=f"epoch {epoch + 1}/{cfg.epochs}",
+                   unit="batch", leave=False, dynamic_ncols=True, mininterval=1.0)  # fmt: skip
+        for b in range(state.batch, n_batches):
+            xb = x_train[order[b * cfg.batch_size : (b + 1) * cfg.batch_size]]
+            parts = vae_loss(model(xb), xb, cfg.k1, cfg.k2, cfg.recon)
+            optimizer.zero_grad(set_to_none=True)
+            parts.total.backward()
+            optimizer.step()
+            for k, v in parts.as_floats().items():
+                state.sums[k] += v * len(xb)
+            state.seen += len(xb)
+            state.batch = b + 1
+            bar.update()
+            bar.set_postfix(loss=f"{state.sums['loss'] / state.seen:.2f}")
+            if on_batch is not None:
+                on_batch(epoch * n_batches + b + 1)
+            if stopped():
+                bar.close()
+                save_checkpoint(ckpt, model, optimizer, state)
+                raise Interrupted(
+                    f"train: interrupted at epoch {epoch + 1}, batch {b + 1}; checkpoint {ckpt}"
+                    " -- run again with the same params to resume"
+                )
+        bar.close()
+        row = {"epoch": epoch + 1}
+        row |= {f"train_{k}": v / state.seen for k, v in state.sums.items()}
+        row |= {f"test_{k}": v for k, v in evaluate(model, x_test, cfg, device).items()}
+        state.history.append(row)
+        mlflow.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch + 1)
+        print(
+            f"epoch {epoch + 1}/{cfg.epochs}: train loss {row['train_loss']:.3f}"
+            f" (recon {row['train_recon']:.3f}, kl {row['train_kl']:.3f}),"
+            f" test loss {row['test_loss']:.3f}"
+        )
+        state.epoch, state.batch, state.seen = epoch + 1, 0, 0
+        state.sums = dict.fromkeys(state.sums, 0.0)
+        save_checkpoint(ckpt, model, optimizer, state)
