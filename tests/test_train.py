@@ -1,0 +1,134 @@
+"""Training: deterministic, resumable after a signal, tracked and registered in MLflow."""
+
+from __future__ import annotations
+
+import json
+import signal
+
+import mlflow
+import pytest
+import torch
+
+from bam_vae import tracking
+from bam_vae.errors import BamError, Interrupted
+from bam_vae.models import Generator, load_model
+from bam_vae.train import checkpoint_path, fit, run_key, training_images
+
+
+def weights(path="models/vae.pt"):
+    return torch.load(path, weights_only=True)["state_dict"]
+
+
+def test_same_params_and_seed_give_identical_results(project, tiny):
+    params = tiny()
+    first = fit(params)
+    w1 = weights()
+    second = fit(params)
+    assert first == second
+    for key, value in weights().items():
+        assert torch.equal(value, w1[key]), key
+
+
+def test_interrupted_run_resumes_to_the_uninterrupted_result(project, tiny):
+    params = tiny(train={"epochs": 2})
+    expected = fit(params)
+    w_expected = weights()
+    run_ref = json.loads((project / "models/mlflow_run.json").read_text())
+
+    def send_sigint(step):  # a real signal, mid-way through the first epoch
+        if step == 3:
+            signal.raise_signal(signal.SIGINT)
+
+    (project / "models/vae.pt").unlink()
+    with pytest.raises(Interrupted, match="resume"):
+        fit(params, on_batch=send_sigint)
+    assert not (project / "models/vae.pt").exists()  # nothing half-written
+    ckpts = list((project / ".cache/checkpoints").glob("train-*.pt"))
+    assert len(ckpts) == 1
+    interrupted_run = tracking.client().search_runs(["1"], order_by=["start_time DESC"])[0]
+    assert interrupted_run.info.status == "KILLED"
+
+    resumed = fit(params)
+    assert resumed == expected
+    for key, value in weights().items():
+        assert torch.equal(value, w_expected[key]), key
+    assert not ckpts[0].exists()  # consumed
+    # The resumed training continues the same MLflow run instead of starting another.
+    ref = json.loads((project / "models/mlflow_run.json").read_text())
+    assert ref["run_id"] == interrupted_run.info.run_id != run_ref["run_id"]
+    run = mlflow.get_run(ref["run_id"])
+    assert run.info.status == "FINISHED"
+    history = tracking.client().get_metric_history(ref["run_id"], "train_loss")
+    assert [m.step for m in history] == [1, 2]
+
+
+def test_mlflow_run_holds_params_curves_tags_and_a_registered_version(project, tiny, monkeypatch):
+    monkeypatch.setenv("DVC_EXP_NAME", "tidy-fish")
+    params = tiny(train={"epochs": 2, "sweep": "unit"})
+    final = fit(params)
+    ref = json.loads((project / "models/mlflow_run.json").read_text())
+    assert (project / "mlruns/mlflow.db").is_file()
+    run = tracking.client().get_run(ref["run_id"])
+    assert run.data.params["model.z_dim"] == "4"
+    assert run.data.params["train.k1"] == "0.5"
+    assert run.data.tags["dvc_exp_name"] == "tidy-fish"
+    assert run.data.tags["sweep"] == "unit"
+    assert len(run.data.tags["data_sha256"]) == 64
+    assert run.data.metrics["test_loss"] == pytest.approx(final["test_loss"])
+    steps = tracking.client().get_metric_history(ref["run_id"], "test_kl")
+    assert [m.step for m in steps] == [1, 2]
+    # Artifacts live under mlruns/artifacts of the project, not the working directory.
+    assert run.info.artifact_uri.startswith((project / "mlruns/artifacts").as_uri())
+
+    version = tracking.client().get_model_version("bam-vae-cnn", ref["model_version"])
+    assert version.run_id == ref["run_id"]
+    generator = mlflow.pytorch.load_model(f"models:/bam-vae-cnn/{ref['model_version']}")
+    vae, cfg = load_model(project / "models/vae.pt")
+    z = torch.randn(7, cfg.z_dim)
+    torch.testing.assert_close(generator(z), Generator(vae)(z))
+
+    history = (project / "metrics/train_history.csv").read_text().splitlines()
+    assert history[0].split(",")[:4] == ["epoch", "train_loss", "train_recon", "train_kl"]
+    assert len(history) == 3
+
+
+def test_each_training_registers_a_new_version(project, tiny):
+    fit(tiny())
+    fit(tiny(model={"z_dim": 2}))
+    versions = tracking.client().search_model_versions("name='bam-vae-cnn'")
+    assert sorted(int(v.version) for v in versions) == [1, 2]
+
+
+def test_dense_architecture_trains(project, tiny):
+    final = fit(tiny(model={"arch": "dense", "hidden": [32, 16]}, train={"epochs": 1}))
+    assert final["n_parameters"] > 0
+    assert (
+        json.loads((project / "models/mlflow_run.json").read_text())["model_name"]
+        == "bam-vae-dense"
+    )
+
+
+def test_train_fraction_and_noise_are_seeded(tiny):
+    cfg = tiny(train={"train_fraction": 0.25, "noise_fraction": 0.5, "noise_std": 0.3}).train
+    images = torch.randint(0, 256, (400, 28, 28), dtype=torch.uint8)
+    a, b = training_images(cfg, images), training_images(cfg, images)
+    assert a.shape == (100, 1, 28, 28)
+    assert torch.equal(a, b)
+    assert a.min().item() >= 0.0 and a.max().item() <= 1.0
+    clean = training_images(cfg.model_copy(update={"noise_fraction": 0.0}), images)
+    changed = (a != clean).flatten(1).any(dim=1).float().mean().item()
+    assert changed == pytest.approx(0.5)
+
+
+def test_missing_prepared_data_is_a_clear_error(project, tiny):
+    params = tiny()
+    params = params.model_copy(
+        update={"data": params.data.model_copy(update={"out_dir": "nowhere"})}
+    )
+    with pytest.raises(BamError, match="nowhere/train.pt not found; run `bam prepare`"):
+        fit(params)
+
+
+def test_checkpoint_key_changes_with_params(tiny):
+    assert run_key(tiny(), "d") != run_key(tiny(train={"lr": 0.01}), "d")
+    assert checkpoint_path("abc").name == "train-abc.pt"
