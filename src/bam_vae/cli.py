@@ -72,5 +72,76 @@ def train(params: ParamsFile = Path("params.yaml"), set_: Overrides = None) -> N
     fit(_params(params, set_))
 
 
+@app.command("train-evaluator")
+@stage
+def train_evaluator(params: ParamsFile = Path("params.yaml"), set_: Overrides = None) -> None:
+    """Stage train-evaluator: the MNIST classifier behind FID features and digit metrics."""
+    from bam_vae.evaluator import train_evaluator as run
+
+    run(_params(params, set_).evaluator, _params(params, set_).data.out_dir)
+
+
+@app.command()
+@stage
+def generate(
+    params: ParamsFile = Path("params.yaml"),
+    set_: Overrides = None,
+    model: Annotated[
+        str | None,
+        typer.Option(
+            help="any MLflow model URI, e.g. models:/bam-vae-cnn/3 (default: the pipeline's)"
+        ),
+    ] = None,
+    out: Annotated[Path, typer.Option(help="folder for images.npy")] = Path("data/generated"),
+    figures: Annotated[Path, typer.Option(help="folder for the PNG figures")] = Path("figures"),
+) -> None:
+    """Stage generate-1024: sample N(0, I), decode, and draw the samples and reconstructions."""
+    from bam_vae.generate import generate as run
+
+    run(_params(params, set_), model_uri=model, out_dir=out, fig_dir=figures)
+
+
+@app.command("fid-reference")
+@stage
+def fid_reference(
+    params: ParamsFile = Path("params.yaml"),
+    set_: Overrides = None,
+    space: Annotated[
+        str, typer.Option(help="feature space: classifier or inception")
+    ] = "classifier",
+) -> None:
+    """Stage fid-reference: test-set features of one FID feature space (computed once)."""
+    from bam_vae.fid import reference
+
+    reference(_params(params, set_), space)
+
+
+@app.command("compute-fid")
+@stage
+def compute_fid(params: ParamsFile = Path("params.yaml"), set_: Overrides = None) -> None:
+    """Stage compute-fid: FID, floor, KID and digit metrics of the generated images."""
+    from bam_vae.fid import compute
+
+    compute(_params(params, set_))
+
+
+@app.command()
+@stage
+def tsne(params: ParamsFile = Path("params.yaml"), set_: Overrides = None) -> None:
+    """Stage tsne: latent means of unseen test images, projected to 2-D and coloured by digit."""
+    from bam_vae.tsne import tsne as run
+
+    run(_params(params, set_))
+
+
+@app.command()
+@stage
+def robustness(params: ParamsFile = Path("params.yaml"), set_: Overrides = None) -> None:
+    """Stage robustness: reconstructions of pure noise and out-of-distribution metrics."""
+    from bam_vae.robustness import robustness as run
+
+    run(_params(params, set_))
+
+
 def main() -> None:  # pragma: no cover - console entry point
     sys.exit(app())

@@ -61,10 +61,59 @@ class TrainConfig(_Section):
     sweep: str = Field("", description="tag put on the MLflow run, groups runs of one sweep")
 
 
+class EvaluatorConfig(_Section):
+    """The MNIST classifier used as FID feature space and digit judge (trained once)."""
+
+    epochs: int = Field(3, ge=1)
+    batch_size: int = Field(128, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    seed: int = Field(0, ge=0)
+    feature_dim: int = Field(128, ge=8)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    threads: int = Field(0, ge=0)
+
+
+class GenerateConfig(_Section):
+    n: int = Field(1024, ge=1)
+    seed: int = Field(0, ge=0)
+    per_digit: int = Field(2, ge=1, le=20, description="test images per digit in the recon figure")
+
+
+FeatureSpace = Literal["classifier", "inception"]
+
+
+class FidConfig(_Section):
+    features: list[FeatureSpace] = Field(default_factory=lambda: ["classifier"], min_length=1)
+    inception_weights: str | None = None
+    kid_subsets: int = Field(100, ge=1)
+    kid_subset_size: int = Field(1000, ge=2)
+    confidence: float = Field(0.9, gt=0, le=1)
+    seed: int = Field(0, ge=0)
+
+
+class TsneConfig(_Section):
+    n: int = Field(5000, ge=10, le=10_000)
+    perplexity: float = Field(30.0, gt=0)
+    seed: int = Field(0, ge=0)
+
+
+class RobustnessConfig(_Section):
+    n: int = Field(1000, ge=10)
+    gaussian_mean: float = 0.5
+    gaussian_std: float = Field(0.5, gt=0)
+    confidence: float = Field(0.9, gt=0, le=1)
+    seed: int = Field(0, ge=0)
+
+
 class Params(_Section):
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    evaluator: EvaluatorConfig = Field(default_factory=EvaluatorConfig)
+    generate: GenerateConfig = Field(default_factory=GenerateConfig)
+    fid: FidConfig = Field(default_factory=FidConfig)
+    tsne: TsneConfig = Field(default_factory=TsneConfig)
+    robustness: RobustnessConfig = Field(default_factory=RobustnessConfig)
 
 
 def _describe(err: dict[str, Any]) -> str:

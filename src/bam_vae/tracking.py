@@ -150,13 +150,35 @@ def read_run_ref(path: Path = RUN_REF) -> dict[str, str]:
 
 
 @contextmanager
-def reopen_run(path: Path = RUN_REF) -> Iterator[mlflow.ActiveRun]:
+def reopen_run(run_id: str) -> Iterator[mlflow.ActiveRun]:
     """Log a later stage's results into the MLflow run of the model it scores."""
-    ref = read_run_ref(path)
     init()
-    with mlflow.start_run(run_id=ref["run_id"]) as run:
+    with mlflow.start_run(run_id=run_id) as run:
         yield run
 
 
 def client() -> MlflowClient:
     return MlflowClient(tracking_uri=tracking_uri())
+
+
+def model_run_id(model_uri: str) -> str:
+    """The run that logged a registered model (``models:/name/3``, ``models:/name@alias``)."""
+    try:
+        info = mlflow.models.get_model_info(model_uri)
+    except Exception as exc:
+        raise BamError(
+            f"model {model_uri!r} not found in {tracking_uri()}: {exc}".splitlines()[0]
+        ) from None
+    return info.run_id
+
+
+def download_checkpoint(run_id: str) -> Path:
+    """The full VAE (encoder too) that a run logged next to its registered generator."""
+    try:
+        return Path(
+            mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="checkpoint/vae.pt")
+        )
+    except Exception as exc:
+        raise BamError(
+            f"run {run_id} has no checkpoint/vae.pt artifact: {exc}".splitlines()[0]
+        ) from None

@@ -1,0 +1,153 @@
+"""Stages ``fid-reference`` and ``compute-fid``: FID, its floor, KID and the digit metrics.
+
+Feature spaces (``fid.features``):
+- ``classifier``: the evaluator's penultimate layer (fast; the default);
+- ``inception``: pytorch-fid's InceptionV3 pool3 (2048-d), as the report used.
+
+The test-set features of each space are computed once (``fid-reference@<space>``, cached by
+DVC) and reused by every model. FID uses pytorch-fid's ``calculate_frechet_distance``. Because
+N = 1024 samples bias FID upwards, the same space also gives the *floor* (1024 real test
+images against the whole test set) and KID, which is unbiased.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import torch
+from pytorch_fid.fid_score import calculate_frechet_distance
+
+from bam_vae import tracking
+from bam_vae.config import FidConfig, Params
+from bam_vae.data import load_split
+from bam_vae.errors import BamError
+from bam_vae.evaluator import MODEL_PATH as EVALUATOR_PATH
+from bam_vae.evaluator import digit_metrics, load_evaluator, predict
+from bam_vae.paths import atomic_path, write_json
+
+REF_DIR = Path("data/fid_ref")
+GENERATED = Path("data/generated/images.npy")
+METRICS_PATH = Path("metrics/fid.json")
+
+
+# ---------------------------------------------------------------------------- statistics
+def stats(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    return features.mean(axis=0), np.cov(features, rowvar=False)
+
+
+def fid(a: np.ndarray, b: np.ndarray) -> float:
+    """Fréchet distance between the Gaussians fitted to two feature sets."""
+    return float(calculate_frechet_distance(*stats(a), *stats(b)))
+
+
+def kid(real: np.ndarray, fake: np.ndarray, subsets: int, subset_size: int, seed: int):
+    """Kernel Inception Distance: unbiased MMD^2 with the cubic polynomial kernel.
+
+    Averaged over ``subsets`` random subsets of ``subset_size`` from each set (Bińkowski et
+    al. 2018, as in torch-fidelity). Returns (mean, std).
+    """
+    rng = np.random.default_rng(seed)
+    m = min(subset_size, len(real), len(fake))
+    dim = real.shape[1]
+    values = []
+    for _ in range(subsets):
+        x = real[rng.choice(len(real), m, replace=False)]
+        y = fake[rng.choice(len(fake), m, replace=False)]
+        kxx = (x @ x.T / dim + 1) ** 3
+        kyy = (y @ y.T / dim + 1) ** 3
+        kxy = (x @ y.T / dim + 1) ** 3
+        off_diag = (kxx.sum() - np.trace(kxx) + kyy.sum() - np.trace(kyy)) / (m * (m - 1))
+        values.append(off_diag - 2 * kxy.mean())
+    return float(np.mean(values)), float(np.std(values))
+
+
+# ---------------------------------------------------------------------------- feature spaces
+def as_images(array: np.ndarray) -> torch.Tensor:
+    """N x 28 x 28 (or N x 1 x 28 x 28) floats in [0, 1] -> N x 1 x 28 x 28 tensor."""
+    x = torch.as_tensor(np.asarray(array, dtype=np.float32))
+    return x.unsqueeze(1) if x.ndim == 3 else x
+
+
+def extract(space: str, images: torch.Tensor, cfg: FidConfig) -> np.ndarray:
+    if space == "classifier":
+        return predict(load_evaluator(EVALUATOR_PATH), images)[0]
+    from bam_vae.inception import inception_features, load_inception, resolve_inception_weights
+
+    model = load_inception(resolve_inception_weights(cfg.inception_weights), "cpu")
+    return inception_features(model, images)
+
+
+def reference(params: Params, space: str, ref_dir: Path = REF_DIR) -> Path:
+    """Stage ``fid-reference@<space>``: features of the 10 000 test images, saved once."""
+    if space not in ("classifier", "inception"):
+        raise BamError(
+            f"fid.features: unknown feature space {space!r}; expected classifier or inception"
+        )
+    images, _ = load_split(params.data.out_dir, "test")
+    feats = extract(space, images.float().div(255.0).unsqueeze(1), params.fid)
+    out = ref_dir / f"{space}.npy"
+    with atomic_path(out) as tmp, tmp.open("wb") as fh:
+        np.save(fh, feats)
+    print(f"fid-reference: {space} features of {len(feats)} test images -> {out}")
+    return out
+
+
+def load_reference(space: str, ref_dir: Path = REF_DIR) -> np.ndarray:
+    path = ref_dir / f"{space}.npy"
+    if not path.is_file():
+        raise BamError(f"FID reference {path} not found; run `bam fid-reference --space {space}`")
+    return np.load(path)
+
+
+def load_generated(path: Path = GENERATED) -> np.ndarray:
+    if not path.is_file():
+        raise BamError(f"generated images {path} not found; run `bam generate` first")
+    try:
+        images = np.load(path)
+    except (ValueError, OSError) as exc:
+        raise BamError(f"corrupt generated images {path}: {exc}") from None
+    if images.ndim != 3 or images.shape[1:] != (28, 28):
+        raise BamError(f"generated images {path}: shape {images.shape}, expected (N, 28, 28)")
+    return images
+
+
+# ---------------------------------------------------------------------------- stage
+def score_space(space: str, generated: torch.Tensor, cfg: FidConfig) -> dict[str, float]:
+    real = load_reference(space)
+    fake = extract(space, generated, cfg)
+    # The floor: as many real test images as there are samples, against the full test set.
+    rng = np.random.default_rng(cfg.seed)
+    real_subset = real[rng.choice(len(real), min(len(fake), len(real)), replace=False)]
+    kid_mean, kid_std = kid(real, fake, cfg.kid_subsets, cfg.kid_subset_size, cfg.seed)
+    return {
+        f"fid_{space}": fid(real, fake),
+        f"fid_floor_{space}": fid(real, real_subset),
+        f"kid_{space}": kid_mean,
+        f"kid_std_{space}": kid_std,
+    }
+
+
+def compute(params: Params, metrics_path: Path = METRICS_PATH) -> dict:
+    """Stage ``compute-fid``: metrics/fid.json, logged into the model's run and version tags."""
+    cfg = params.fid
+    ref = tracking.read_run_ref()
+    generated = as_images(load_generated())
+    metrics: dict = {"n_generated": len(generated)}
+    for space in cfg.features:
+        metrics |= score_space(space, generated, cfg)
+    _, probs = predict(load_evaluator(EVALUATOR_PATH), generated)
+    metrics |= digit_metrics(probs, cfg.confidence)
+    write_json(metrics_path, metrics)
+
+    scalars = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+    with tracking.reopen_run(ref["run_id"]):
+        mlflow.log_metrics(scalars)
+        mlflow.log_dict(metrics, "metrics/fid.json")
+    client = tracking.client()
+    for key, value in scalars.items():
+        client.set_model_version_tag(ref["model_name"], ref["model_version"], key, f"{value:.6g}")
+    summary = ", ".join(f"{k} {metrics[k]:.3f}" for k in scalars if k.startswith(("fid", "kid")))
+    print(f"compute-fid: {summary}, digit entropy {metrics['digit_entropy']:.3f}")
+    return metrics

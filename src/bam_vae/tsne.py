@@ -1,0 +1,90 @@
+"""Stage ``tsne``: the latent space of unseen test images, coloured by digit (section 2.5).
+
+``tsne.n`` test images are encoded to their posterior means. z_dim = 1 is drawn as one strip
+per digit, z_dim = 2 directly, z_dim >= 3 through scikit-learn's t-SNE (after PCA to 50
+dimensions when z_dim > 50, the usual speed-up). Writes ``figures/tsne.png`` and the 2-D
+coordinates ``metrics/tsne.csv`` (a ``dvc plots`` scatter).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import torch
+from sklearn.decomposition import PCA
+from sklearn.manifold import TSNE
+
+from bam_vae import tracking
+from bam_vae.config import Params
+from bam_vae.data import load_split
+from bam_vae.figures import plt, save_figure
+from bam_vae.models import VAE, load_model
+from bam_vae.paths import atomic_path
+from bam_vae.train import configure_threads
+
+FIGURE = Path("figures/tsne.png")
+COORDS = Path("metrics/tsne.csv")
+
+
+@torch.no_grad()
+def encode_means(vae: VAE, images: torch.Tensor, batch: int = 1000) -> np.ndarray:
+    x = images.float().div(255.0).unsqueeze(1)
+    return torch.cat([vae.encode(x[i : i + batch])[0] for i in range(0, len(x), batch)]).numpy()
+
+
+def embed(z: np.ndarray, perplexity: float, seed: int, threads: int = 1) -> tuple[np.ndarray, str]:
+    """2-D coordinates for plotting, and how they were obtained.
+
+    ``threads`` caps scikit-learn's OpenMP pool: spinning OpenMP threads on a busy 2-core
+    machine made a 60-point t-SNE take 85 s instead of 0.15 s.
+    """
+    if z.shape[1] == 1:
+        return np.column_stack([z[:, 0], np.zeros(len(z))]), "z (1-D)"
+    if z.shape[1] == 2:
+        return z, "z (2-D, no projection)"
+    method = "t-SNE"
+    if z.shape[1] > 50:
+        z = PCA(n_components=50, random_state=seed).fit_transform(z)
+        method = "PCA(50) + t-SNE"
+    tsne = TSNE(
+        n_components=2, perplexity=min(perplexity, len(z) - 1), init="pca", random_state=seed
+    )
+    return tsne.fit_transform(z), method
+
+
+def plot(xy: np.ndarray, labels: np.ndarray, z_dim: int, method: str, path: Path) -> None:
+    colours = plt.get_cmap("tab10")
+    fig, ax = plt.subplots(figsize=(7, 6) if z_dim > 1 else (8, 4))
+    for d in range(10):
+        pts = xy[labels == d]
+        if z_dim == 1:  # one horizontal strip per digit, jittered so points do not overlap
+            jitter = np.random.default_rng(d).uniform(-0.3, 0.3, len(pts))
+            ax.scatter(pts[:, 0], d + jitter, s=3, color=colours(d), label=str(d))
+        else:
+            ax.scatter(pts[:, 0], pts[:, 1], s=3, color=colours(d), label=str(d), alpha=0.7)
+    if z_dim == 1:
+        ax.set_yticks(range(10))
+        ax.set_ylabel("digit")
+        ax.set_xlabel("latent mean")
+    ax.legend(title="digit", markerscale=4, loc="center left", bbox_to_anchor=(1, 0.5))
+    ax.set_title(f"Latent means of {len(xy)} test images, z_dim={z_dim}: {method}")
+    save_figure(fig, path)
+
+
+def tsne(params: Params, figure: Path = FIGURE, coords: Path = COORDS) -> dict:
+    cfg = params.tsne
+    vae, _ = load_model("models/vae.pt")
+    images, labels = load_split(params.data.out_dir, "test")
+    z = encode_means(vae, images[: cfg.n])
+    labels = labels[: cfg.n].numpy()
+    xy, method = embed(z, cfg.perplexity, cfg.seed, configure_threads(params.train.threads))
+    plot(xy, labels, vae.z_dim, method, figure)
+    with atomic_path(coords) as tmp:
+        pd.DataFrame({"x": xy[:, 0], "y": xy[:, 1], "digit": labels}).to_csv(tmp, index=False)
+    with tracking.reopen_run(tracking.read_run_ref()["run_id"]):
+        mlflow.log_artifact(str(figure), "figures")
+    print(f"tsne: {len(z)} test images, {method} -> {figure}")
+    return {"n": len(z), "method": method}

@@ -1,0 +1,79 @@
+"""FID, floor and KID behave as distances; t-SNE embedding and noise images are as documented."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from bam_vae.config import FidConfig
+from bam_vae.errors import BamError
+from bam_vae.fid import fid, kid, load_generated, load_reference
+from bam_vae.tsne import embed
+
+
+@pytest.fixture(scope="module")
+def features():
+    rng = np.random.default_rng(0)
+    mix = rng.normal(size=(16, 16))
+    return rng.normal(size=(3000, 16)) @ mix
+
+
+def test_fid_of_a_set_against_itself_is_zero(features):
+    assert fid(features, features) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_fid_grows_as_samples_are_shifted(features):
+    distances = [fid(features, features + shift) for shift in (0.0, 0.1, 0.5, 1.0, 2.0)]
+    assert distances == sorted(distances)
+    assert distances[-1] > 10 * distances[1] > 0
+
+
+def test_fid_floor_of_a_real_subset_is_small_but_positive(features):
+    subset = features[np.random.default_rng(1).choice(len(features), 1024, replace=False)]
+    floor = fid(features, subset)
+    assert 0 < floor < fid(features, features + 0.5)
+
+
+def test_kid_is_unbiased_near_zero_for_same_distribution_and_positive_otherwise(features):
+    rng = np.random.default_rng(2)
+    other = rng.normal(size=features.shape) @ rng.normal(size=(16, 16))
+    same_mean, _ = kid(features[:1500], features[1500:], 20, 500, seed=0)
+    diff_mean, _ = kid(features, other, 20, 500, seed=0)
+    assert abs(same_mean) < 0.1 * diff_mean
+    assert diff_mean > 0
+
+
+@pytest.mark.parametrize(
+    ("z_dim", "method"), [(1, "1-D"), (2, "no projection"), (8, "t-SNE"), (64, "PCA")]
+)
+def test_embedding_by_latent_size(z_dim, method):
+    z = np.random.default_rng(0).normal(size=(60, z_dim)).astype(np.float32)
+    xy, how = embed(z, perplexity=10, seed=0)
+    assert xy.shape == (60, 2)
+    assert method in how
+    again, _ = embed(z, perplexity=10, seed=0)
+    np.testing.assert_allclose(xy, again)  # seeded: same picture every run
+
+
+def test_missing_inputs_name_the_file_and_the_fix(tmp_path):
+    with pytest.raises(BamError, match="classifier.npy not found; run `bam fid-reference"):
+        load_reference("classifier", tmp_path)
+    with pytest.raises(BamError, match="images.npy not found; run `bam generate`"):
+        load_generated(tmp_path / "images.npy")
+    bad = tmp_path / "bad.npy"
+    np.save(bad, np.zeros((3, 5)))
+    with pytest.raises(BamError, match=r"shape \(3, 5\), expected \(N, 28, 28\)"):
+        load_generated(bad)
+
+
+def test_unknown_feature_space_is_rejected_by_params():
+    with pytest.raises(Exception, match="classifier"):
+        FidConfig(features=["vgg"])
+
+
+def test_generated_latents_are_seeded():
+    from bam_vae.generate import latents
+
+    assert torch.equal(latents(4, 3, seed=5), latents(4, 3, seed=5))
+    assert not torch.equal(latents(4, 3, seed=5), latents(4, 3, seed=6))
