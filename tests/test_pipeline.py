@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
+import re
 import shutil
 import sqlite3
 import subprocess
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 from conftest import REPO, env_with_venv
@@ -17,7 +20,14 @@ TINY = {
     "data": {"sources": ["pypi"]},
     "model": {"z_dim": 3},
     "train": {"epochs": 1, "train_fraction": 0.005, "batch_size": 64},
+    "evaluator": {"epochs": 1},
+    "generate": {"n": 64},
+    "fid": {"kid_subsets": 5, "kid_subset_size": 50},
+    "tsne": {"n": 300},
+    "robustness": {"n": 50},
 }
+FIGURES = ["figures/samples.png", "figures/reconstructions.png", "figures/tsne.png",
+           "figures/robustness.png"]  # fmt: skip
 
 
 def run(cmd: list[str], cwd: Path) -> str:
@@ -58,10 +68,43 @@ def test_repro_then_nothing_then_a_temp_experiment(tmp_path):
     run(["dvc", "repro"], root)
     outputs = ["data/mnist/train.pt", "data/mnist/test.pt", "metrics/data.json", "models/vae.pt"]
     outputs += ["models/mlflow_run.json", "metrics/train.json", "metrics/train_history.csv"]
+    outputs += ["models/evaluator.pt", "metrics/evaluator.json", "data/fid_ref/classifier.npy"]
+    outputs += ["data/generated/images.npy", "metrics/fid.json", "metrics/tsne.csv"]
+    outputs += ["metrics/robustness.json", *FIGURES]
     for out in outputs:
         assert (root / out).is_file(), out
     assert mlflow_rows(root, "select name, version from model_versions") == [("bam-vae-cnn", 1)]
     assert len(mlflow_rows(root, "select run_uuid from runs")) == 1
+    images = np.load(root / "data/generated/images.npy")
+    assert images.shape == (64, 28, 28) and images.min() >= 0 and images.max() <= 1
+    fid = json.loads((root / "metrics/fid.json").read_text())
+    assert fid["fid_classifier"] > fid["fid_floor_classifier"] > 0
+    assert {"kid_classifier", "digit_entropy", "confident_share", "digit_histogram"} <= set(fid)
+    robust = json.loads((root / "metrics/robustness.json").read_text())
+    assert 0 <= robust["auroc_neg_elbo_gaussian"] <= 1
+
+    # The MLflow run of the model holds every figure and the scores; the version is tagged.
+    artifacts = {p.name for p in (root / "mlruns/artifacts").rglob("*.png")}
+    assert artifacts == {Path(f).name for f in FIGURES}
+    logged = dict(mlflow_rows(root, "select key, value from metrics where key like 'fid_%'"))
+    assert logged["fid_classifier"] == pytest.approx(fid["fid_classifier"])
+    tags = dict(mlflow_rows(root, "select key, value from model_version_tags"))
+    assert float(tags["fid_classifier"]) == pytest.approx(fid["fid_classifier"], rel=1e-5)
+
+    # Changing only tsne.* re-runs only tsne.
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["tsne"]["perplexity"] = 10
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    stages = re.findall(r"Running stage '([^']+)'", run(["dvc", "repro"], root))
+    assert stages == ["tsne"]
+    run(["git", "commit", "-qam", "perplexity 10"], root)
+
+    # Generating from a registered version, by its MLflow URI, without touching the pipeline.
+    uri_out = root / "from-registry"
+    run(["bam", "generate", "--model", "models:/bam-vae-cnn/1", "--out", str(uri_out),
+         "--figures", str(uri_out)], root)  # fmt: skip
+    assert np.load(uri_out / "images.npy").shape == (64, 28, 28)
+    np.testing.assert_allclose(np.load(uri_out / "images.npy"), images, atol=1e-5)
 
     again = run(["dvc", "repro"], root)
     assert "Running stage" not in again
@@ -70,7 +113,12 @@ def test_repro_then_nothing_then_a_temp_experiment(tmp_path):
     shown = run(["dvc", "metrics", "show", "--json"], root)
     assert "test_loss" in shown
 
-    run(["dvc", "exp", "run", "--temp", "-S", "model.z_dim=2"], root)
+    ran = re.findall(
+        r"Running stage '([^']+)'",
+        run(["dvc", "exp", "run", "--temp", "-S", "model.z_dim=2"], root),
+    )
+    assert "train" in ran and "compute-fid" in ran
+    assert "train-evaluator" not in ran and not any(s.startswith("fid-reference") for s in ran)
     runs = mlflow_rows(root, "select run_uuid, status from runs")
     assert len(runs) == 2 and {s for _, s in runs} == {"FINISHED"}
     z_dims = mlflow_rows(root, "select value from params where key='model.z_dim' order by value")

@@ -72,8 +72,15 @@ def test_unknown_feature_space_is_rejected_by_params():
         FidConfig(features=["vgg"])
 
 
-def test_generated_latents_are_seeded():
-    from bam_vae.generate import latents
+def test_generation_is_seeded_and_labels_are_balanced():
+    from bam_vae.config import ModelConfig
+    from bam_vae.generate import sample, sample_labels
+    from bam_vae.models import build_model
 
-    assert torch.equal(latents(4, 3, seed=5), latents(4, 3, seed=5))
-    assert not torch.equal(latents(4, 3, seed=5), latents(4, 3, seed=6))
+    vae = build_model(ModelConfig(arch="dense", z_dim=3, hidden=[16, 8])).eval()
+    assert torch.equal(sample(vae, 6, 5, None), sample(vae, 6, 5, None))
+    assert not torch.equal(sample(vae, 6, 5, None), sample(vae, 6, 6, None))
+    labels = sample_labels(1024, seed=0, digit=None)
+    assert torch.bincount(labels, minlength=10).tolist() == [103] * 4 + [102] * 6
+    assert torch.equal(labels, sample_labels(1024, seed=0, digit=None))
+    assert set(sample_labels(8, seed=0, digit=7).tolist()) == {7}

@@ -111,11 +111,13 @@ def test_dense_architecture_trains(project, tiny):
 def test_train_fraction_and_noise_are_seeded(tiny):
     cfg = tiny(train={"train_fraction": 0.25, "noise_fraction": 0.5, "noise_std": 0.3}).train
     images = torch.randint(0, 256, (400, 28, 28), dtype=torch.uint8)
-    a, b = training_images(cfg, images), training_images(cfg, images)
-    assert a.shape == (100, 1, 28, 28)
-    assert torch.equal(a, b)
+    labels = images[:, 0, 0].long() % 10  # a label each image carries in its first pixel
+    (a, ya), (b, yb) = training_images(cfg, images, labels), training_images(cfg, images, labels)
+    assert a.shape == (100, 1, 28, 28) and ya.shape == (100,)
+    assert torch.equal(a, b) and torch.equal(ya, yb)
     assert a.min().item() >= 0.0 and a.max().item() <= 1.0
-    clean = training_images(cfg.model_copy(update={"noise_fraction": 0.0}), images)
+    clean, y_clean = training_images(cfg.model_copy(update={"noise_fraction": 0.0}), images, labels)
+    assert torch.equal((clean[:, 0, 0, 0] * 255).round().long() % 10, y_clean)
     changed = (a != clean).flatten(1).any(dim=1).float().mean().item()
     assert changed == pytest.approx(0.5)
 

@@ -92,13 +92,16 @@ def generate(
             help="any MLflow model URI, e.g. models:/bam-vae-cnn/3 (default: the pipeline's)"
         ),
     ] = None,
+    digit: Annotated[
+        int | None, typer.Option(min=0, max=9, help="conditional models: draw only this digit")
+    ] = None,
     out: Annotated[Path, typer.Option(help="folder for images.npy")] = Path("data/generated"),
     figures: Annotated[Path, typer.Option(help="folder for the PNG figures")] = Path("figures"),
 ) -> None:
     """Stage generate-1024: sample N(0, I), decode, and draw the samples and reconstructions."""
     from bam_vae.generate import generate as run
 
-    run(_params(params, set_), model_uri=model, out_dir=out, fig_dir=figures)
+    run(_params(params, set_), model_uri=model, digit=digit, out_dir=out, fig_dir=figures)
 
 
 @app.command("fid-reference")
@@ -141,6 +144,47 @@ def robustness(params: ParamsFile = Path("params.yaml"), set_: Overrides = None)
     from bam_vae.robustness import robustness as run
 
     run(_params(params, set_))
+
+
+@app.command()
+@stage
+def report(
+    sweep: Annotated[str | None, typer.Option(help="only runs with this sweep tag")] = None,
+    exp: Annotated[
+        list[str] | None, typer.Option(help="only these DVC experiment names (repeatable)")
+    ] = None,
+    query: Annotated[
+        str | None, typer.Option(help="MLflow search filter, e.g. \"params.model.arch = 'cnn'\"")
+    ] = None,
+    out: Annotated[Path, typer.Option(help="output folder")] = Path("reports"),
+) -> None:
+    """Compare runs from the MLflow store: table (CSV, Markdown) and Figures 2, 5, 6a, 6b."""
+    from bam_vae.report import report as run
+
+    run(sweep=sweep, exp_names=exp, query=query, out_dir=out)
+
+
+@app.command()
+@stage
+def promote(
+    space: Annotated[str, typer.Option(help="FID feature space to rank by")] = "classifier",
+    alias: Annotated[str, typer.Option(help="registry alias to set")] = "champion",
+) -> None:
+    """Set the alias `champion` on the lowest-FID registered version of each architecture."""
+    from bam_vae.report import promote as run
+
+    run(space, alias)
+
+
+@app.command()
+@stage
+def ui(
+    port: Annotated[int, typer.Option(help="port on 127.0.0.1")] = 5000,
+) -> None:
+    """Start the MLflow UI on the project's store, bound to 127.0.0.1."""
+    from bam_vae.tracking import serve_ui
+
+    serve_ui(port)
 
 
 def main() -> None:  # pragma: no cover - console entry point

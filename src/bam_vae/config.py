@@ -36,13 +36,41 @@ class DataConfig(_Section):
     download_timeout: float = Field(10.0, gt=0)
 
 
+class VQConfig(_Section):
+    """VQ-VAE (van den Oord et al. 2017): EMA codebook and the PixelCNN prior over codes."""
+
+    codebook_size: int = Field(128, ge=2)
+    code_dim: int = Field(16, ge=1)
+    decay: float = Field(0.99, gt=0, lt=1)
+    commitment: float = Field(0.25, ge=0)
+    prior_epochs: int = Field(10, ge=0)
+    prior_channels: int = Field(64, ge=1)
+    prior_layers: int = Field(5, ge=1)
+    prior_lr: float = Field(1e-3, gt=0)
+
+
+class IntroConfig(_Section):
+    """Soft-IntroVAE (Daniel & Tamar 2021) weights; warm-up epochs train as a plain VAE."""
+
+    beta_rec: float = Field(1.0, gt=0)
+    beta_kl: float = Field(1.0, gt=0)
+    beta_neg: float = Field(256.0, gt=0)
+    gamma_r: float = Field(1e-8, ge=0)
+    warmup_epochs: int = Field(1, ge=0)
+
+
+Arch = Literal["dense", "cnn", "cvae", "vqvae", "introvae"]
+
+
 class ModelConfig(_Section):
-    arch: Literal["dense", "cnn"] = "cnn"
+    arch: Arch = "cnn"
     z_dim: int = Field(16, ge=1, le=2048)
     hidden: list[PositiveInt] = Field(default_factory=lambda: [256, 128], min_length=1)
     channels: list[PositiveInt] = Field(
         default_factory=lambda: [32, 64], min_length=2, max_length=2
     )
+    vq: VQConfig = Field(default_factory=VQConfig)
+    intro: IntroConfig = Field(default_factory=IntroConfig)
 
 
 class TrainConfig(_Section):

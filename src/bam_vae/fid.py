@@ -24,7 +24,7 @@ from bam_vae.config import FidConfig, Params
 from bam_vae.data import load_split
 from bam_vae.errors import BamError
 from bam_vae.evaluator import MODEL_PATH as EVALUATOR_PATH
-from bam_vae.evaluator import digit_metrics, load_evaluator, predict
+from bam_vae.evaluator import digit_metrics, label_accuracy, load_evaluator, predict
 from bam_vae.paths import atomic_path, write_json
 
 REF_DIR = Path("data/fid_ref")
@@ -139,6 +139,9 @@ def compute(params: Params, metrics_path: Path = METRICS_PATH) -> dict:
         metrics |= score_space(space, generated, cfg)
     _, probs = predict(load_evaluator(EVALUATOR_PATH), generated)
     metrics |= digit_metrics(probs, cfg.confidence)
+    labels_path = GENERATED.with_name("labels.npy")
+    if labels_path.is_file():  # a conditional model: did it draw the digits it was asked for?
+        metrics["label_accuracy"] = label_accuracy(probs, np.load(labels_path))
     write_json(metrics_path, metrics)
 
     scalars = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}

@@ -24,7 +24,6 @@ from bam_vae.evaluator import MODEL_PATH as EVALUATOR_PATH
 from bam_vae.evaluator import load_evaluator, predict
 from bam_vae.figures import image_rows
 from bam_vae.models import VAE, load_model
-from bam_vae.models.base import vae_loss_per_image
 from bam_vae.paths import write_json
 
 FIGURE = Path("figures/robustness.png")
@@ -41,27 +40,27 @@ def noise_images(kind: str, n: int, params: Params) -> torch.Tensor:
 
 
 @torch.no_grad()
-def respond(vae: VAE, x: torch.Tensor, params: Params) -> dict[str, torch.Tensor]:
-    """Posterior mean norm, negative ELBO per image, and the reconstruction from the mean."""
+def respond(vae: VAE, x: torch.Tensor, y: torch.Tensor, params: Params) -> dict[str, torch.Tensor]:
+    """Latent-mean norm, negative ELBO (the model's own per-image loss), reconstruction."""
     gen = torch.Generator().manual_seed(params.robustness.seed)
-    out = vae(x, generator=gen)
-    t = params.train
-    neg_elbo = vae_loss_per_image(out, x, t.k1, t.k2, t.recon).total
-    recon = torch.sigmoid(vae.decode(out.mu))
-    return {"mu_norm": out.mu.norm(dim=1), "neg_elbo": neg_elbo, "recon": recon}
+    out = vae(x, y, generator=gen)
+    neg_elbo = vae.loss_per_image(out, x, params.train).total
+    return {"mu_norm": out.mu.norm(dim=1), "neg_elbo": neg_elbo, "recon": vae.reconstruct(x, y)}
 
 
 def robustness(params: Params, figure: Path = FIGURE, metrics_path: Path = METRICS_PATH) -> dict:
     cfg = params.robustness
     vae, _ = load_model("models/vae.pt")
     evaluator = load_evaluator(EVALUATOR_PATH)
-    images, _ = load_split(params.data.out_dir, "test")
-    digits = respond(vae, images[: cfg.n].float().div(255.0).unsqueeze(1), params)
+    images, labels = load_split(params.data.out_dir, "test")
+    digits = respond(vae, images[: cfg.n].float().div(255.0).unsqueeze(1), labels[: cfg.n], params)
+    # A conditional model needs a label even for noise: any digit, drawn at random.
+    noise_labels = torch.randint(0, 10, (cfg.n,), generator=torch.Generator().manual_seed(cfg.seed))
     metrics: dict[str, float] = {"mu_norm_digits": digits["mu_norm"].mean().item()}
     rows, names = [], []
     for kind in ("gaussian", "uniform"):
         x = noise_images(kind, cfg.n, params)
-        res = respond(vae, x, params)
+        res = respond(vae, x, noise_labels, params)
         _, probs = predict(evaluator, res["recon"])
         scores = torch.cat([digits["neg_elbo"], res["neg_elbo"]]).numpy()
         is_noise = np.r_[np.zeros(len(digits["neg_elbo"])), np.ones(len(x))]

@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import subprocess
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -110,18 +111,19 @@ def registered_name(arch: str) -> str:
     return f"bam-vae-{arch}"
 
 
-def log_generator(generator: torch.nn.Module, z_dim: int, arch: str) -> tuple[str, str]:
-    """Log the decoder as a ``pt2`` exported program and register it; returns (uri, version).
+def log_generator(
+    generator: torch.nn.Module, example: tuple[np.ndarray, ...], arch: str
+) -> tuple[str, str]:
+    """Log a model's generator as a ``pt2`` exported program and register it.
 
-    ``pt2`` (torch.export) loads without unpickling any code. The batch of two in the input
-    example keeps the batch dimension dynamic.
+    ``pt2`` (torch.export) loads without unpickling any code. Input examples have a batch of
+    two, which keeps the batch dimension dynamic. Returns (model uri, version).
     """
-    example = np.zeros((2, z_dim), dtype=np.float32)
     info = mlflow.pytorch.log_model(
         generator.eval().cpu(),
         name="generator",
         serialization_format="pt2",
-        input_example=example,
+        input_example=example if len(example) > 1 else example[0],
         # Explicit requirements skip MLflow's slow import-tracing inference.
         pip_requirements=[
             f"torch=={torch.__version__.split('+')[0]}",
@@ -182,3 +184,21 @@ def download_checkpoint(run_id: str) -> Path:
         raise BamError(
             f"run {run_id} has no checkpoint/vae.pt artifact: {exc}".splitlines()[0]
         ) from None
+
+
+def ui_command(port: int) -> list[str]:
+    return [
+        sys.executable, "-m", "mlflow", "ui",
+        "--backend-store-uri", tracking_uri(),
+        "--default-artifact-root", artifact_root().as_uri(),
+        "--host", "127.0.0.1", "--port", str(port),
+    ]  # fmt: skip
+
+
+def serve_ui(port: int) -> None:
+    """Run the MLflow UI on the project store until interrupted."""
+    init()  # creates the store and experiment, so a fresh checkout shows an empty experiment
+    print(
+        f"MLflow UI for {tracking_uri()} at http://127.0.0.1:{port}  (Ctrl-C stops it)", flush=True
+    )
+    subprocess.run(ui_command(port), check=False)

@@ -27,7 +27,7 @@ from bam_vae import tracking
 from bam_vae.config import Params, TrainConfig
 from bam_vae.data import data_sha256, load_split
 from bam_vae.errors import BamError, Interrupted
-from bam_vae.models import Generator, build_model, n_parameters, save_model, vae_loss
+from bam_vae.models import build_model, n_parameters, save_model
 from bam_vae.paths import atomic_path, project_root, write_json
 
 MODEL_PATH = Path("models/vae.pt")
@@ -37,9 +37,9 @@ EVAL_SEED = 12345  # fixed posterior noise for test losses, so epochs compare li
 
 
 # ---------------------------------------------------------------------------- machine setup
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str, key: str = "train.device") -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
-        raise BamError("train.device: 'cuda' requested but no CUDA device is available")
+        raise BamError(f"{key}: 'cuda' requested but no CUDA device is available; use auto or cpu")
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     return torch.device(name)
@@ -67,8 +67,11 @@ def seed_everything(seed: int) -> None:
 
 
 # ---------------------------------------------------------------------------- data
-def training_images(cfg: TrainConfig, images: torch.Tensor) -> torch.Tensor:
-    """Float images in [0, 1], subset to ``train_fraction``, with noise on ``noise_fraction``.
+def training_images(
+    cfg: TrainConfig, images: torch.Tensor, labels: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Float images in [0, 1] and their labels, subset to ``train_fraction``, with noise on
+    ``noise_fraction`` of the images.
 
     Both choices are drawn from their own generator seeded by ``seed`` so they do not depend
     on anything else in the run.
@@ -77,13 +80,14 @@ def training_images(cfg: TrainConfig, images: torch.Tensor) -> torch.Tensor:
     x = images.float().div_(255.0).unsqueeze(1)
     if cfg.train_fraction < 1.0:
         keep = max(1, round(cfg.train_fraction * len(x)))
-        x = x[torch.randperm(len(x), generator=gen)[:keep].sort().values]
+        idx = torch.randperm(len(x), generator=gen)[:keep].sort().values
+        x, labels = x[idx], labels[idx]
     if cfg.noise_fraction > 0 and cfg.noise_std > 0:
         n_noisy = round(cfg.noise_fraction * len(x))
         idx = torch.randperm(len(x), generator=gen)[:n_noisy]
         noise = torch.randn((n_noisy, *x.shape[1:]), generator=gen) * cfg.noise_std
         x[idx] = (x[idx] + noise).clamp_(0.0, 1.0)
-    return x
+    return x, labels
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
@@ -113,18 +117,18 @@ class State:
 
     epoch: int = 0  # epochs completed
     batch: int = 0  # batches completed within ``epoch``
-    sums: dict[str, float] = field(default_factory=lambda: {"loss": 0.0, "recon": 0.0, "kl": 0.0})
+    sums: dict[str, float] = field(default_factory=dict)
     seen: int = 0
     history: list[dict[str, float]] = field(default_factory=list)
     run_id: str = ""
 
 
-def save_checkpoint(path: Path, model, optimizer, state: State) -> None:
+def save_checkpoint(path: Path, model, optimizers, state: State) -> None:
     with atomic_path(path) as tmp:
         torch.save(
             {
                 "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
+                "optimizers": [opt.state_dict() for opt in optimizers],
                 "rng": torch.get_rng_state(),
                 "state": state.__dict__,
             },
@@ -132,10 +136,11 @@ def save_checkpoint(path: Path, model, optimizer, state: State) -> None:
         )
 
 
-def load_checkpoint(path: Path, model, optimizer) -> State:
+def load_checkpoint(path: Path, model, optimizers) -> State:
     blob = torch.load(path, weights_only=True)
     model.load_state_dict(blob["model"])
-    optimizer.load_state_dict(blob["optimizer"])
+    for opt, saved in zip(optimizers, blob["optimizers"], strict=True):
+        opt.load_state_dict(saved)
     torch.set_rng_state(blob["rng"])
     return State(**blob["state"])
 
@@ -154,16 +159,19 @@ def stop_on_signals() -> Iterator[Callable[[], bool]]:
 
 
 # ---------------------------------------------------------------------------- loop
+def accumulate(sums: dict[str, float], parts: dict[str, float], n: int) -> None:
+    for k, v in parts.items():
+        sums[k] = sums.get(k, 0.0) + v * n
+
+
 @torch.no_grad()
-def evaluate(model, x: torch.Tensor, cfg: TrainConfig, device: torch.device) -> dict[str, float]:
+def evaluate(model, x, y, cfg: TrainConfig, device: torch.device) -> dict[str, float]:
     model.eval()
     gen = torch.Generator(device=device).manual_seed(EVAL_SEED)
-    sums = {"loss": 0.0, "recon": 0.0, "kl": 0.0}
+    sums: dict[str, float] = {}
     for start in range(0, len(x), 1000):
-        xb = x[start : start + 1000].to(device)
-        parts = vae_loss(model(xb, generator=gen), xb, cfg.k1, cfg.k2, cfg.recon).as_floats()
-        for k, v in parts.items():
-            sums[k] += v * len(xb)
+        xb, yb = x[start : start + 1000], y[start : start + 1000]
+        accumulate(sums, model.loss(model(xb, yb, generator=gen), xb, cfg).as_floats(), len(xb))
     model.train()
     return {k: v / len(x) for k, v in sums.items()}
 
@@ -180,20 +188,22 @@ def fit(
     cfg = params.train
     device = resolve_device(cfg.device)
     threads = configure_threads(cfg.threads)
-    train_images, _ = load_split(params.data.out_dir, "train")
-    test_images, _ = load_split(params.data.out_dir, "test")
+    train_images, train_labels = load_split(params.data.out_dir, "train")
+    test_images, test_labels = load_split(params.data.out_dir, "test")
     digest = data_sha256(train_images, test_images)
 
     seed_everything(cfg.seed)
-    x_train = training_images(cfg, train_images).to(device)
+    x_train, y_train = training_images(cfg, train_images, train_labels)
+    x_train, y_train = x_train.to(device), y_train.to(device)
     x_test = test_images.float().div_(255.0).unsqueeze(1).to(device)
+    y_test = test_labels.to(device)
     model = build_model(params.model).to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    optimizers = model.configure_optimizers(cfg)
 
     ckpt = checkpoint_path(run_key(params, digest))
     state = State()
     if ckpt.is_file():
-        state = load_checkpoint(ckpt, model, optimizer)
+        state = load_checkpoint(ckpt, model, optimizers)
         print(f"train: resuming from {ckpt} at epoch {state.epoch + 1}, batch {state.batch}")
 
     tracking.init()
@@ -206,20 +216,20 @@ def fit(
             mlflow.set_tags(tracking.run_tags(digest, cfg.sweep))
         try:
             with stop_on_signals() as stopped:
-                _epochs(
-                    model, optimizer, x_train, x_test, cfg, device, state, on_batch, stopped, ckpt
-                )
+                data = (x_train, y_train, x_test, y_test)
+                _epochs(model, optimizers, data, cfg, device, state, on_batch, stopped, ckpt)
+            after = model.after_training(x_train, y_train, cfg)
         except Interrupted:
             mlflow.end_run(status="KILLED")
             raise
 
+        if after:
+            mlflow.log_metrics(after)
         model.cpu()
         save_model(model, params.model, model_path)
         mlflow.log_artifact(str(model_path), artifact_path="checkpoint")
-        model_uri, version = tracking.log_generator(
-            Generator(model), params.model.z_dim, params.model.arch
-        )
-        final = {k: v for k, v in state.history[-1].items() if k != "epoch"}
+        model_uri, version = tracking.log_generator(*model.export_module(), params.model.arch)
+        final = {k: v for k, v in state.history[-1].items() if k != "epoch"} | after
         final |= {"epochs": cfg.epochs, "n_parameters": n_parameters(model)}
         write_json(metrics_path, final)
         with atomic_path(history_path) as tmp:
@@ -241,7 +251,8 @@ def fit(
     return final
 
 
-def _epochs(model, optimizer, x_train, x_test, cfg, device, state, on_batch, stopped, ckpt) -> None:
+def _epochs(model, optimizers, data, cfg, device, state, on_batch, stopped, ckpt) -> None:
+    x_train, y_train, x_test, y_test = data
     n_batches = -(-len(x_train) // cfg.batch_size)
     model.train()
     for epoch in range(state.epoch, cfg.epochs):
@@ -249,13 +260,10 @@ def _epochs(model, optimizer, x_train, x_test, cfg, device, state, on_batch, sto
         bar = tqdm(total=n_batches, initial=state.batch, desc=f"epoch {epoch + 1}/{cfg.epochs}",
                    unit="batch", leave=False, dynamic_ncols=True, mininterval=1.0)  # fmt: skip
         for b in range(state.batch, n_batches):
-            xb = x_train[order[b * cfg.batch_size : (b + 1) * cfg.batch_size]]
-            parts = vae_loss(model(xb), xb, cfg.k1, cfg.k2, cfg.recon)
-            optimizer.zero_grad(set_to_none=True)
-            parts.total.backward()
-            optimizer.step()
-            for k, v in parts.as_floats().items():
-                state.sums[k] += v * len(xb)
+            idx = order[b * cfg.batch_size : (b + 1) * cfg.batch_size]
+            xb, yb = x_train[idx], y_train[idx]
+            parts = model.train_step(xb, yb, optimizers, cfg, epoch)
+            accumulate(state.sums, parts.as_floats(), len(xb))
             state.seen += len(xb)
             state.batch = b + 1
             bar.update()
@@ -264,7 +272,7 @@ def _epochs(model, optimizer, x_train, x_test, cfg, device, state, on_batch, sto
                 on_batch(epoch * n_batches + b + 1)
             if stopped():
                 bar.close()
-                save_checkpoint(ckpt, model, optimizer, state)
+                save_checkpoint(ckpt, model, optimizers, state)
                 raise Interrupted(
                     f"train: interrupted at epoch {epoch + 1}, batch {b + 1}; checkpoint {ckpt}"
                     " -- run again with the same params to resume"
@@ -272,7 +280,8 @@ def _epochs(model, optimizer, x_train, x_test, cfg, device, state, on_batch, sto
         bar.close()
         row = {"epoch": epoch + 1}
         row |= {f"train_{k}": v / state.seen for k, v in state.sums.items()}
-        row |= {f"test_{k}": v for k, v in evaluate(model, x_test, cfg, device).items()}
+        row |= {f"test_{k}": v for k, v in evaluate(model, x_test, y_test, cfg, device).items()}
+        row |= model.on_epoch_end()
         state.history.append(row)
         mlflow.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch + 1)
         print(
@@ -281,5 +290,5 @@ def _epochs(model, optimizer, x_train, x_test, cfg, device, state, on_batch, sto
             f" test loss {row['test_loss']:.3f}"
         )
         state.epoch, state.batch, state.seen = epoch + 1, 0, 0
-        state.sums = dict.fromkeys(state.sums, 0.0)
-        save_checkpoint(ckpt, model, optimizer, state)
+        state.sums = {}
+        save_checkpoint(ckpt, model, optimizers, state)

@@ -30,9 +30,16 @@ COORDS = Path("metrics/tsne.csv")
 
 
 @torch.no_grad()
-def encode_means(vae: VAE, images: torch.Tensor, batch: int = 1000) -> np.ndarray:
+def encode(vae: VAE, images: torch.Tensor, labels: torch.Tensor, batch: int = 1000) -> np.ndarray:
+    """The model's latent of each image (posterior mean; quantised latent for VQ-VAE)."""
     x = images.float().div(255.0).unsqueeze(1)
-    return torch.cat([vae.encode(x[i : i + batch])[0] for i in range(0, len(x), batch)]).numpy()
+    return (
+        torch.cat(
+            [vae.latent(x[i : i + batch], labels[i : i + batch]) for i in range(0, len(x), batch)]
+        )
+        .flatten(1)
+        .numpy()
+    )
 
 
 def embed(z: np.ndarray, perplexity: float, seed: int, threads: int = 1) -> tuple[np.ndarray, str]:
@@ -78,10 +85,10 @@ def tsne(params: Params, figure: Path = FIGURE, coords: Path = COORDS) -> dict:
     cfg = params.tsne
     vae, _ = load_model("models/vae.pt")
     images, labels = load_split(params.data.out_dir, "test")
-    z = encode_means(vae, images[: cfg.n])
+    z = encode(vae, images[: cfg.n], labels[: cfg.n])
     labels = labels[: cfg.n].numpy()
     xy, method = embed(z, cfg.perplexity, cfg.seed, configure_threads(params.train.threads))
-    plot(xy, labels, vae.z_dim, method, figure)
+    plot(xy, labels, z.shape[1], method, figure)
     with atomic_path(coords) as tmp:
         pd.DataFrame({"x": xy[:, 0], "y": xy[:, 1], "digit": labels}).to_csv(tmp, index=False)
     with tracking.reopen_run(tracking.read_run_ref()["run_id"]):

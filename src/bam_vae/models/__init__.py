@@ -17,11 +17,26 @@ __all__ = ["VAE", "Generator", "LossParts", "VAEOutput", "vae_loss", "build_mode
 
 
 def build_model(cfg: ModelConfig) -> VAE:
+    """The VAE for ``model.arch``; variants live in their own modules, imported on use."""
     if cfg.arch == "dense":
         return DenseVAE(cfg.z_dim, cfg.hidden)
     if cfg.arch == "cnn":
         return CNNVAE(cfg.z_dim, cfg.channels)
-    raise BamError(f"model.arch: unknown model {cfg.arch!r}; expected dense or cnn")
+    if cfg.arch == "cvae":
+        from bam_vae.models.cvae import CVAE
+
+        return CVAE(cfg.z_dim, cfg.channels)
+    if cfg.arch == "vqvae":
+        from bam_vae.models.vqvae import VQVAE
+
+        return VQVAE(cfg.channels, cfg.vq)
+    if cfg.arch == "introvae":
+        from bam_vae.models.introvae import SoftIntroVAE
+
+        return SoftIntroVAE(cfg.z_dim, cfg.channels, cfg.intro)
+    raise BamError(
+        f"model.arch: unknown model {cfg.arch!r}; expected dense, cnn, cvae, vqvae or introvae"
+    )
 
 
 def n_parameters(model: torch.nn.Module) -> int:

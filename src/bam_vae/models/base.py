@@ -1,9 +1,16 @@
-"""What every VAE here shares: the output record, the reparameterisation, the loss (eq. 2)."""
+"""What every VAE here shares: the output record, the reparameterisation, the loss (eq. 2).
+
+:class:`VAE` is also the contract between a model and the one training loop / scoring stages:
+variants (conditional, vector-quantised, introspective) override the hooks below instead of
+bringing loops of their own.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, ClassVar
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -23,16 +30,25 @@ class VAEOutput:
         return torch.sigmoid(self.logits)
 
 
+if TYPE_CHECKING:
+    from bam_vae.config import TrainConfig
+
+
 @dataclass
 class LossParts:
-    """Batch means of the per-image terms; ``total = k1 * recon + k2 * kl``."""
+    """Batch means of the per-image terms; ``total = k1 * recon + k2 * kl`` for a plain VAE.
+
+    ``extra`` holds a variant's own terms (commitment loss, adversarial terms...), logged too.
+    """
 
     total: Tensor
     recon: Tensor
     kl: Tensor
+    extra: dict[str, Tensor] = field(default_factory=dict)
 
     def as_floats(self) -> dict[str, float]:
-        return {"loss": self.total.item(), "recon": self.recon.item(), "kl": self.kl.item()}
+        base = {"loss": self.total.item(), "recon": self.recon.item(), "kl": self.kl.item()}
+        return base | {k: float(v) for k, v in self.extra.items()}
 
 
 def reparameterize(mu: Tensor, logvar: Tensor, generator: torch.Generator | None = None) -> Tensor:
@@ -67,8 +83,14 @@ def vae_loss(out: VAEOutput, x: Tensor, k1: float, k2: float, recon: str) -> Los
 
 
 class VAE(nn.Module):
-    """Gaussian VAE: subclasses provide ``encoder`` (x -> 2*z_dim) and ``decoder`` (z -> logits)."""
+    """Gaussian VAE: subclasses provide ``encoder`` (x -> 2*z_dim) and ``decoder`` (z -> logits).
 
+    Hooks (override in variants): ``loss``, ``configure_optimizers``, ``train_step``,
+    ``on_epoch_end``, ``after_training``, ``sample``, ``latent``, ``export_module``.
+    Labels ``y`` (int64 digits) are passed everywhere; unconditional models ignore them.
+    """
+
+    conditional: ClassVar[bool] = False  # True: encoder and decoder see the label
     encoder: nn.Module
     decoder: nn.Module
 
@@ -76,24 +98,79 @@ class VAE(nn.Module):
         super().__init__()
         self.z_dim = z_dim
 
-    def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
+    def encode(self, x: Tensor, y: Tensor | None = None) -> tuple[Tensor, Tensor]:
         mu, logvar = self.encoder(x).chunk(2, dim=1)
         return mu, logvar
 
-    def decode(self, z: Tensor) -> Tensor:
+    def decode(self, z: Tensor, y: Tensor | None = None) -> Tensor:
         return self.decoder(z)
 
-    def forward(self, x: Tensor, generator: torch.Generator | None = None) -> VAEOutput:
-        mu, logvar = self.encode(x)
+    def forward(
+        self, x: Tensor, y: Tensor | None = None, generator: torch.Generator | None = None
+    ) -> VAEOutput:
+        mu, logvar = self.encode(x, y)
         z = reparameterize(mu, logvar, generator)
-        return VAEOutput(logits=self.decode(z), mu=mu, logvar=logvar, z=z)
+        return VAEOutput(logits=self.decode(z, y), mu=mu, logvar=logvar, z=z)
+
+    # -- training hooks
+    def loss_per_image(self, out: VAEOutput, x: Tensor, cfg: TrainConfig) -> LossParts:
+        """Per-image loss terms; robustness uses the total as the negative ELBO."""
+        return vae_loss_per_image(out, x, cfg.k1, cfg.k2, cfg.recon)
+
+    def loss(self, out: VAEOutput, x: Tensor, cfg: TrainConfig) -> LossParts:
+        parts = self.loss_per_image(out, x, cfg)
+        return LossParts(
+            parts.total.mean(), parts.recon.mean(), parts.kl.mean(),
+            {k: v.mean() for k, v in parts.extra.items()},
+        )  # fmt: skip
+
+    def configure_optimizers(self, cfg: TrainConfig) -> list[torch.optim.Optimizer]:
+        return [torch.optim.Adam(self.parameters(), lr=cfg.lr)]
+
+    def train_step(
+        self, x: Tensor, y: Tensor, optimizers: list[torch.optim.Optimizer], cfg: TrainConfig,
+        epoch: int,
+    ) -> LossParts:  # fmt: skip
+        """One optimisation step on a batch; ``epoch`` is 0-based (for warm-ups)."""
+        (optimizer,) = optimizers
+        parts = self.loss(self(x, y), x, cfg)
+        optimizer.zero_grad(set_to_none=True)
+        parts.total.backward()
+        optimizer.step()
+        return parts
+
+    def on_epoch_end(self) -> dict[str, float]:
+        """Extra per-epoch metrics (e.g. codebook usage), logged with the losses."""
+        return {}
+
+    def after_training(self, x: Tensor, y: Tensor, cfg: TrainConfig) -> dict[str, float]:
+        """Work after the last epoch (e.g. fitting a prior); returns metrics to log."""
+        return {}
+
+    # -- scoring hooks
+    def sample(self, n: int, generator: torch.Generator, y: Tensor | None = None) -> Tensor:
+        """``n`` new images in [0, 1]: z ~ N(0, I), decoded."""
+        z = torch.randn(n, self.z_dim, generator=generator)
+        return torch.sigmoid(self.decode(z, y))
+
+    def latent(self, x: Tensor, y: Tensor | None = None) -> Tensor:
+        """What the t-SNE stage embeds: the posterior mean."""
+        return self.encode(x, y)[0]
+
+    def reconstruct(self, x: Tensor, y: Tensor | None = None) -> Tensor:
+        """Deterministic reconstruction (from the posterior mean) in [0, 1]."""
+        return torch.sigmoid(self.decode(self.latent(x, y), y))
+
+    def export_module(self) -> tuple[nn.Module, tuple[np.ndarray, ...]]:
+        """The module registered in MLflow (as ``pt2``) and an input example for it."""
+        return Generator(self), (np.zeros((2, self.z_dim), dtype=np.float32),)
 
 
 class Generator(nn.Module):
     """The decoder as a standalone image generator (z -> pixels in [0, 1]).
 
     This is what gets exported (torch.export / MLflow ``pt2``) and registered: it needs no
-    project code to load, and it is all that generation from a registry URI needs.
+    project code to load.
     """
 
     def __init__(self, vae: VAE):

@@ -1,0 +1,241 @@
+"""``bam report`` / ``bam promote``: compare runs straight from the MLflow store.
+
+The report selects training runs (by sweep tag, DVC experiment names and/or an MLflow search
+filter), writes ``reports/runs.csv`` and ``reports/runs.md`` and redraws the report's figures
+from whatever those runs contain: 6a (FID vs z_dim per arch, log-x), 6b (FID vs the k1 share),
+5 (final train/test loss vs z_dim) and 2 (loss per epoch, one curve per value of the swept
+param). A figure that the selected runs cannot support is listed as missing, with the reason.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+
+from bam_vae import tracking
+from bam_vae.errors import BamError
+from bam_vae.figures import plt, save_figure
+from bam_vae.paths import atomic_path
+
+OUT_DIR = Path("reports")
+SPACES = ("classifier", "inception")
+# Columns of the table: (name in the report, column of mlflow.search_runs).
+COLUMNS = {
+    "run_id": "run_id",
+    "dvc_exp_name": "tags.dvc_exp_name",
+    "sweep": "tags.sweep",
+    "model_version": "tags.registered_model_version",
+    "arch": "params.model.arch",
+    "z_dim": "params.model.z_dim",
+    "k1": "params.train.k1",
+    "k2": "params.train.k2",
+    "epochs": "params.train.epochs",
+    "train_fraction": "params.train.train_fraction",
+    "status": "status",
+    "train_loss": "metrics.train_loss",
+    "test_loss": "metrics.test_loss",
+    **{f"{m}_{s}": f"metrics.{m}_{s}" for s in SPACES for m in ("fid", "fid_floor", "kid")},
+    "digit_entropy": "metrics.digit_entropy",
+    "confident_share": "metrics.confident_share",
+}
+NUMERIC = ["z_dim", "k1", "k2", "epochs", "train_fraction"]
+# The params a sweep can vary, in the order used to group the loss curves of Figure 2.
+SWEPT = ["train_fraction", "epochs", "z_dim", "k1", "arch"]
+
+
+def _quote(value: str) -> str:
+    return "'" + value.replace("'", "\\'") + "'"
+
+
+def search_filter(sweep: str | None, exp_names: list[str] | None, query: str | None) -> str:
+    # Report runs have no model params and are dropped after the search (a "!=" filter on a
+    # tag would also drop every run that lacks the tag).
+    clauses = []
+    if sweep:
+        clauses.append(f"tags.sweep = {_quote(sweep)}")
+    if exp_names:
+        clauses.append(f"tags.dvc_exp_name IN ({', '.join(_quote(n) for n in exp_names)})")
+    if query:
+        clauses.append(f"({query})" if " or " in query.lower() else query)
+    return " AND ".join(clauses)
+
+
+def collect(
+    sweep: str | None = None, exp_names: list[str] | None = None, query: str | None = None
+) -> pd.DataFrame:
+    """One row per selected training run, with the report's columns (missing ones as NaN)."""
+    tracking.init()
+    try:
+        runs = mlflow.search_runs(
+            experiment_names=[tracking.EXPERIMENT],
+            filter_string=search_filter(sweep, exp_names, query),
+            output_format="pandas",
+        )
+    except mlflow.exceptions.MlflowException as exc:
+        raise BamError(f"bad run query {query!r}: {str(exc).splitlines()[0]}") from None
+    if "params.model.arch" in runs:
+        runs = runs[runs["params.model.arch"].notna()]  # training runs only, not reports
+    if runs.empty:
+        return pd.DataFrame(columns=list(COLUMNS))
+    table = pd.DataFrame({name: runs.get(col, np.nan) for name, col in COLUMNS.items()})
+    for col in NUMERIC:
+        table[col] = pd.to_numeric(table[col], errors="coerce")
+    return table.sort_values(["arch", "z_dim", "k1", "epochs", "train_fraction"]).reset_index(
+        drop=True
+    )
+
+
+# ---------------------------------------------------------------------------- figures
+def _fid_spaces(table: pd.DataFrame) -> list[str]:
+    return [s for s in SPACES if table[f"fid_{s}"].notna().any()]
+
+
+def fig_fid_vs(table: pd.DataFrame, x: str, path: Path, title: str, logx: bool) -> str | None:
+    spaces = _fid_spaces(table)
+    if not spaces or table[x].nunique() < 2:
+        return f"needs runs with FID and at least two values of {x} (have {table[x].nunique()})"
+    fig, axes = plt.subplots(1, len(spaces), figsize=(6 * len(spaces), 4), squeeze=False)
+    for ax, space in zip(axes[0], spaces, strict=True):
+        for arch, group in table.dropna(subset=[f"fid_{space}"]).groupby("arch"):
+            g = group.groupby(x)[[f"fid_{space}", f"fid_floor_{space}"]].mean().sort_index()
+            ax.plot(g.index, g[f"fid_{space}"], marker="o", label=f"{arch}")
+        floor = table[f"fid_floor_{space}"].mean()
+        if not np.isnan(floor):
+            ax.axhline(floor, color="grey", ls="--", label="floor (real vs real)")
+        ax.set(xlabel=x, ylabel=f"FID ({space} features)", title=title)
+        if logx:
+            ax.set_xscale("log", base=2)
+        ax.legend()
+    save_figure(fig, path)
+    return None
+
+
+def fig_loss_vs_zdim(table: pd.DataFrame, path: Path) -> str | None:
+    if table["z_dim"].nunique() < 2 or table["test_loss"].isna().all():
+        return (
+            f"needs finished runs with at least two z_dim values (have {table['z_dim'].nunique()})"
+        )
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for arch, group in table.groupby("arch"):
+        g = group.groupby("z_dim")[["train_loss", "test_loss"]].mean().sort_index()
+        ax.plot(g.index, g["train_loss"], marker="o", label=f"{arch} train")
+        ax.plot(g.index, g["test_loss"], marker="s", ls="--", label=f"{arch} test")
+    ax.set(
+        xlabel="z_dim", ylabel="final loss", title="Final train/test loss vs latent size (Fig. 5)"
+    )
+    ax.set_xscale("log", base=2)
+    ax.legend()
+    save_figure(fig, path)
+    return None
+
+
+def fig_curves(table: pd.DataFrame, path: Path) -> str | None:
+    varying = [p for p in SWEPT if table[p].nunique() > 1]
+    if table.empty:
+        return "no runs selected"
+    group = varying[0] if varying else "arch"
+    client = tracking.client()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    colours = plt.get_cmap("viridis")
+    values = sorted(table[group].dropna().unique())
+    for _, row in table.iterrows():
+        shade = colours(values.index(row[group]) / max(1, len(values) - 1))
+        for ax, metric in zip(axes, ("train_loss", "test_loss"), strict=True):
+            hist = client.get_metric_history(row["run_id"], metric)
+            if hist:
+                steps = sorted(hist, key=lambda m: m.step)
+                ax.plot([m.step for m in steps], [m.value for m in steps], color=shade,
+                        label=f"{group}={row[group]}")  # fmt: skip
+    for ax, metric in zip(axes, ("train loss", "test loss"), strict=True):
+        ax.set(xlabel="epoch", title=f"{metric} per epoch, by {group} (Fig. 2)")
+        handles, labels = ax.get_legend_handles_labels()
+        unique = dict(zip(labels, handles, strict=True))
+        ax.legend(unique.values(), unique.keys(), fontsize=7)
+    save_figure(fig, path)
+    return None
+
+
+# ---------------------------------------------------------------------------- report
+def _markdown(table: pd.DataFrame, missing: dict[str, str], selection: str) -> str:
+    shown = table.dropna(axis=1, how="all")
+    lines = [f"# bam-vae runs\n\nSelection: `{selection or 'all training runs'}` "
+             f"({len(table)} runs)\n"]  # fmt: skip
+    if len(shown):
+        cols = list(shown.columns)
+        lines.append("| " + " | ".join(cols) + " |")
+        lines.append("|" + "---|" * len(cols))
+        for _, row in shown.iterrows():
+            cells = [
+                f"{v:.4g}" if isinstance(v, float) else ("" if v is None else str(v)) for v in row
+            ]
+            lines.append("| " + " | ".join(c.replace("nan", "") for c in cells) + " |")
+    if missing:
+        lines.append("\n## Missing\n")
+        lines += [f"- {name}: {why}" for name, why in missing.items()]
+    return "\n".join(lines) + "\n"
+
+
+def report(
+    sweep: str | None = None,
+    exp_names: list[str] | None = None,
+    query: str | None = None,
+    out_dir: Path = OUT_DIR,
+) -> dict[str, str]:
+    table = collect(sweep, exp_names, query)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    missing: dict[str, str] = {}
+    shares = table.assign(k1_share=table.k1 / (table.k1 + table.k2))
+    figures = {
+        "fig6a_fid_vs_zdim.png": lambda p: fig_fid_vs(
+            table, "z_dim", p, "FID vs latent size (Fig. 6a)", logx=True
+        ),
+        "fig6b_fid_vs_k1.png": lambda p: fig_fid_vs(
+            shares, "k1_share", p, "FID vs k1 / (k1 + k2) (Fig. 6b)", logx=False
+        ),
+        "fig5_loss_vs_zdim.png": lambda p: fig_loss_vs_zdim(table, p),
+        "fig2_loss_curves.png": lambda p: fig_curves(table, p),
+    }
+    for name, draw in figures.items():
+        (out_dir / name).unlink(missing_ok=True)  # never leave a figure of an earlier selection
+        why = draw(out_dir / name) if len(table) else "no runs selected"
+        if why:
+            missing[name] = why
+    selection = search_filter(sweep, exp_names, query)
+    with atomic_path(out_dir / "runs.csv") as tmp:
+        table.to_csv(tmp, index=False)
+    with atomic_path(out_dir / "runs.md") as tmp:
+        tmp.write_text(_markdown(table, missing, selection))
+    with mlflow.start_run(run_name="report", tags={"bam_kind": "report", "selection": selection}):
+        mlflow.log_artifacts(str(out_dir), "report")
+    print(f"report: {len(table)} runs -> {out_dir}/runs.md, runs.csv")
+    for name, why in missing.items():
+        print(f"report: {name} missing: {why}")
+    return missing
+
+
+def promote(space: str = "classifier", alias: str = "champion") -> dict[str, str]:
+    """Point ``alias`` at the version with the lowest FID in ``space``, per registered model."""
+    tracking.init()
+    client = tracking.client()
+    chosen: dict[str, str] = {}
+    for model in client.search_registered_models("name LIKE 'bam-vae-%'"):
+        scored = [
+            (float(v.tags[f"fid_{space}"]), int(v.version))
+            for v in client.search_model_versions(f"name = {_quote(model.name)}")
+            if f"fid_{space}" in v.tags
+        ]
+        if not scored:
+            print(f"promote: {model.name} has no version with fid_{space}; run compute-fid first")
+            continue
+        fid, version = min(scored)
+        client.set_registered_model_alias(model.name, alias, str(version))
+        chosen[model.name] = str(version)
+        print(f"promote: {model.name}@{alias} -> version {version} (fid_{space} {fid:.3f})")
+    if not chosen:
+        raise BamError(
+            f"no registered version has fid_{space}; run `dvc repro` (compute-fid) first"
+        )
+    return chosen

@@ -1,0 +1,95 @@
+"""The conditional VAE: labels in encoder and decoder, training, the registered generator."""
+
+from __future__ import annotations
+
+import json
+
+import mlflow
+import numpy as np
+import pytest
+import torch
+
+from bam_vae.config import ModelConfig, TrainConfig
+from bam_vae.evaluator import label_accuracy
+from bam_vae.models import build_model, load_model
+from bam_vae.models.cvae import CVAE, generator_input
+
+
+def small(z_dim: int = 4) -> CVAE:
+    torch.manual_seed(0)
+    return CVAE(z_dim, [8, 16]).eval()
+
+
+@pytest.mark.parametrize("z_dim", [1, 16])
+def test_forward_and_loss_shapes(z_dim):
+    model = small(z_dim)
+    x, y = torch.rand(5, 1, 28, 28), torch.arange(5)
+    out = model(x, y)
+    assert out.logits.shape == (5, 1, 28, 28)
+    assert out.mu.shape == out.logvar.shape == out.z.shape == (5, z_dim)
+    per_image = model.loss_per_image(out, x, TrainConfig())
+    assert per_image.total.shape == per_image.recon.shape == per_image.kl.shape == (5,)
+    parts = model.loss(out, x, TrainConfig())
+    assert parts.total.shape == () and parts.total.item() > 0
+    assert model.latent(x, y).shape == (5, z_dim)
+    assert model.reconstruct(x, y).shape == (5, 1, 28, 28)
+
+
+def test_registry_builds_a_conditional_model():
+    model = build_model(ModelConfig(arch="cvae", z_dim=16, channels=[32, 64]))
+    assert isinstance(model, CVAE) and model.conditional
+
+
+def test_labels_are_required():
+    model = small()
+    with pytest.raises(ValueError, match="labels"):
+        model(torch.rand(2, 1, 28, 28))
+    with pytest.raises(ValueError, match="labels"):
+        model.decode(torch.zeros(2, 4))
+
+
+@torch.no_grad()
+def test_the_label_changes_the_image_for_the_same_z():
+    model = small()
+    z = torch.randn(1, 4).repeat(10, 1)
+    images = torch.sigmoid(model.decode(z, torch.arange(10)))
+    for d in range(1, 10):
+        assert not torch.allclose(images[0], images[d]), d
+
+
+@torch.no_grad()
+def test_sample_follows_the_given_or_balanced_labels():
+    model = small()
+    y = torch.tensor([3, 3, 7])
+    images = model.sample(3, torch.Generator().manual_seed(0), y)
+    assert images.shape == (3, 1, 28, 28)
+    assert images.min() >= 0 and images.max() <= 1
+    z = torch.randn(3, 4, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(images, torch.sigmoid(model.decode(z, y)))
+    # Without labels: 0, 1, ..., 9, 0, 1 for n = 12.
+    balanced = model.sample(12, torch.Generator().manual_seed(1), None)
+    z = torch.randn(12, 4, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(balanced, torch.sigmoid(model.decode(z, torch.arange(12) % 10)))
+
+
+def test_label_accuracy_on_hand_made_probabilities():
+    probs = np.full((4, 10), 0.01)
+    probs[[0, 1, 2, 3], [3, 3, 7, 0]] = 0.91  # argmax: 3, 3, 7, 0
+    assert label_accuracy(probs, np.array([3, 3, 7, 1])) == pytest.approx(0.75)
+    assert label_accuracy(probs, np.array([3, 3, 7, 0])) == 1.0
+
+
+def test_one_epoch_trains_and_registers_a_pt2_generator(project, tiny):
+    from bam_vae.train import fit
+
+    final = fit(tiny(model={"arch": "cvae", "z_dim": 4, "channels": [8, 16]}, train={"epochs": 1}))
+    assert np.isfinite(final["test_loss"]) and final["n_parameters"] > 0
+    ref = json.loads((project / "models/mlflow_run.json").read_text())
+    assert ref["model_name"] == "bam-vae-cvae" and ref["model_version"] == "1"
+
+    generator = mlflow.pytorch.load_model("models:/bam-vae-cvae/1")
+    vae, _ = load_model(project / "models/vae.pt")
+    z, y = torch.randn(7, 4), torch.tensor([0, 1, 2, 3, 4, 5, 9])
+    with torch.no_grad():
+        expected = torch.sigmoid(vae.decode(z, y))
+    torch.testing.assert_close(generator(generator_input(z, y)), expected)

@@ -1,0 +1,166 @@
+"""VQ-VAE: shapes and loss parts, the EMA codebook, straight-through gradients, the causal
+PixelCNN prior, and one tiny run through the real training loop."""
+
+from __future__ import annotations
+
+import json
+
+import mlflow
+import pytest
+import torch
+
+from bam_vae import tracking
+from bam_vae.config import TrainConfig, VQConfig
+from bam_vae.models.vqvae import EPS, VQVAE, PixelCNN, VectorQuantizerEMA
+
+VQ = VQConfig(codebook_size=8, code_dim=3, prior_channels=8, prior_layers=2)
+
+
+def tiny_model() -> VQVAE:
+    torch.manual_seed(0)
+    return VQVAE([4, 8], VQ)
+
+
+def test_shapes_and_loss_parts():
+    model = tiny_model()
+    x = torch.rand(5, 1, 28, 28)
+    out = model(x)
+    assert model.z_dim == 7 * 7 * 3
+    assert out.logits.shape == (5, 1, 28, 28)
+    assert out.mu.shape == out.logvar.shape == out.z.shape == (5, model.z_dim)
+    assert out.logvar.abs().max().item() == 0.0
+    # The decoder saw codebook vectors: z is the codes' vectors, flattened channel-major.
+    codes = model.codes(x)
+    assert codes.shape == (5, 7, 7) and codes.dtype == torch.int64
+    assert torch.allclose(out.z, model.latent(x), atol=1e-6)
+
+    cfg = TrainConfig(recon="bce")
+    parts = model.loss_per_image(out, x, cfg)
+    commit = VQ.commitment * (out.mu - out.z).pow(2).sum(1)
+    assert parts.kl.shape == (5,) and parts.kl.abs().max().item() == 0.0
+    assert torch.allclose(parts.extra["commit"], commit, atol=1e-6)
+    assert torch.allclose(parts.total, parts.recon + commit)
+    assert model.loss(out, x, cfg).as_floats().keys() == {"loss", "recon", "kl", "commit"}
+
+    recon = model.reconstruct(x)
+    assert recon.shape == (5, 1, 28, 28) and 0.0 <= recon.min() <= recon.max() <= 1.0
+
+
+def test_ema_update_matches_hand_computation():
+    vq = VectorQuantizerEMA(2, 2, decay=0.5)
+    vq.codebook.copy_(torch.tensor([[0.0, 0.0], [10.0, 10.0]]))
+    vq.embed_sum.copy_(vq.codebook)  # cluster sizes start at 1: embed_sum = 1 * codebook
+    vectors = torch.tensor([[2.0, 0.0], [0.0, 2.0], [1.0, 1.0], [1.0, 1.0]])  # all nearest 0
+    grid = vectors.T.reshape(1, 2, 2, 2)  # (N, D, H, W)
+
+    vq.eval()
+    idx, q = vq(grid)
+    assert idx.flatten().tolist() == [0, 0, 0, 0]
+    assert q.abs().max().item() == 0.0  # quantised with the codebook before any update
+    assert vq.codebook[1].tolist() == [10.0, 10.0] and vq.usage.sum() == 0  # eval: no update
+
+    vq.train()
+    vq(grid)
+    # EMA with decay 0.5: sizes 0.5*1 + 0.5*4 = 2.5 and 0.5*1 + 0.5*0 = 0.5;
+    # sums 0.5*(0, 0) + 0.5*(4, 4) = (2, 2) and 0.5*(10, 10) = (5, 5).
+    assert vq.cluster_size.tolist() == [2.5, 0.5]
+    assert vq.embed_sum.tolist() == [[2.0, 2.0], [5.0, 5.0]]
+    # Laplace smoothing: size_k = (size_k + eps) / (n + K eps) * n with n = 3.
+    n = 3.0
+    size0 = (2.5 + EPS) / (n + 2 * EPS) * n
+    size1 = (0.5 + EPS) / (n + 2 * EPS) * n
+    # Code 0 moves from (0, 0) towards the batch mean (1, 1): 2 / 2.5 = 0.8 before smoothing.
+    assert vq.codebook[0].tolist() == pytest.approx([2.0 / size0] * 2, rel=1e-6)
+    assert 2.0 / size0 == pytest.approx(0.8, rel=1e-5)
+    # Code 1 saw nothing: 5 / 0.5 = 10 exactly without smoothing, 9.99993... with it.
+    assert vq.codebook[1].tolist() == pytest.approx([5.0 / size1] * 2, rel=1e-6)
+    assert 5.0 / size1 == pytest.approx(10.0 * (1 - 1.2e-5 / 1.8), rel=1e-6)
+
+    assert vq.usage.tolist() == [4.0, 0.0]
+    stats = vq.epoch_stats()
+    assert stats == {"codebook_usage": 0.5, "perplexity": pytest.approx(1.0)}
+    assert vq.usage.sum() == 0  # reset for the next epoch
+
+
+def test_epoch_stats_perplexity_of_uniform_usage():
+    vq = VectorQuantizerEMA(4, 2, decay=0.9)
+    vq.usage.copy_(torch.tensor([3.0, 3.0, 0.0, 3.0]))
+    assert vq.epoch_stats() == {"codebook_usage": 0.75, "perplexity": pytest.approx(3.0)}
+
+
+def test_straight_through_gradient_reaches_the_encoder():
+    model = tiny_model().train()
+    x = torch.rand(4, 1, 28, 28)
+    out = model(x)
+    # The reconstruction alone, through the non-differentiable nearest-neighbour step.
+    model.loss_per_image(out, x, TrainConfig()).recon.sum().backward()
+    grad = model.encoder[0].weight.grad
+    assert grad is not None and grad.abs().sum() > 0
+    assert not any(b.requires_grad for b in model.quantizer.buffers())
+
+
+def test_prior_is_saved_but_not_optimised():
+    model = tiny_model()
+    assert any(k.startswith("prior.") for k in model.state_dict())
+    (optimizer,) = model.configure_optimizers(TrainConfig())
+    in_opt = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    prior = {id(p) for p in model.prior.parameters()}
+    assert not in_opt & prior
+    assert in_opt | prior == {id(p) for p in model.parameters()}
+
+
+def test_prior_is_causal_in_raster_order():
+    torch.manual_seed(0)
+    prior = PixelCNN(n_codes=5, channels=8, layers=3)
+    codes = torch.randint(0, 5, (2, 7, 7))
+    logits = prior(codes).flatten(2)  # (N, K, 49)
+    for i in range(49):
+        changed = codes.clone().flatten(1)
+        changed[:, i:] = torch.randint(0, 5, (2, 49 - i))
+        changed = changed.reshape(2, 7, 7)
+        after = prior(changed).flatten(2)
+        assert torch.equal(after[:, :, i], logits[:, :, i]), i  # blind to i and later
+        assert torch.equal(after[:, :, :i], logits[:, :, :i]), i
+    # ...but not to the past: the last position sees the one before it.
+    changed = codes.clone().flatten(1)
+    changed[:, 47] = (changed[:, 47] + 1) % 5
+    assert not torch.equal(prior(changed.reshape(2, 7, 7))[:, :, 6, 6], logits[:, :, 48])
+
+
+def test_sampling_is_valid_and_seeded():
+    model = tiny_model().eval()
+    images = model.sample(3, torch.Generator().manual_seed(1))
+    assert images.shape == (3, 1, 28, 28)
+    assert 0.0 <= images.min().item() <= images.max().item() <= 1.0
+    again = model.sample(3, torch.Generator().manual_seed(1))
+    assert torch.equal(images, again)
+    codes = model.prior.sample(4, torch.Generator().manual_seed(2), torch.device("cpu"))
+    assert codes.shape == (4, 7, 7) and codes.dtype == torch.int64
+    assert 0 <= codes.min().item() <= codes.max().item() < VQ.codebook_size
+
+
+def test_export_module_maps_codes_to_images():
+    model = tiny_model().eval()
+    module, (example,) = model.export_module()
+    assert example.shape == (2, 7, 7) and example.dtype.name == "int64"
+    x = torch.rand(3, 1, 28, 28)
+    assert torch.allclose(module(model.codes(x)), model.reconstruct(x), atol=1e-6)
+
+
+def test_one_epoch_through_the_real_loop(project, tiny):
+    from bam_vae.train import fit
+
+    vq = {"codebook_size": 16, "code_dim": 4, "prior_epochs": 1, "prior_channels": 16,
+          "prior_layers": 2}  # fmt: skip
+    final = fit(tiny(model={"arch": "vqvae", "channels": [8, 16], "vq": vq}, train={"epochs": 1}))
+    assert final["prior_nll"] > 0
+    assert 0 < final["codebook_usage"] <= 1 and 1 <= final["perplexity"] <= 16
+    ref = json.loads((project / "models/mlflow_run.json").read_text())
+    assert ref["model_name"] == "bam-vae-vqvae"
+    history = tracking.client().get_metric_history(ref["run_id"], "perplexity")
+    assert [m.step for m in history] == [1]
+    assert tracking.client().get_run(ref["run_id"]).data.metrics["prior_nll"] > 0
+    # The registered generator is the pt2 code decoder: int64 code grids in, images out.
+    generator = mlflow.pytorch.load_model(ref["model_uri"])
+    images = generator(torch.zeros(3, 7, 7, dtype=torch.int64))
+    assert images.shape == (3, 1, 28, 28)
