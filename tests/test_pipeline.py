@@ -7,6 +7,7 @@ import re
 import shutil
 import sqlite3
 import subprocess
+import time
 from pathlib import Path
 
 import numpy as np
@@ -129,3 +130,55 @@ def test_repro_then_nothing_then_a_temp_experiment(tmp_path):
     assert len(mlflow_rows(root, "select version from model_versions")) == 2
     exp_show = run(["dvc", "exp", "show", "--json"], root)
     assert "test_loss" in exp_show
+
+
+def wait_for_queue(root: Path, timeout: float = 600) -> str:
+    """Poll `dvc queue status` until nothing is queued or running."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        status = run(["dvc", "queue", "status"], root)
+        if not re.search(r"\b(Queued|Running)\b", status):
+            return status
+        time.sleep(3)
+    raise AssertionError(f"queue still busy after {timeout} s:\n{status}")
+
+
+def test_parallel_queue_gives_one_mlflow_run_per_experiment(tmp_path):
+    """Four queued experiments on two workers, one of which diverges, share one SQLite store."""
+    root = copy_repo(tmp_path)
+    run(["dvc", "repro"], root)
+    queue = ["dvc", "exp", "run", "--queue", "-S", "train.sweep=q", "-S", "train.threads=1"]
+    for z in (1, 2, 4):
+        run([*queue, "-S", f"model.z_dim={z}"], root)
+    run([*queue, "-S", "train.lr=1e9"], root)  # diverges: must end FAILED, not stop the queue
+    run(["dvc", "queue", "start", "-j", "2"], root)
+    status = wait_for_queue(root)
+    assert status.count("Success") == 3 and status.count("Failed") == 1, status
+
+    runs = mlflow_rows(
+        root,
+        "select r.status, t.value from runs r join tags t on t.run_uuid = r.run_uuid"
+        " where t.key = 'sweep' and t.value = 'q'",
+    )
+    assert sorted(s for s, _ in runs) == ["FAILED", "FINISHED", "FINISHED", "FINISHED"]
+    exp_names = mlflow_rows(
+        root,
+        "select t.value from tags t join tags s on s.run_uuid = t.run_uuid"
+        " where t.key = 'dvc_exp_name' and s.key = 'sweep' and s.value = 'q'",
+    )
+    assert len({n for (n,) in exp_names if n}) == 4  # each run names its DVC experiment
+    versions = mlflow_rows(root, "select version, status from model_versions")
+    assert len(versions) == 1 + 3 and {s for _, s in versions} == {"READY"}
+    # Every finished run was scored: FID lands in the same run as the training.
+    scored = mlflow_rows(
+        root,
+        "select count(distinct m.run_uuid) from metrics m join tags t on t.run_uuid = m.run_uuid"
+        " where m.key = 'fid_classifier' and t.key = 'sweep' and t.value = 'q'",
+    )
+    assert scored == [(3,)]
+
+    # Removing the experiments from DVC never touches MLflow.
+    run(["dvc", "exp", "remove", "--all-commits"], root)
+    run(["dvc", "gc", "--workspace", "--force"], root)
+    assert len(mlflow_rows(root, "select run_uuid from runs")) == 5
+    assert len(mlflow_rows(root, "select version from model_versions")) == 4

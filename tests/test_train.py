@@ -134,3 +134,11 @@ def test_missing_prepared_data_is_a_clear_error(project, tiny):
 def test_checkpoint_key_changes_with_params(tiny):
     assert run_key(tiny(), "d") != run_key(tiny(train={"lr": 0.01}), "d")
     assert checkpoint_path("abc").name == "train-abc.pt"
+
+
+def test_diverging_training_fails_clearly_and_marks_the_run_failed(project, tiny):
+    with pytest.raises(BamError, match=r"loss is (inf|nan) at epoch 1.*train.lr=1000000000"):
+        fit(tiny(train={"lr": 1e9, "epochs": 1}))
+    (run,) = tracking.client().search_runs(["1"])
+    assert run.info.status == "FAILED"
+    assert not (project / "models/vae.pt").exists()

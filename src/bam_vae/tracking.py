@@ -70,7 +70,10 @@ def init(experiment: str = EXPERIMENT) -> str:
             # Explicit: MLflow's default artifact location is relative to the working directory.
             artifact_root().mkdir(parents=True, exist_ok=True)
             experiment_id = mlflow.create_experiment(
-                experiment, artifact_location=artifact_root().as_uri()
+                experiment,
+                artifact_location=artifact_root().as_uri(),
+                # Opens the UI on "Training runs" rather than MLflow 3's GenAI overview.
+                tags={"mlflow.experimentKind": "custom_model_development"},
             )
     mlflow.set_experiment(experiment_id=experiment_id)
     return experiment_id
@@ -191,7 +194,7 @@ def ui_command(port: int) -> list[str]:
         sys.executable, "-m", "mlflow", "ui",
         "--backend-store-uri", tracking_uri(),
         "--default-artifact-root", artifact_root().as_uri(),
-        "--host", "127.0.0.1", "--port", str(port),
+        "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
     ]  # fmt: skip
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import signal
 from collections.abc import Callable, Iterator
@@ -263,7 +264,13 @@ def _epochs(model, optimizers, data, cfg, device, state, on_batch, stopped, ckpt
             idx = order[b * cfg.batch_size : (b + 1) * cfg.batch_size]
             xb, yb = x_train[idx], y_train[idx]
             parts = model.train_step(xb, yb, optimizers, cfg, epoch)
-            accumulate(state.sums, parts.as_floats(), len(xb))
+            floats = parts.as_floats()
+            if not math.isfinite(floats["loss"]):
+                raise BamError(
+                    f"train: loss is {floats['loss']} at epoch {epoch + 1}, batch {b + 1};"
+                    f" expected a finite loss (lower train.lr={cfg.lr}?)"
+                )
+            accumulate(state.sums, floats, len(xb))
             state.seen += len(xb)
             state.batch = b + 1
             bar.update()

@@ -36,6 +36,11 @@ class VectorQuantizerEMA(nn.Module):
     and ``embed_sum`` at the codebook, as if each code had already seen one vector at its own
     position: without that, an unused code is divided by a size of ~EPS and flies off (zero
     initial sizes) or collapses to 0 (Sonnet's zero-debiased averages).
+
+    Measured on 10k MNIST images at the defaults: only 5-8% of the 128 codes stay in use after
+    the first epoch (also when the codebook starts from encoder outputs). There are no
+    dead-code restarts: Jukebox-style restarts (EMA size < 1) kept every code in use but
+    stalled the reconstruction at the mean image.
     """
 
     def __init__(self, n_codes: int, dim: int, decay: float):
@@ -48,9 +53,14 @@ class VectorQuantizerEMA(nn.Module):
         # Persistent so a run resumed mid-epoch still reports the whole epoch's usage.
         self.register_buffer("usage", torch.zeros(n_codes))
 
+    @staticmethod
+    def vectors(z_e: Tensor) -> Tensor:
+        """A grid (N, D, H, W) as rows (N * H * W, D), without gradient."""
+        return z_e.detach().permute(0, 2, 3, 1).reshape(-1, z_e.shape[1])
+
     def lookup(self, z_e: Tensor) -> Tensor:
         """Indices (N, H, W) of the nearest codes to the vectors of a grid (N, D, H, W)."""
-        flat = z_e.detach().permute(0, 2, 3, 1).reshape(-1, z_e.shape[1])
+        flat = self.vectors(z_e)
         dist = flat.pow(2).sum(1, keepdim=True) - 2 * flat @ self.codebook.T
         dist = dist + self.codebook.pow(2).sum(1)
         n, _, h, w = z_e.shape
@@ -66,7 +76,7 @@ class VectorQuantizerEMA(nn.Module):
         idx = self.lookup(z_e)
         q = self.embed(idx)
         if self.training:
-            self._update(z_e.detach().permute(0, 2, 3, 1).reshape(-1, z_e.shape[1]), idx.flatten())
+            self._update(self.vectors(z_e), idx.flatten())
         return idx, q
 
     @torch.no_grad()
@@ -87,7 +97,10 @@ class VectorQuantizerEMA(nn.Module):
             return {}
         p = self.usage / total
         entropy = -(p[p > 0] * p[p > 0].log()).sum()
-        stats = {"codebook_usage": (p > 0).float().mean().item(), "perplexity": entropy.exp().item()}
+        stats = {
+            "codebook_usage": (p > 0).float().mean().item(),
+            "perplexity": entropy.exp().item(),
+        }
         self.usage.zero_()
         return stats
 
@@ -183,7 +196,9 @@ class VQVAE(VAE):
         rec = recon_per_image(out.logits, x, cfg.recon)
         # ||z_e - sg(e)||^2 summed like the reconstruction; the codebook itself learns by EMA.
         commit = self.cfg.commitment * (out.mu - out.z.detach()).pow(2).sum(1)
-        return LossParts(rec + commit, rec, torch.zeros_like(rec), {"commit": commit})
+        # ``extra`` is only logged (the total carries the gradient): detached, so logging it
+        # does not convert a tensor that requires grad.
+        return LossParts(rec + commit, rec, torch.zeros_like(rec), {"commit": commit.detach()})
 
     def configure_optimizers(self, cfg: TrainConfig) -> list[torch.optim.Optimizer]:
         # The prior is fitted on its own afterwards, on the codes of the trained encoder.
@@ -213,7 +228,7 @@ class VQVAE(VAE):
                 loss.backward()
                 optimizer.step()
                 bar.update()
-                bar.set_postfix(nll=f"{loss.item():.3f}")
+                bar.set_postfix(nll=f"{loss.item():.3f}", refresh=False)
         bar.close()
         self.train(was_training)
         return {"prior_nll": self.prior_nll(codes)}
@@ -222,8 +237,7 @@ class VQVAE(VAE):
     def prior_nll(self, codes: Tensor, batch: int = 1000) -> float:
         """Mean negative log-likelihood per code, in nats, of code grids (N, 7, 7)."""
         total = sum(
-            F.cross_entropy(self.prior(c), c, reduction="sum").item()
-            for c in codes.split(batch)
+            F.cross_entropy(self.prior(c), c, reduction="sum").item() for c in codes.split(batch)
         )
         return total / codes.numel()
 

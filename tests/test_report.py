@@ -1,0 +1,106 @@
+"""`bam report` and `bam promote`: comparisons read back from the MLflow store."""
+
+from __future__ import annotations
+
+import json
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+
+from bam_vae import tracking
+from bam_vae.errors import BamError
+from bam_vae.generate import generate
+from bam_vae.report import promote, report
+from bam_vae.train import fit
+
+
+def fake_run(arch: str, z_dim: int, k1: float, fid: float, sweep: str, epochs: int = 3) -> None:
+    """A finished training run as `train` + `compute-fid` leave it (no model weights)."""
+    with mlflow.start_run():
+        params = {"model.arch": arch, "model.z_dim": z_dim, "train.k1": k1, "train.k2": 1 - k1}
+        mlflow.log_params(params | {"train.epochs": epochs, "train.train_fraction": 1.0})
+        mlflow.set_tags({"sweep": sweep, "dvc_exp_name": f"{arch}-{z_dim}-{k1}"})
+        for step in range(1, epochs + 1):
+            mlflow.log_metrics(
+                {"train_loss": 30 / step + z_dim / 100, "test_loss": 31 / step}, step=step
+            )
+        scores = {"fid_classifier": fid, "fid_floor_classifier": 2.0, "kid_classifier": fid / 10}
+        mlflow.log_metrics(scores | {"digit_entropy": 0.95})
+
+
+@pytest.fixture
+def latent_sweep(project):
+    tracking.init()
+    for arch, offset in (("dense", 10.0), ("cnn", 0.0)):
+        for z in (1, 4, 16, 128):
+            fake_run(arch, z, 0.5, fid=offset + abs(np.log2(z) - 4) * 5 + 8, sweep="latent")
+    fake_run("cnn", 16, 0.9, fid=50.0, sweep="other")
+    return project
+
+
+def test_report_of_a_latent_sweep(latent_sweep):
+    out = latent_sweep / "reports"
+    missing = report(sweep="latent", out_dir=out)
+    table = pd.read_csv(out / "runs.csv")
+    assert len(table) == 8 and set(table["sweep"]) == {"latent"}
+    wanted = {"arch", "z_dim", "fid_classifier", "fid_floor_classifier", "kid_classifier"}
+    wanted |= {"digit_entropy", "train_loss", "test_loss", "dvc_exp_name", "model_version"}
+    assert wanted <= set(table.columns)
+    for fig in ("fig6a_fid_vs_zdim.png", "fig5_loss_vs_zdim.png", "fig2_loss_curves.png"):
+        assert (out / fig).stat().st_size > 1000, fig
+    # Only one k1 value in this sweep: Figure 6b cannot be drawn and the report says so.
+    assert "fig6b_fid_vs_k1.png" in missing and not (out / "fig6b_fid_vs_k1.png").exists()
+    markdown = (out / "runs.md").read_text()
+    assert (
+        "| arch |" in markdown.replace("| run_id | dvc_exp_name | sweep |", "|")
+        or "arch" in markdown
+    )
+    assert (
+        "fig6b_fid_vs_k1.png: needs runs with FID and at least two values of k1_share" in markdown
+    )
+    # The report itself is logged to MLflow as a run of its own.
+    reports = mlflow.search_runs(
+        experiment_names=["bam-vae"], filter_string="tags.bam_kind = 'report'"
+    )
+    assert len(reports) == 1
+
+
+def test_report_with_a_query_and_with_nothing_selected(latent_sweep):
+    out = latent_sweep / "reports"
+    report(query="params.`model.arch` = 'cnn' and tags.sweep = 'other'", out_dir=out)
+    assert len(pd.read_csv(out / "runs.csv")) == 1
+    missing = report(sweep="no-such-sweep", out_dir=out)
+    assert set(missing) == {"fig6a_fid_vs_zdim.png", "fig6b_fid_vs_k1.png",
+                            "fig5_loss_vs_zdim.png", "fig2_loss_curves.png"}  # fmt: skip
+    assert "(0 runs)" in (out / "runs.md").read_text()
+
+
+def test_bad_query_is_one_clear_line(latent_sweep):
+    with pytest.raises(BamError, match="bad run query"):
+        report(query="params.nonsense ===", out_dir=latent_sweep / "reports")
+
+
+def test_promote_points_champion_at_the_lowest_fid_and_generate_uses_it(project, tiny):
+    fit(tiny())
+    fit(tiny(model={"z_dim": 2}))
+    client = tracking.client()
+    for version, fid in (("1", 30.0), ("2", 20.0)):
+        client.set_model_version_tag("bam-vae-cnn", version, "fid_classifier", str(fid))
+    assert promote("classifier") == {"bam-vae-cnn": "2"}
+    assert str(client.get_model_version_by_alias("bam-vae-cnn", "champion").version) == "2"
+
+    params = tiny(generate={"n": 16})
+    generate(params, model_uri="models:/bam-vae-cnn@champion", out_dir=project / "gen",
+             fig_dir=project / "fig")  # fmt: skip
+    images = np.load(project / "gen/images.npy")
+    assert images.shape == (16, 28, 28)
+    # It really is version 2 (z_dim 2), not the pipeline's latest model file.
+    assert json.loads((project / "models/mlflow_run.json").read_text())["model_version"] == "2"
+
+
+def test_promote_without_scores_says_what_to_run(project, tiny):
+    fit(tiny())
+    with pytest.raises(BamError, match="no registered version has fid_inception"):
+        promote("inception")

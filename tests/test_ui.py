@@ -1,0 +1,79 @@
+"""`bam ui` serves the project store; a real headless Chromium reads a run's FID from it."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import time
+import urllib.request
+
+import mlflow
+import pytest
+from conftest import env_with_venv
+
+from bam_vae import tracking
+
+pytestmark = pytest.mark.slow
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def store(project):
+    """Two scored training runs in the project's own store."""
+    experiment_id = tracking.init()
+    runs = {}
+    for z_dim, fid in ((2, 41.25), (16, 12.75)):
+        with mlflow.start_run(run_name=f"cnn-z{z_dim}") as run:
+            mlflow.log_params({"model.arch": "cnn", "model.z_dim": z_dim})
+            mlflow.log_metric("fid_classifier", fid)
+        runs[run.info.run_id] = fid
+    return project, experiment_id, runs
+
+
+def test_mlflow_ui_shows_runs_and_their_fid(store):
+    if CHROMIUM is None:
+        pytest.skip("no chromium browser installed (apt-get install chromium); UI not tested")
+    playwright = pytest.importorskip("playwright.sync_api", reason="playwright not installed")
+    project, experiment_id, runs = store
+    port = free_port()
+    server = subprocess.Popen(
+        ["bam", "ui", "--port", str(port)], cwd=project, env=env_with_venv(),
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    try:
+        first = server.stdout.readline()
+        assert f"http://127.0.0.1:{port}" in first
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2):
+                    break
+            except OSError:
+                time.sleep(1)
+        else:
+            pytest.fail("MLflow UI did not answer within 90 s")
+
+        args = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                "--disable-component-update", "--no-first-run"]  # fmt: skip
+        with playwright.sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path=CHROMIUM, args=args, headless=True)
+            page = browser.new_page()
+            base = f"http://127.0.0.1:{port}/#/experiments/{experiment_id}"
+            page.goto(f"{base}/runs")
+            page.get_by_text("cnn-z2").first.wait_for(timeout=60_000)
+            page.get_by_text("cnn-z16").first.wait_for(timeout=10_000)
+            run_id, fid = next(iter(runs.items()))
+            page.goto(f"{base}/runs/{run_id}")
+            page.get_by_text("fid_classifier").first.wait_for(timeout=60_000)
+            assert str(fid) in page.content()
+            browser.close()
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
