@@ -73,32 +73,32 @@ class ModelConfig(_Section):
     intro: IntroConfig = Field(default_factory=IntroConfig)
 
 
-class TrainConfig(_Section):
+class _Fit(_Section):
+    """What every trained network here needs: an optimiser schedule, a seed, a machine."""
+
     epochs: int = Field(10, ge=1)
     batch_size: int = Field(128, ge=1)
     lr: float = Field(1e-3, gt=0)
     seed: int = Field(0, ge=0)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    threads: int = Field(0, ge=0, description="torch threads; 0 = cores / parallel workers")
+
+
+class TrainConfig(_Fit):
     k1: float = Field(0.5, ge=0)
     k2: float = Field(0.5, ge=0)
     recon: Literal["mse", "bce"] = "mse"
     train_fraction: float = Field(1.0, gt=0, le=1)
     noise_fraction: float = Field(0.0, ge=0, le=1)
     noise_std: float = Field(0.0, ge=0)
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    threads: int = Field(0, ge=0, description="torch threads; 0 = cores / parallel workers")
     sweep: str = Field("", description="tag put on the MLflow run, groups runs of one sweep")
 
 
-class EvaluatorConfig(_Section):
+class EvaluatorConfig(_Fit):
     """The MNIST classifier used as FID feature space and digit judge (trained once)."""
 
     epochs: int = Field(3, ge=1)
-    batch_size: int = Field(128, ge=1)
-    lr: float = Field(1e-3, gt=0)
-    seed: int = Field(0, ge=0)
     feature_dim: int = Field(128, ge=8)
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    threads: int = Field(0, ge=0)
 
 
 class GenerateConfig(_Section):

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from bam_vae.models.base import VAE, Generator
+from bam_vae.models.cnn import conv_features, deconv_decoder
 
 N_CLASSES = 10
 
@@ -34,23 +35,10 @@ class CVAE(VAE):
         flat = c2 * 7 * 7
         # Unlike the base contract, ``encoder`` stops at the conv features: the label joins
         # them in ``posterior``, so encoder(x) alone is not (mu, logvar).
-        self.encoder = nn.Sequential(
-            nn.Conv2d(1, c1, 4, stride=2, padding=1),  # 28 -> 14
-            nn.ReLU(),
-            nn.Conv2d(c1, c2, 4, stride=2, padding=1),  # 14 -> 7
-            nn.ReLU(),
-            nn.Flatten(),
-        )
+        self.encoder = nn.Sequential(*conv_features(c1, c2))
         self.posterior = nn.Linear(flat + N_CLASSES, 2 * z_dim)
         # The decoder takes [z, one-hot(y)] as one vector, so the base Generator exports it.
-        self.decoder = nn.Sequential(
-            nn.Linear(z_dim + N_CLASSES, flat),
-            nn.ReLU(),
-            nn.Unflatten(1, (c2, 7, 7)),
-            nn.ConvTranspose2d(c2, c1, 4, stride=2, padding=1),  # 7 -> 14
-            nn.ReLU(),
-            nn.ConvTranspose2d(c1, 1, 4, stride=2, padding=1),  # 14 -> 28
-        )
+        self.decoder = nn.Sequential(*deconv_decoder(z_dim + N_CLASSES, c1, c2))
 
     def encode(self, x: Tensor, y: Tensor | None = None) -> tuple[Tensor, Tensor]:
         h = torch.cat([self.encoder(x), one_hot(y).to(x)], dim=1)
