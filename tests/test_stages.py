@@ -1,0 +1,96 @@
+"""Every architecture goes through the same stages: train, generate, score, t-SNE, robustness."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import mlflow
+import numpy as np
+import pytest
+
+from bam_vae import tracking
+from bam_vae.config import EvaluatorConfig
+from bam_vae.evaluator import train_evaluator
+from bam_vae.fid import compute, reference
+from bam_vae.generate import generate
+from bam_vae.robustness import robustness
+from bam_vae.train import fit
+from bam_vae.tsne import tsne
+
+MODELS = {
+    "dense": {"hidden": [32, 16]},
+    "cnn": {},
+    "cvae": {},
+    "vqvae": {
+        "vq": {
+            "codebook_size": 16,
+            "code_dim": 4,
+            "prior_epochs": 1,
+            "prior_channels": 16,
+            "prior_layers": 2,
+        }
+    },  # fmt: skip
+    "introvae": {"intro": {"warmup_epochs": 0}},
+}
+SCORING = {
+    "generate": {"n": 60, "per_digit": 1},
+    "fid": {"kid_subsets": 3, "kid_subset_size": 50},
+    "tsne": {"n": 100, "perplexity": 10},
+    "robustness": {"n": 20},
+}
+
+
+@pytest.fixture(scope="module")
+def evaluator_file(tiny_mnist, tmp_path_factory):
+    out = tmp_path_factory.mktemp("evaluator")
+    cfg = EvaluatorConfig(epochs=1, batch_size=64, feature_dim=16, device="cpu", threads=1)
+    train_evaluator(cfg, tiny_mnist, out / "evaluator.pt", out / "evaluator.json")
+    return out / "evaluator.pt"
+
+
+@pytest.mark.parametrize("arch", list(MODELS))
+def test_every_arch_runs_every_stage(arch, project, tiny, evaluator_file):
+    model = {"arch": arch, "z_dim": 4, "channels": [8, 16], **MODELS[arch]}
+    params = tiny(model=model, train={"epochs": 1}, **SCORING)
+    (project / "models").mkdir(exist_ok=True)
+    shutil.copy(evaluator_file, project / "models/evaluator.pt")
+
+    fit(params)
+    reference(params, "classifier")
+    generate(params)
+    metrics = compute(params)
+    tsne(params)
+    robust = robustness(params)
+
+    images = np.load(project / "data/generated/images.npy")
+    assert images.shape == (60, 28, 28) and images.min() >= 0 and images.max() <= 1
+    assert np.isfinite(metrics["fid_classifier"]) and metrics["fid_floor_classifier"] >= 0
+    assert ("label_accuracy" in metrics) == (arch == "cvae")
+    assert 0 <= robust["auroc_neg_elbo_gaussian"] <= 1
+    for fig in ("samples", "reconstructions", "tsne", "robustness"):
+        assert (project / f"figures/{fig}.png").stat().st_size > 500
+    ref = json.loads((project / "models/mlflow_run.json").read_text())
+    assert ref["model_name"] == f"bam-vae-{arch}"
+    run = mlflow.get_run(ref["run_id"])
+    assert "fid_classifier" in run.data.metrics and "auroc_neg_elbo_uniform" in run.data.metrics
+    artifacts = {a.path for a in tracking.client().list_artifacts(ref["run_id"], "figures")}
+    assert len(artifacts) == 4
+
+
+def test_digit_option_draws_one_digit_from_a_conditional_model(project, tiny):
+    params = tiny(model={"arch": "cvae", "z_dim": 4, "channels": [8, 16]}, train={"epochs": 1},
+                  generate={"n": 12, "per_digit": 1})  # fmt: skip
+    fit(params)
+    generate(params, digit=7)
+    assert set(np.load(project / "data/generated/labels.npy").tolist()) == {7}
+
+
+def test_digit_option_is_refused_for_unconditional_models(project, tiny):
+    from bam_vae.errors import BamError
+
+    params = tiny(train={"epochs": 1}, generate={"n": 12, "per_digit": 1})
+    fit(params)
+    with pytest.raises(BamError, match="--digit 3: model CNNVAE is not conditional"):
+        generate(params, digit=3)
+    assert not (project / "data/generated/images.npy").exists()
