@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -66,10 +67,12 @@ def tiny(tiny_mnist):
 
 def env_with_venv() -> dict[str, str]:
     """Environment for subprocesses: this interpreter's bin first (bam, dvc), no foreign store."""
-    import sys
-
     env = dict(os.environ)
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     for var in ("MLFLOW_TRACKING_URI", "DVC_ROOT", "DVC_EXP_NAME"):
         env.pop(var, None)
+    # `dvc exp` commits experiments: give git an identity on machines that have none.
+    for var in ("GIT_AUTHOR", "GIT_COMMITTER"):
+        env.setdefault(f"{var}_NAME", "bam-vae tests")
+        env.setdefault(f"{var}_EMAIL", "tests@bam-vae.invalid")
     return env

@@ -53,8 +53,7 @@ def copy_repo(dst: Path) -> Path:
     for section, values in TINY.items():
         params[section].update(values)
     (dst / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    commit = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "copy"]
-    for cmd in (["git", "init", "-q"], ["git", "add", "-A"], commit):
+    for cmd in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "copy"]):
         run(cmd, dst)
     return dst
 

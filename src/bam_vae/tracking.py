@@ -87,12 +87,13 @@ def git_commit() -> str:
 
 
 def run_tags(data_sha256: str, sweep: str) -> dict[str, str]:
+    commit = git_commit()
     tags = {
         "dvc_exp_name": os.environ.get("DVC_EXP_NAME", ""),
         "dvc_exp_baseline_rev": os.environ.get("DVC_EXP_BASELINE_REV", ""),
-        "git_commit": git_commit(),
+        "git_commit": commit,
+        "mlflow.source.git.commit": commit,  # shown by the MLflow UI
         "data_sha256": data_sha256,
-        "mlflow.source.git.commit": git_commit(),
     }
     if sweep:
         tags["sweep"] = sweep
