@@ -40,6 +40,7 @@ COLUMNS = {
     **{f"{m}_{s}": f"metrics.{m}_{s}" for s in SPACES for m in ("fid", "fid_floor", "kid")},
     "digit_entropy": "metrics.digit_entropy",
     "confident_share": "metrics.confident_share",
+    "label_accuracy": "metrics.label_accuracy",
 }
 NUMERIC = ["z_dim", "k1", "k2", "epochs", "train_fraction"]
 # The params a sweep can vary, in the order used to group the loss curves of Figure 2.
