@@ -27,7 +27,7 @@ from rich.console import Console
 
 from bam_vae.config import DataConfig
 from bam_vae.errors import BamError
-from bam_vae.paths import atomic_path, user_cache, write_json
+from bam_vae.paths import save_torch, user_cache, write_json
 
 console = Console(stderr=True)
 
@@ -261,13 +261,9 @@ def acquire(cfg: DataConfig) -> tuple[Mnist, list[str]]:
 
 
 def save_split(split: Split, path: Path) -> None:
-    # Saving through a buffer keeps the file's bytes independent of its (temporary) name.
-    buffer = io.BytesIO()
     blob = {"images": torch.from_numpy(split.images.copy()),
             "labels": torch.from_numpy(split.labels.copy())}  # fmt: skip
-    torch.save(blob, buffer)
-    with atomic_path(path) as tmp:
-        tmp.write_bytes(buffer.getvalue())
+    save_torch(blob, path)
 
 
 def prepare(cfg: DataConfig, metrics_path: Path = Path("metrics/data.json")) -> dict:

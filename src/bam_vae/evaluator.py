@@ -21,7 +21,7 @@ from bam_vae.config import EvaluatorConfig
 from bam_vae.data import load_split
 from bam_vae.errors import BamError
 from bam_vae.models import n_parameters
-from bam_vae.paths import atomic_path, write_json
+from bam_vae.paths import save_torch, write_json
 from bam_vae.train import configure_threads, epoch_order, resolve_device, seed_everything
 
 MODEL_PATH = Path("models/evaluator.pt")
@@ -128,8 +128,7 @@ def train_evaluator(
         )
 
     model.cpu()
-    with atomic_path(model_path) as tmp:
-        torch.save({"config": cfg.model_dump(), "state_dict": model.state_dict()}, tmp)
+    save_torch({"config": cfg.model_dump(), "state_dict": model.state_dict()}, model_path)
     metrics = {
         "test_accuracy": accuracy,
         "test_loss": test_loss,

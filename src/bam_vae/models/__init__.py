@@ -11,7 +11,7 @@ from bam_vae.errors import BamError
 from bam_vae.models.base import VAE, Generator, LossParts, VAEOutput, vae_loss
 from bam_vae.models.cnn import CNNVAE
 from bam_vae.models.dense import DenseVAE
-from bam_vae.paths import atomic_path
+from bam_vae.paths import save_torch
 
 __all__ = ["VAE", "Generator", "LossParts", "VAEOutput", "vae_loss", "build_model", "load_model"]
 
@@ -44,8 +44,7 @@ def n_parameters(model: torch.nn.Module) -> int:
 
 
 def save_model(model: VAE, cfg: ModelConfig, path: Path) -> None:
-    with atomic_path(path) as tmp:
-        torch.save({"config": cfg.model_dump(), "state_dict": model.state_dict()}, tmp)
+    save_torch({"config": cfg.model_dump(), "state_dict": model.state_dict()}, path)
 
 
 def load_model(path: str | Path) -> tuple[VAE, ModelConfig]:
