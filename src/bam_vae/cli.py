@@ -51,7 +51,12 @@ def stage(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _params(params: Path, overrides: list[str] | None) -> Params:
-    return load_params(params, overrides or [])
+    """Validated params; also caps torch threads so parallel queue workers share the cores."""
+    from bam_vae.train import configure_threads
+
+    loaded = load_params(params, overrides or [])
+    configure_threads(loaded.train.threads)
+    return loaded
 
 
 @app.command()
@@ -78,7 +83,8 @@ def train_evaluator(params: ParamsFile = Path("params.yaml"), set_: Overrides = 
     """Stage train-evaluator: the MNIST classifier behind FID features and digit metrics."""
     from bam_vae.evaluator import train_evaluator as run
 
-    run(_params(params, set_).evaluator, _params(params, set_).data.out_dir)
+    loaded = _params(params, set_)
+    run(loaded.evaluator, loaded.data.out_dir)
 
 
 @app.command()
