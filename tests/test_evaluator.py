@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +14,7 @@ from pydantic import ValidationError
 
 from bam_vae import evaluator as ev
 from bam_vae.data import load_split
-from bam_vae.errors import BamError
+from bam_vae.errors import BamError, Interrupted
 from bam_vae.fid import fid
 
 TINY = ev.EvaluatorConfig(epochs=2, batch_size=64, feature_dim=16, device="cpu")
@@ -116,6 +117,26 @@ def test_train_is_deterministic(trained, small_data, tmp_path):
     _, first = trained
     again = ev.train_evaluator(TINY, small_data, tmp_path / "ev.pt", tmp_path / "ev.json")
     assert again == first
+
+
+def test_interrupted_training_resumes_to_the_same_classifier(trained, small_data, project):
+    out, expected = trained
+
+    def send_sigint(step):  # a real signal, in the middle of the first epoch
+        if step == 5:
+            signal.raise_signal(signal.SIGINT)
+
+    model, metrics = project / "ev.pt", project / "ev.json"
+    with pytest.raises(Interrupted, match="run again with the same params to resume"):
+        ev.train_evaluator(TINY, small_data, model, metrics, on_batch=send_sigint)
+    assert not model.exists() and not metrics.exists()  # nothing half-written
+    (ckpt,) = (project / ".cache/checkpoints").glob("evaluator-*.pt")
+
+    assert ev.train_evaluator(TINY, small_data, model, metrics) == expected
+    resumed = torch.load(model, weights_only=True)["state_dict"]
+    for key, value in torch.load(out / "m" / "ev.pt", weights_only=True)["state_dict"].items():
+        assert torch.equal(resumed[key], value), key
+    assert not ckpt.exists()  # consumed
 
 
 def test_missing_and_corrupt_model_files(tmp_path):

@@ -9,8 +9,9 @@ import mlflow
 import numpy as np
 import pytest
 
-from bam_vae import tracking
+from bam_vae import fid, tracking
 from bam_vae.config import EvaluatorConfig
+from bam_vae.errors import Interrupted
 from bam_vae.evaluator import train_evaluator
 from bam_vae.fid import compute, reference
 from bam_vae.generate import generate
@@ -94,3 +95,39 @@ def test_digit_option_is_refused_for_unconditional_models(project, tiny):
     with pytest.raises(BamError, match="--digit 3: model CNNVAE is not conditional"):
         generate(params, digit=3)
     assert not (project / "data/generated/images.npy").exists()
+
+
+def test_interrupted_reference_resumes_from_its_saved_chunks(
+    project, tiny, evaluator_file, monkeypatch
+):
+    params = tiny()
+    (project / "models").mkdir()
+    shutil.copy(evaluator_file, project / "models/evaluator.pt")
+    expected = np.load(reference(params, "classifier", chunk=64))  # 256 test images: 4 chunks
+
+    calls: list[int] = []
+    real = fid.feature_extractor
+
+    def interrupted_at_third_chunk(space, cfg):
+        extract, weights = real(space, cfg)
+
+        def counted(images):
+            calls.append(len(images))
+            if len(calls) == 3:
+                raise KeyboardInterrupt
+            return extract(images)
+
+        return counted, weights
+
+    monkeypatch.setattr(fid, "feature_extractor", interrupted_at_third_chunk)
+    out = project / "data/fid_ref/classifier.npy"
+    out.unlink()
+    with pytest.raises(Interrupted, match="2 of 4 chunks saved.*run again to resume"):
+        reference(params, "classifier", chunk=64)
+    assert not out.exists()
+
+    calls.clear()
+    reference(params, "classifier", chunk=64)
+    assert calls == [64, 64]  # only the chunks that were missing
+    np.testing.assert_array_equal(np.load(out), expected)
+    assert not any((project / ".cache/fid-reference").iterdir())

@@ -10,9 +10,10 @@ import pytest
 import torch
 
 from bam_vae import tracking
+from bam_vae.checkpoints import checkpoint_path
 from bam_vae.errors import BamError, Interrupted
 from bam_vae.models import Generator, load_model
-from bam_vae.train import checkpoint_path, fit, run_key, training_images
+from bam_vae.train import fit, run_key, training_images
 
 
 def weights(path="models/vae.pt"):
@@ -144,3 +145,18 @@ def test_diverging_training_fails_clearly_and_marks_the_run_failed(project, tiny
     (run,) = tracking.client().search_runs(["1"])
     assert run.info.status == "FAILED"
     assert not (project / "models/vae.pt").exists()
+
+
+def test_threads_split_the_cores_between_parallel_workers(monkeypatch):
+    from bam_vae import train
+
+    before = torch.get_num_threads()
+    monkeypatch.setattr(train, "available_cores", lambda: 8)
+    try:
+        monkeypatch.setenv("BAM_PARALLEL_JOBS", "2")
+        assert train.configure_threads(0) == 4 == torch.get_num_threads()
+        assert train.configure_threads(1) == 1 == torch.get_num_threads()  # the param wins
+        monkeypatch.delenv("BAM_PARALLEL_JOBS")
+        assert train.configure_threads(0) == 8
+    finally:
+        torch.set_num_threads(before)

@@ -9,6 +9,7 @@ accuracy) for either to mean anything.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -17,11 +18,19 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from bam_vae.checkpoints import (
+    State,
+    checkpoint_path,
+    config_key,
+    load_checkpoint,
+    save_checkpoint,
+    stop_on_signals,
+)
 from bam_vae.config import EvaluatorConfig
-from bam_vae.data import load_split
-from bam_vae.errors import BamError
+from bam_vae.data import data_sha256, load_split
+from bam_vae.errors import Interrupted
 from bam_vae.models import n_parameters
-from bam_vae.paths import save_torch, write_json
+from bam_vae.paths import load_saved_model, save_torch, write_json
 from bam_vae.train import configure_threads, epoch_order, resolve_device, seed_everything
 
 MODEL_PATH = Path("models/evaluator.pt")
@@ -90,12 +99,20 @@ def train_evaluator(
     data_dir: str | Path,
     model_path: Path = MODEL_PATH,
     metrics_path: Path = METRICS_PATH,
+    on_batch: Callable[[int], None] | None = None,
 ) -> dict:
-    """Run the stage: write the classifier and its test metrics; return the metrics."""
+    """Run the stage: write the classifier and its test metrics; return the metrics.
+
+    Interruptible like ``train``: SIGINT/SIGTERM leave a checkpoint and the next run with the
+    same config resumes to the same weights. ``on_batch(step)`` runs after each step (tests).
+    """
     device = resolve_device(cfg.device, "evaluator.device")
     configure_threads(cfg.threads)
     train_images, train_labels = load_split(data_dir, "train")
     test_images, test_labels = load_split(data_dir, "test")
+    ckpt = checkpoint_path(
+        config_key(cfg.model_dump(), data_sha256(train_images, test_images)), "evaluator"
+    )
     x_train, y_train = _as_images(train_images).to(device), train_labels.to(device)
     x_test, y_test = _as_images(test_images).to(device), test_labels.to(device)
 
@@ -105,40 +122,61 @@ def train_evaluator(
     n_batches = -(-len(x_train) // cfg.batch_size)
     # Decaying the rate to zero over the run lets the last epoch settle instead of bouncing.
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs * n_batches)
+    state = State()
+    if ckpt.is_file():
+        state = load_checkpoint(ckpt, model, [optimizer, schedule])
+        print(f"evaluator: resuming from {ckpt} at epoch {state.epoch + 1}, batch {state.batch}")
     model.train()
-    for epoch in range(cfg.epochs):
-        order = epoch_order(len(x_train), cfg.seed, epoch).to(device)
-        bar = tqdm(range(n_batches), desc=f"evaluator epoch {epoch + 1}/{cfg.epochs}",
-                   unit="batch", leave=False, dynamic_ncols=True, mininterval=1.0)  # fmt: skip
-        total = 0.0
-        for b in bar:
-            idx = order[b * cfg.batch_size : (b + 1) * cfg.batch_size]
-            loss = F.cross_entropy(model(x_train[idx]), y_train[idx])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-            total += loss.item()
-            bar.set_postfix(loss=f"{total / (b + 1):.4f}", refresh=False)
-        bar.close()
-        accuracy, test_loss = _test_metrics(model, x_test, y_test)
-        print(
-            f"evaluator epoch {epoch + 1}/{cfg.epochs}: train loss {total / n_batches:.4f},"
-            f" test loss {test_loss:.4f}, test accuracy {accuracy:.4f}"
-        )
+    with stop_on_signals() as stopped:
+        for epoch in range(state.epoch, cfg.epochs):
+            order = epoch_order(len(x_train), cfg.seed, epoch).to(device)
+            bar = tqdm(total=n_batches, initial=state.batch, unit="batch", leave=False,
+                       desc=f"evaluator epoch {epoch + 1}/{cfg.epochs}", dynamic_ncols=True,
+                       mininterval=1.0)  # fmt: skip
+            for b in range(state.batch, n_batches):
+                idx = order[b * cfg.batch_size : (b + 1) * cfg.batch_size]
+                loss = F.cross_entropy(model(x_train[idx]), y_train[idx])
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                schedule.step()
+                state.sums["loss"] = state.sums.get("loss", 0.0) + loss.item()
+                state.batch = b + 1
+                bar.update()
+                bar.set_postfix(loss=f"{state.sums['loss'] / (b + 1):.4f}", refresh=False)
+                if on_batch is not None:
+                    on_batch(epoch * n_batches + b + 1)
+                if stopped():
+                    bar.close()
+                    save_checkpoint(ckpt, model, [optimizer, schedule], state)
+                    raise Interrupted(
+                        f"evaluator: interrupted at epoch {epoch + 1}, batch {b + 1};"
+                        f" checkpoint {ckpt} -- run again with the same params to resume"
+                    )
+            bar.close()
+            accuracy, test_loss = _test_metrics(model, x_test, y_test)
+            print(
+                f"evaluator epoch {epoch + 1}/{cfg.epochs}: train loss"
+                f" {state.sums['loss'] / n_batches:.4f}, test loss {test_loss:.4f},"
+                f" test accuracy {accuracy:.4f}"
+            )
+            state.history.append({"test_accuracy": accuracy, "test_loss": test_loss})
+            state.epoch, state.batch, state.sums = epoch + 1, 0, {}
+            save_checkpoint(ckpt, model, [optimizer, schedule], state)
 
     model.cpu()
     save_torch({"config": cfg.model_dump(), "state_dict": model.state_dict()}, model_path)
     metrics = {
-        "test_accuracy": accuracy,
-        "test_loss": test_loss,
+        **state.history[-1],
         "epochs": cfg.epochs,
         "n_parameters": n_parameters(model),
     }
     write_json(metrics_path, metrics)
-    if accuracy < MIN_ACCURACY:
+    ckpt.unlink(missing_ok=True)
+    if metrics["test_accuracy"] < MIN_ACCURACY:
         print(
-            f"evaluator: warning: test accuracy {accuracy:.4f} is below {MIN_ACCURACY};"
+            f"evaluator: warning: test accuracy {metrics['test_accuracy']:.4f} is below"
+            f" {MIN_ACCURACY};"
             " FID features and digit metrics from it are unreliable (train longer?)"
         )
     return metrics
@@ -146,20 +184,8 @@ def train_evaluator(
 
 def load_evaluator(path: str | Path = MODEL_PATH) -> Evaluator:
     """Load the classifier written by :func:`train_evaluator`, in eval mode, on the CPU."""
-    path = Path(path)
-    if not path.is_file():
-        raise BamError(f"evaluator file {path} not found; run `bam train-evaluator` first")
-    try:
-        blob = torch.load(path, weights_only=True, map_location="cpu")
-        cfg = EvaluatorConfig.model_validate(blob["config"])
-        model = Evaluator(cfg.feature_dim)
-        model.load_state_dict(blob["state_dict"])
-    except Exception as exc:
-        reason = (str(exc).splitlines() or [type(exc).__name__])[0]
-        raise BamError(
-            f"corrupt evaluator file {path}: {reason}; run `bam train-evaluator` again"
-        ) from None
-    return model.eval()
+    build = lambda config: Evaluator(EvaluatorConfig.model_validate(config).feature_dim)  # noqa: E731
+    return load_saved_model(path, "evaluator", "run `bam train-evaluator`", build)[0]
 
 
 # ---------------------------------------------------------------------------- scoring

@@ -12,20 +12,25 @@ images against the whole test set) and KID, which is unbiased.
 
 from __future__ import annotations
 
+import hashlib
+import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import mlflow
 import numpy as np
 import torch
 from pytorch_fid.fid_score import calculate_frechet_distance
+from tqdm import tqdm
 
 from bam_vae import tracking
+from bam_vae.checkpoints import config_key
 from bam_vae.config import FidConfig, Params
-from bam_vae.data import load_split
-from bam_vae.errors import BamError
+from bam_vae.data import load_split, sha256
+from bam_vae.errors import BamError, Interrupted
 from bam_vae.evaluator import MODEL_PATH as EVALUATOR_PATH
 from bam_vae.evaluator import digit_metrics, label_accuracy, load_evaluator, predict
-from bam_vae.paths import atomic_path, write_json
+from bam_vae.paths import atomic_path, project_root, write_json
 
 REF_DIR = Path("data/fid_ref")
 GENERATED = Path("data/generated/images.npy")
@@ -70,27 +75,54 @@ def as_images(array: np.ndarray) -> torch.Tensor:
     return x.unsqueeze(1) if x.ndim == 3 else x
 
 
-def extract(space: str, images: torch.Tensor, cfg: FidConfig) -> np.ndarray:
+def feature_extractor(space: str, cfg: FidConfig) -> tuple[Callable, Path]:
+    """The feature function of a space, loaded once, and the weights file it comes from."""
     if space == "classifier":
-        return predict(load_evaluator(EVALUATOR_PATH), images)[0]
+        evaluator = load_evaluator(EVALUATOR_PATH)
+        return lambda images: predict(evaluator, images)[0], EVALUATOR_PATH
     from bam_vae.inception import inception_features, load_inception, resolve_inception_weights
 
-    model = load_inception(resolve_inception_weights(cfg.inception_weights), "cpu")
-    return inception_features(model, images)
+    weights = resolve_inception_weights(cfg.inception_weights)
+    model = load_inception(weights, "cpu")
+    return lambda images: inception_features(model, images), weights
 
 
-def reference(params: Params, space: str, ref_dir: Path = REF_DIR) -> Path:
-    """Stage ``fid-reference@<space>``: features of the 10 000 test images, saved once."""
+def reference(params: Params, space: str, ref_dir: Path = REF_DIR, chunk: int = 1000) -> Path:
+    """Stage ``fid-reference@<space>``: features of the 10 000 test images, saved once.
+
+    Features are saved per chunk of test images under ``.cache/`` as they are computed (the
+    Inception space takes ~20 CPU minutes), so an interrupted run resumes at the first
+    missing chunk; the chunks are keyed by the weights and data, and removed at the end.
+    """
     if space not in ("classifier", "inception"):
         raise BamError(
             f"fid.features: unknown feature space {space!r}; expected classifier or inception"
         )
     images, _ = load_split(params.data.out_dir, "test")
-    feats = extract(space, images.float().div(255.0).unsqueeze(1), params.fid)
+    extract, weights = feature_extractor(space, params.fid)
+    weights_sha = hashlib.sha256(Path(weights).read_bytes()).hexdigest()
+    key = config_key(weights_sha, sha256(images.numpy()), chunk)
+    parts = project_root() / ".cache" / "fid-reference" / f"{space}-{key}"
+    x = images.float().div(255.0).unsqueeze(1)
+    starts = range(0, len(x), chunk)
+    feats = []
+    try:
+        for i, start in enumerate(tqdm(starts, desc=f"fid-reference {space}", unit="chunk")):
+            part = parts / f"{i:05d}.npy"
+            if not part.is_file():
+                with atomic_path(part) as tmp, tmp.open("wb") as fh:
+                    np.save(fh, extract(x[start : start + chunk]))
+            feats.append(np.load(part))
+    except KeyboardInterrupt:
+        raise Interrupted(
+            f"fid-reference: interrupted with {len(feats)} of {len(starts)} chunks saved in"
+            f" {parts} -- run again to resume"
+        ) from None
     out = ref_dir / f"{space}.npy"
     with atomic_path(out) as tmp, tmp.open("wb") as fh:
-        np.save(fh, feats)
-    print(f"fid-reference: {space} features of {len(feats)} test images -> {out}")
+        np.save(fh, np.concatenate(feats))
+    shutil.rmtree(parts)
+    print(f"fid-reference: {space} features of {len(x)} test images -> {out}")
     return out
 
 
@@ -116,7 +148,7 @@ def load_generated(path: Path = GENERATED) -> np.ndarray:
 # ---------------------------------------------------------------------------- stage
 def score_space(space: str, generated: torch.Tensor, cfg: FidConfig) -> dict[str, float]:
     real = load_reference(space)
-    fake = extract(space, generated, cfg)
+    fake = feature_extractor(space, cfg)[0](generated)
     # The floor: as many real test images as there are samples, against the full test set.
     rng = np.random.default_rng(cfg.seed)
     real_subset = real[rng.choice(len(real), min(len(fake), len(real)), replace=False)]

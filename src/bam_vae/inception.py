@@ -166,7 +166,7 @@ def inception_features(
     starts = range(0, len(images), batch_size)
     out = [np.zeros((0, 2048))]
     with torch.no_grad():
-        for i in tqdm(starts, desc="inception", unit="batch", disable=len(starts) < 2):
+        for i in tqdm(starts, desc="inception", unit="batch", disable=len(starts) < 2, leave=False):
             batch = images[i : i + batch_size].to(device, torch.float32)
             # MNIST is grayscale; the network wants RGB. It resizes and rescales by itself.
             batch = batch.expand(-1, 3, -1, -1)

@@ -1,4 +1,4 @@
-"""Where things live: the project root, per-machine caches, atomic writes."""
+"""Where things live: the project root, per-machine caches, atomic writes, saved models."""
 
 from __future__ import annotations
 
@@ -6,12 +6,14 @@ import io
 import json
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from bam_vae.errors import BamError
 
 
 def project_root() -> Path:
@@ -74,3 +76,26 @@ def save_torch(obj: Any, path: str | Path) -> None:
     torch.save(obj, buffer)
     with atomic_path(path) as tmp:
         tmp.write_bytes(buffer.getvalue())
+
+
+def load_saved_model(
+    path: str | Path, kind: str, hint: str, build: Callable[[dict], torch.nn.Module]
+) -> tuple[Any, dict]:
+    """A model saved as ``{"config", "state_dict"}`` (plain tensors, so ``weights_only``),
+    rebuilt by ``build(config)`` on the CPU in eval mode; returns (model, config).
+
+    A missing or corrupt file is a one-line error naming it, with ``hint`` on how to remake it.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise BamError(f"{kind} file {path} not found; {hint}")
+    try:
+        blob = torch.load(path, weights_only=True, map_location="cpu")
+        model = build(blob["config"])
+        model.load_state_dict(blob["state_dict"])
+    except BamError:
+        raise
+    except Exception as exc:
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise BamError(f"corrupt {kind} file {path}: {reason}; {hint}") from None
+    return model.eval(), blob["config"]

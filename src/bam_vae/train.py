@@ -1,22 +1,17 @@
 """Stage ``train``: fit a VAE on prepared MNIST, track it in MLflow, register its generator.
 
 Batches are sliced from one in-memory float tensor (no per-sample PIL or ``ToTensor``).
-SIGINT/SIGTERM stop after the current batch and leave a checkpoint under the project root;
-the next run with the same params resumes from it and ends with the same weights as an
+SIGINT/SIGTERM stop after the current batch and leave a checkpoint (``checkpoints.py``); the
+next run with the same params resumes from it and ends with the same weights as an
 uninterrupted run (the shuffling is derived from (seed, epoch); RNG and optimiser state are
 saved).
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import os
-import signal
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from pathlib import Path
 
 import mlflow
@@ -25,11 +20,19 @@ import torch
 from tqdm import tqdm
 
 from bam_vae import tracking
+from bam_vae.checkpoints import (
+    State,
+    checkpoint_path,
+    config_key,
+    load_checkpoint,
+    save_checkpoint,
+    stop_on_signals,
+)
 from bam_vae.config import Params, TrainConfig
 from bam_vae.data import data_sha256, load_split
 from bam_vae.errors import BamError, Interrupted
 from bam_vae.models import build_model, n_parameters, save_model
-from bam_vae.paths import atomic_path, project_root, write_json
+from bam_vae.paths import atomic_path, write_json
 
 MODEL_PATH = Path("models/vae.pt")
 METRICS_PATH = Path("metrics/train.json")
@@ -97,66 +100,7 @@ def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
 
 # ---------------------------------------------------------------------------- checkpoints
 def run_key(params: Params, data_digest: str) -> str:
-    blob = json.dumps(
-        {
-            "model": params.model.model_dump(),
-            "train": params.train.model_dump(),
-            "data": data_digest,
-        },
-        sort_keys=True,
-    )
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
-def checkpoint_path(key: str) -> Path:
-    return project_root() / ".cache" / "checkpoints" / f"train-{key}.pt"
-
-
-@dataclass
-class State:
-    """Everything needed to continue a run exactly where it stopped."""
-
-    epoch: int = 0  # epochs completed
-    batch: int = 0  # batches completed within ``epoch``
-    sums: dict[str, float] = field(default_factory=dict)
-    seen: int = 0
-    history: list[dict[str, float]] = field(default_factory=list)
-    run_id: str = ""
-
-
-def save_checkpoint(path: Path, model, optimizers, state: State) -> None:
-    with atomic_path(path) as tmp:
-        torch.save(
-            {
-                "model": model.state_dict(),
-                "optimizers": [opt.state_dict() for opt in optimizers],
-                "rng": torch.get_rng_state(),
-                "state": state.__dict__,
-            },
-            tmp,
-        )
-
-
-def load_checkpoint(path: Path, model, optimizers) -> State:
-    blob = torch.load(path, weights_only=True)
-    model.load_state_dict(blob["model"])
-    for opt, saved in zip(optimizers, blob["optimizers"], strict=True):
-        opt.load_state_dict(saved)
-    torch.set_rng_state(blob["rng"])
-    return State(**blob["state"])
-
-
-@contextmanager
-def stop_on_signals() -> Iterator[Callable[[], bool]]:
-    """Turn SIGINT/SIGTERM into a flag the loop checks between batches."""
-    caught: list[int] = []
-    handler = lambda signum, _frame: caught.append(signum)  # noqa: E731
-    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield lambda: bool(caught)
-    finally:
-        for s, h in previous.items():
-            signal.signal(s, h)
+    return config_key(params.model.model_dump(), params.train.model_dump(), data_digest)
 
 
 # ---------------------------------------------------------------------------- loop

@@ -11,7 +11,7 @@ from bam_vae.errors import BamError
 from bam_vae.models.base import VAE, Generator, LossParts, VAEOutput, vae_loss
 from bam_vae.models.cnn import CNNVAE
 from bam_vae.models.dense import DenseVAE
-from bam_vae.paths import save_torch
+from bam_vae.paths import load_saved_model, save_torch
 
 __all__ = ["VAE", "Generator", "LossParts", "VAEOutput", "vae_loss", "build_model", "load_model"]
 
@@ -49,16 +49,6 @@ def save_model(model: VAE, cfg: ModelConfig, path: Path) -> None:
 
 def load_model(path: str | Path) -> tuple[VAE, ModelConfig]:
     """Load ``models/vae.pt`` (plain tensors + config: safe with ``weights_only=True``)."""
-    path = Path(path)
-    if not path.is_file():
-        raise BamError(f"model file {path} not found; run `bam train` (or `dvc repro`) first")
-    try:
-        blob = torch.load(path, weights_only=True, map_location="cpu")
-        cfg = ModelConfig.model_validate(blob["config"])
-        model = build_model(cfg)
-        model.load_state_dict(blob["state_dict"])
-    except BamError:
-        raise
-    except Exception as exc:
-        raise BamError(f"corrupt model file {path}: {str(exc).splitlines()[0]}") from None
-    return model.eval(), cfg
+    build = lambda config: build_model(ModelConfig.model_validate(config))  # noqa: E731
+    model, config = load_saved_model(path, "model", "run `bam train` (or `dvc repro`)", build)
+    return model, ModelConfig.model_validate(config)
