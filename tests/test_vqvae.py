@@ -4,6 +4,7 @@ PixelCNN prior, and one tiny run through the real training loop."""
 from __future__ import annotations
 
 import json
+import signal
 
 import mlflow
 import pytest
@@ -164,3 +165,38 @@ def test_one_epoch_through_the_real_loop(project, tiny):
     generator = mlflow.pytorch.load_model(ref["model_uri"])
     images = generator(torch.zeros(3, 7, 7, dtype=torch.int64))
     assert images.shape == (3, 1, 28, 28)
+
+
+def test_interrupted_prior_resumes_to_the_same_model(project, tiny, monkeypatch):
+    from bam_vae.errors import Interrupted
+    from bam_vae.train import fit
+
+    vq = {"codebook_size": 16, "code_dim": 4, "prior_epochs": 2, "prior_channels": 16,
+          "prior_layers": 2}  # fmt: skip
+    params = tiny(model={"arch": "vqvae", "channels": [8, 16], "vq": vq}, train={"epochs": 1})
+    expected = fit(params)
+    weights = torch.load(project / "models/vae.pt", weights_only=True)["state_dict"]
+
+    calls = []
+    forward = PixelCNN.forward
+
+    def signalled_forward(self, codes):  # a real SIGINT on the prior's 3rd training step
+        calls.append(1)
+        if len(calls) == 3:
+            signal.raise_signal(signal.SIGINT)
+        return forward(self, codes)
+
+    monkeypatch.setattr(PixelCNN, "forward", signalled_forward)
+    with pytest.raises(Interrupted, match=r"train \(prior\): interrupted at epoch 1, batch 3"):
+        fit(params)
+    monkeypatch.setattr(PixelCNN, "forward", forward)
+    # Two checkpoints: the finished main loop, and the prior part-way.
+    (main,) = (project / ".cache/checkpoints").glob("train-*[0-9a-f].pt")
+    assert (project / ".cache/checkpoints" / f"{main.stem}-prior.pt").is_file()
+
+    assert fit(params) == expected
+    for key, value in torch.load(project / "models/vae.pt", weights_only=True)[
+        "state_dict"
+    ].items():
+        assert torch.equal(value, weights[key]), key
+    assert not any((project / ".cache/checkpoints").iterdir())

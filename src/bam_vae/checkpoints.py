@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from bam_vae.errors import Interrupted
 from bam_vae.paths import atomic_path, project_root
 
 
@@ -45,27 +46,66 @@ class State:
     run_id: str = ""
 
 
-def save_checkpoint(path: Path, model: torch.nn.Module, stateful: list, state: State) -> None:
-    """``stateful``: optimisers, schedulers -- anything with ``state_dict``."""
-    with atomic_path(path) as tmp:
-        torch.save(
-            {
-                "model": model.state_dict(),
-                "optimizers": [obj.state_dict() for obj in stateful],
-                "rng": torch.get_rng_state(),
-                "state": state.__dict__,
-            },
-            tmp,
+@dataclass
+class Checkpoint:
+    """The resume file of one loop: where it lives, what it holds, whose it is (messages)."""
+
+    path: Path
+    model: torch.nn.Module
+    stateful: list  # optimisers, schedulers -- anything with ``state_dict``
+    name: str
+
+    def resume(self) -> State:
+        """The saved state, with model, optimisers and RNG restored; a fresh one if none."""
+        if not self.path.is_file():
+            return State()
+        blob = torch.load(self.path, weights_only=True)
+        self.model.load_state_dict(blob["model"])
+        for obj, saved in zip(self.stateful, blob["optimizers"], strict=True):
+            obj.load_state_dict(saved)
+        torch.set_rng_state(blob["rng"])
+        state = State(**blob["state"])
+        print(f"{self.name}: resuming from {self.path} at epoch {state.epoch + 1},"
+              f" batch {state.batch}")  # fmt: skip
+        return state
+
+    def save(self, state: State) -> None:
+        with atomic_path(self.path) as tmp:
+            torch.save(
+                {
+                    "model": self.model.state_dict(),
+                    "optimizers": [obj.state_dict() for obj in self.stateful],
+                    "rng": torch.get_rng_state(),
+                    "state": state.__dict__,
+                },
+                tmp,
+            )
+
+    def interrupted(self, state: State) -> Interrupted:
+        """Save, and return the error that stops the loop and says how to go on."""
+        self.save(state)
+        return Interrupted(
+            f"{self.name}: interrupted at epoch {state.epoch + 1}, batch {state.batch};"
+            f" checkpoint {self.path} -- run again with the same params to resume"
         )
 
+    def remove(self) -> None:
+        self.path.unlink(missing_ok=True)
 
-def load_checkpoint(path: Path, model: torch.nn.Module, stateful: list) -> State:
-    blob = torch.load(path, weights_only=True)
-    model.load_state_dict(blob["model"])
-    for obj, saved in zip(stateful, blob["optimizers"], strict=True):
-        obj.load_state_dict(saved)
-    torch.set_rng_state(blob["rng"])
-    return State(**blob["state"])
+    def phase(self, name: str, model: torch.nn.Module, stateful: list) -> Checkpoint:
+        """The checkpoint of a later phase of the same run (e.g. a prior fitted afterwards)."""
+        path = self.path.with_name(f"{self.path.stem}-{name}{self.path.suffix}")
+        return Checkpoint(path, model, stateful, f"{self.name} ({name})")
+
+    def end_batch(self, state: State, bar, step: int, on_batch, stopped) -> None:
+        """Per batch: advance the progress bar, call the test hook ``on_batch(step)``, and
+        stop with a checkpoint if a signal came."""
+        bar.update()
+        if on_batch is not None:
+            on_batch(step)
+        if stopped():
+            bar.close()
+            raise self.interrupted(state)
 
 
 @contextmanager

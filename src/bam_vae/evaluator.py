@@ -18,17 +18,9 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from bam_vae.checkpoints import (
-    State,
-    checkpoint_path,
-    config_key,
-    load_checkpoint,
-    save_checkpoint,
-    stop_on_signals,
-)
+from bam_vae.checkpoints import Checkpoint, checkpoint_path, config_key, stop_on_signals
 from bam_vae.config import EvaluatorConfig
 from bam_vae.data import data_sha256, load_split
-from bam_vae.errors import Interrupted
 from bam_vae.models import n_parameters
 from bam_vae.paths import load_saved_model, save_torch, write_json
 from bam_vae.train import configure_threads, epoch_order, resolve_device, seed_everything
@@ -110,9 +102,7 @@ def train_evaluator(
     configure_threads(cfg.threads)
     train_images, train_labels = load_split(data_dir, "train")
     test_images, test_labels = load_split(data_dir, "test")
-    ckpt = checkpoint_path(
-        config_key(cfg.model_dump(), data_sha256(train_images, test_images)), "evaluator"
-    )
+    key = config_key(cfg.model_dump(), data_sha256(train_images, test_images))
     x_train, y_train = _as_images(train_images).to(device), train_labels.to(device)
     x_test, y_test = _as_images(test_images).to(device), test_labels.to(device)
 
@@ -122,10 +112,8 @@ def train_evaluator(
     n_batches = -(-len(x_train) // cfg.batch_size)
     # Decaying the rate to zero over the run lets the last epoch settle instead of bouncing.
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs * n_batches)
-    state = State()
-    if ckpt.is_file():
-        state = load_checkpoint(ckpt, model, [optimizer, schedule])
-        print(f"evaluator: resuming from {ckpt} at epoch {state.epoch + 1}, batch {state.batch}")
+    ckpt = Checkpoint(checkpoint_path(key, "evaluator"), model, [optimizer, schedule], "evaluator")
+    state = ckpt.resume()
     model.train()
     with stop_on_signals() as stopped:
         for epoch in range(state.epoch, cfg.epochs):
@@ -142,17 +130,8 @@ def train_evaluator(
                 schedule.step()
                 state.sums["loss"] = state.sums.get("loss", 0.0) + loss.item()
                 state.batch = b + 1
-                bar.update()
                 bar.set_postfix(loss=f"{state.sums['loss'] / (b + 1):.4f}", refresh=False)
-                if on_batch is not None:
-                    on_batch(epoch * n_batches + b + 1)
-                if stopped():
-                    bar.close()
-                    save_checkpoint(ckpt, model, [optimizer, schedule], state)
-                    raise Interrupted(
-                        f"evaluator: interrupted at epoch {epoch + 1}, batch {b + 1};"
-                        f" checkpoint {ckpt} -- run again with the same params to resume"
-                    )
+                ckpt.end_batch(state, bar, epoch * n_batches + b + 1, on_batch, stopped)
             bar.close()
             accuracy, test_loss = _test_metrics(model, x_test, y_test)
             print(
@@ -162,7 +141,7 @@ def train_evaluator(
             )
             state.history.append({"test_accuracy": accuracy, "test_loss": test_loss})
             state.epoch, state.batch, state.sums = epoch + 1, 0, {}
-            save_checkpoint(ckpt, model, [optimizer, schedule], state)
+            ckpt.save(state)
 
     model.cpu()
     save_torch({"config": cfg.model_dump(), "state_dict": model.state_dict()}, model_path)
@@ -172,7 +151,7 @@ def train_evaluator(
         "n_parameters": n_parameters(model),
     }
     write_json(metrics_path, metrics)
-    ckpt.unlink(missing_ok=True)
+    ckpt.remove()
     if metrics["test_accuracy"] < MIN_ACCURACY:
         print(
             f"evaluator: warning: test accuracy {metrics['test_accuracy']:.4f} is below"

@@ -20,14 +20,7 @@ import torch
 from tqdm import tqdm
 
 from bam_vae import tracking
-from bam_vae.checkpoints import (
-    State,
-    checkpoint_path,
-    config_key,
-    load_checkpoint,
-    save_checkpoint,
-    stop_on_signals,
-)
+from bam_vae.checkpoints import Checkpoint, checkpoint_path, config_key, stop_on_signals
 from bam_vae.config import Params, TrainConfig
 from bam_vae.data import data_sha256, load_split
 from bam_vae.errors import BamError, Interrupted
@@ -145,11 +138,8 @@ def fit(
     model = build_model(params.model).to(device)
     optimizers = model.configure_optimizers(cfg)
 
-    ckpt = checkpoint_path(run_key(params, digest))
-    state = State()
-    if ckpt.is_file():
-        state = load_checkpoint(ckpt, model, optimizers)
-        print(f"train: resuming from {ckpt} at epoch {state.epoch + 1}, batch {state.batch}")
+    ckpt = Checkpoint(checkpoint_path(run_key(params, digest)), model, optimizers, "train")
+    state = ckpt.resume()
 
     tracking.init()
     with mlflow.start_run(run_id=state.run_id or None) as run:
@@ -163,7 +153,7 @@ def fit(
             with stop_on_signals() as stopped:
                 data = (x_train, y_train, x_test, y_test)
                 _epochs(model, optimizers, data, cfg, device, state, on_batch, stopped, ckpt)
-            after = model.after_training(x_train, y_train, cfg)
+                after = model.after_training(x_train, y_train, cfg, ckpt, stopped)
         except Interrupted:
             mlflow.end_run(status="KILLED")
             raise
@@ -191,7 +181,7 @@ def fit(
             model_version=version,
             model_uri=model_uri,
         )
-    ckpt.unlink(missing_ok=True)
+    ckpt.remove()
     print(f"train: registered {tracking.registered_name(params.model.arch)} version {version}")
     return final
 
@@ -217,17 +207,8 @@ def _epochs(model, optimizers, data, cfg, device, state, on_batch, stopped, ckpt
             accumulate(state.sums, floats, len(xb))
             state.seen += len(xb)
             state.batch = b + 1
-            bar.update()
-            bar.set_postfix(loss=f"{state.sums['loss'] / state.seen:.2f}")
-            if on_batch is not None:
-                on_batch(epoch * n_batches + b + 1)
-            if stopped():
-                bar.close()
-                save_checkpoint(ckpt, model, optimizers, state)
-                raise Interrupted(
-                    f"train: interrupted at epoch {epoch + 1}, batch {b + 1}; checkpoint {ckpt}"
-                    " -- run again with the same params to resume"
-                )
+            bar.set_postfix(loss=f"{state.sums['loss'] / state.seen:.2f}", refresh=False)
+            ckpt.end_batch(state, bar, epoch * n_batches + b + 1, on_batch, stopped)
         bar.close()
         row = {"epoch": epoch + 1}
         row |= {f"train_{k}": v / state.seen for k, v in state.sums.items()}
@@ -242,4 +223,4 @@ def _epochs(model, optimizers, data, cfg, device, state, on_batch, stopped, ckpt
         )
         state.epoch, state.batch, state.seen = epoch + 1, 0, 0
         state.sums = {}
-        save_checkpoint(ckpt, model, optimizers, state)
+        ckpt.save(state)

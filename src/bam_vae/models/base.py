@@ -31,6 +31,9 @@ class VAEOutput:
 
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from bam_vae.checkpoints import Checkpoint
     from bam_vae.config import TrainConfig
 
 
@@ -143,8 +146,13 @@ class VAE(nn.Module):
         """Extra per-epoch metrics (e.g. codebook usage), logged with the losses."""
         return {}
 
-    def after_training(self, x: Tensor, y: Tensor, cfg: TrainConfig) -> dict[str, float]:
-        """Work after the last epoch (e.g. fitting a prior); returns metrics to log."""
+    def after_training(
+        self, x: Tensor, y: Tensor, cfg: TrainConfig, ckpt: Checkpoint, stopped: Callable
+    ) -> dict[str, float]:
+        """Work after the last epoch (e.g. fitting a prior); returns metrics to log.
+
+        A long phase makes itself resumable with ``ckpt.phase(...)`` and ``stopped``, like
+        the main loop."""
         return {}
 
     # -- scoring hooks

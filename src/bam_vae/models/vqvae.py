@@ -23,6 +23,9 @@ from tqdm import tqdm
 from bam_vae.models.base import VAE, LossParts, VAEOutput, recon_per_image
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from bam_vae.checkpoints import Checkpoint
     from bam_vae.config import TrainConfig, VQConfig
 
 GRID = 7  # 28 -> 14 -> 7
@@ -208,28 +211,40 @@ class VQVAE(VAE):
     def on_epoch_end(self) -> dict[str, float]:
         return self.quantizer.epoch_stats()
 
-    def after_training(self, x: Tensor, y: Tensor, cfg: TrainConfig) -> dict[str, float]:
-        """Fit the PixelCNN prior on the codes of all training images."""
+    def after_training(
+        self, x: Tensor, y: Tensor, cfg: TrainConfig, ckpt: Checkpoint, stopped: Callable
+    ) -> dict[str, float]:
+        """Fit the PixelCNN prior on the codes of all training images (resumable)."""
         was_training = self.training
         self.eval()
         with torch.no_grad():
             codes = torch.cat([self.codes(x[i : i + 1000]) for i in range(0, len(x), 1000)])
-        gen = torch.Generator().manual_seed(cfg.seed)
         optimizer = torch.optim.Adam(self.prior.parameters(), lr=self.cfg.prior_lr)
+        phase = ckpt.phase("prior", self, [optimizer])
+        state = phase.resume()
+        gen = torch.Generator().manual_seed(cfg.seed)
         n_batches = -(-len(codes) // cfg.batch_size)
         bar = tqdm(total=self.cfg.prior_epochs * n_batches, desc="prior", unit="batch",
-                   leave=False, dynamic_ncols=True, mininterval=1.0)  # fmt: skip
-        for _ in range(self.cfg.prior_epochs):
+                   initial=state.epoch * n_batches + state.batch, leave=False,
+                   dynamic_ncols=True, mininterval=1.0)  # fmt: skip
+        for epoch in range(self.cfg.prior_epochs):
+            # Drawn every epoch, also those a resumed run skips, so the orders stay the same.
             order = torch.randperm(len(codes), generator=gen).to(codes.device)
-            for b in range(n_batches):
+            if epoch < state.epoch:
+                continue
+            for b in range(state.batch, n_batches):
                 batch = codes[order[b * cfg.batch_size : (b + 1) * cfg.batch_size]]
                 loss = F.cross_entropy(self.prior(batch), batch)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
-                bar.update()
+                state.batch = b + 1
                 bar.set_postfix(nll=f"{loss.item():.3f}", refresh=False)
+                phase.end_batch(state, bar, epoch * n_batches + b + 1, None, stopped)
+            state.epoch, state.batch = epoch + 1, 0
+            phase.save(state)
         bar.close()
+        phase.remove()
         self.train(was_training)
         return {"prior_nll": self.prior_nll(codes)}
 
