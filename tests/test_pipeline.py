@@ -75,6 +75,7 @@ def test_repro_then_nothing_then_a_temp_experiment(tmp_path):
     outputs = ["data/mnist/train.pt", "data/mnist/test.pt", "metrics/data.json", "models/vae.pt"]
     outputs += ["models/mlflow_run.json", "metrics/train.json", "metrics/train_history.csv"]
     outputs += ["models/evaluator.pt", "metrics/evaluator.json", "data/fid_ref/classifier.npy"]
+    outputs += ["models/sampler.npz", "metrics/sampler.json"]
     outputs += ["data/generated/images.npy", "metrics/fid.json", "metrics/tsne.csv"]
     outputs += ["metrics/robustness.json", *FIGURES]
     for out in outputs:
@@ -92,10 +93,11 @@ def test_repro_then_nothing_then_a_temp_experiment(tmp_path):
     # The MLflow run of the model holds every figure and the scores; the version is tagged.
     artifacts = {p.name for p in (root / "mlruns/artifacts").rglob("*.png")}
     assert artifacts == {Path(f).name for f in FIGURES}
-    logged = dict(mlflow_rows(root, "select key, value from metrics where key like 'fid_%'"))
-    assert logged["fid_classifier"] == pytest.approx(fid["fid_classifier"])
+    assert fid["sampler"] == "gmm"  # the default sampler; MLflow names its scores after it
+    logged = dict(mlflow_rows(root, "select key, value from metrics where key like 'gmm/fid_%'"))
+    assert logged["gmm/fid_classifier"] == pytest.approx(fid["fid_classifier"])
     tags = dict(mlflow_rows(root, "select key, value from model_version_tags"))
-    assert float(tags["fid_classifier"]) == pytest.approx(fid["fid_classifier"], rel=1e-5)
+    assert float(tags["gmm/fid_classifier"]) == pytest.approx(fid["fid_classifier"], rel=1e-5)
 
     # Changing only tsne.* re-runs only tsne.
     params = yaml.safe_load((root / "params.yaml").read_text())
@@ -104,6 +106,17 @@ def test_repro_then_nothing_then_a_temp_experiment(tmp_path):
     stages = re.findall(r"Running stage '([^']+)'", run(["dvc", "repro"], root))
     assert stages == ["tsne"]
     run(["git", "commit", "-qam", "perplexity 10"], root)
+
+    # A sampler-only change never retrains: only the sampler and the stages after it run, and
+    # the same MLflow run gets a second set of scores.
+    ran = re.findall(
+        r"Running stage '([^']+)'",
+        run(["dvc", "exp", "run", "--temp", "-S", "generate.sampler=prior"], root),
+    )
+    assert ran == ["fit-sampler", "generate-1024", "compute-fid"]
+    assert len(mlflow_rows(root, "select run_uuid from runs")) == 1
+    keys = {k for (k,) in mlflow_rows(root, "select key from metrics where key like '%/fid_c%'")}
+    assert keys == {"gmm/fid_classifier", "prior/fid_classifier"}
 
     # Generating from a registered version, by its MLflow URI, without touching the pipeline.
     uri_out = root / "from-registry"
@@ -199,7 +212,7 @@ def test_parallel_queue_gives_one_mlflow_run_per_experiment(tmp_path):
     scored = mlflow_rows(
         root,
         "select count(distinct m.run_uuid) from metrics m join tags t on t.run_uuid = m.run_uuid"
-        " where m.key = 'fid_classifier' and t.key = 'sweep' and t.value = 'q'",
+        " where m.key = 'gmm/fid_classifier' and t.key = 'sweep' and t.value = 'q'",
     )
     assert scored == [(3,)]
 

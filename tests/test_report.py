@@ -27,7 +27,10 @@ def fake_run(arch: str, z_dim: int, k1: float, fid: float, sweep: str, epochs: i
                 {"train_loss": 30 / step + z_dim / 100, "test_loss": 31 / step}, step=step
             )
         scores = {"fid_classifier": fid, "fid_floor_classifier": 2.0, "kid_classifier": fid / 10}
-        mlflow.log_metrics(scores | {"digit_entropy": 0.95})
+        scores |= {"digit_entropy": 0.95}
+        mlflow.log_metrics({f"prior/{k}": v for k, v in scores.items()})
+        # A good sampler on the same model: every score again under its name.
+        mlflow.log_metrics({f"gmm/{k}": v / 2 for k, v in scores.items()})
 
 
 @pytest.fixture
@@ -44,8 +47,19 @@ def test_report_of_a_latent_sweep(latent_sweep):
     out = latent_sweep / "reports"
     missing = report(sweep="latent", out_dir=out)
     table = pd.read_csv(out / "runs.csv")
-    assert len(table) == 8 and set(table["sweep"]) == {"latent"}
-    wanted = {"arch", "z_dim", "fid_classifier", "fid_floor_classifier", "kid_classifier"}
+    # One row per (run, sampler): 8 runs scored with two samplers each.
+    assert len(table) == 16 and set(table["sweep"]) == {"latent"}
+    assert table.groupby("sampler").size().to_dict() == {"gmm": 8, "prior": 8}
+    by_sampler = table.pivot_table(index="run_id", columns="sampler", values="fid_classifier")
+    np.testing.assert_allclose(by_sampler["gmm"], by_sampler["prior"] / 2)
+    wanted = {
+        "arch",
+        "z_dim",
+        "sampler",
+        "fid_classifier",
+        "fid_floor_classifier",
+        "kid_classifier",
+    }
     wanted |= {"digit_entropy", "train_loss", "test_loss", "dvc_exp_name", "model_version"}
     assert wanted <= set(table.columns)
     for fig in ("fig6a_fid_vs_zdim.png", "fig5_loss_vs_zdim.png", "fig2_loss_curves.png"):
@@ -70,7 +84,7 @@ def test_report_of_a_latent_sweep(latent_sweep):
 def test_report_with_a_query_and_with_nothing_selected(latent_sweep):
     out = latent_sweep / "reports"
     report(query="params.`model.arch` = 'cnn' and tags.sweep = 'other'", out_dir=out)
-    assert len(pd.read_csv(out / "runs.csv")) == 1
+    assert len(pd.read_csv(out / "runs.csv")) == 2
     missing = report(sweep="no-such-sweep", out_dir=out)
     assert set(missing) == {"fig6a_fid_vs_zdim.png", "fig6b_fid_vs_k1.png",
                             "fig5_loss_vs_zdim.png", "fig2_loss_curves.png"}  # fmt: skip
@@ -86,12 +100,16 @@ def test_promote_points_champion_at_the_lowest_fid_and_generate_uses_it(project,
     fit(tiny())
     fit(tiny(model={"z_dim": 2}))
     client = tracking.client()
-    for version, fid in (("1", 30.0), ("2", 20.0)):
-        client.set_model_version_tag("bam-vae-cnn", version, "fid_classifier", str(fid))
-    assert promote("classifier") == {"bam-vae-cnn": "2"}
+    # Version 1 is best with the prior (a bare tag: scored before samplers existed), version 2
+    # with the mixture.
+    for version, prior, gmm in (("1", 20.0, 15.0), ("2", 30.0, 10.0)):
+        client.set_model_version_tag("bam-vae-cnn", version, "fid_classifier", str(prior))
+        client.set_model_version_tag("bam-vae-cnn", version, "gmm/fid_classifier", str(gmm))
+    assert promote("classifier", sampler="prior") == {"bam-vae-cnn": "1"}
+    assert promote("classifier", sampler="gmm") == {"bam-vae-cnn": "2"}
     assert str(client.get_model_version_by_alias("bam-vae-cnn", "champion").version) == "2"
 
-    params = tiny(generate={"n": 16})
+    params = tiny(generate={"n": 16, "sampler": "prior"})
     generate(params, model_uri="models:/bam-vae-cnn@champion", out_dir=project / "gen",
              fig_dir=project / "fig")  # fmt: skip
     images = np.load(project / "gen/images.npy")
@@ -102,5 +120,7 @@ def test_promote_points_champion_at_the_lowest_fid_and_generate_uses_it(project,
 
 def test_promote_without_scores_says_what_to_run(project, tiny):
     fit(tiny())
-    with pytest.raises(BamError, match="no registered version has fid_inception"):
+    with pytest.raises(BamError, match="no registered version has gmm/fid_inception"):
         promote("inception")
+    with pytest.raises(BamError, match="--sampler: unknown sampler 'vae'"):
+        promote("classifier", sampler="vae")

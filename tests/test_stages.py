@@ -11,9 +11,10 @@ import pytest
 
 from bam_vae import fid, tracking
 from bam_vae.config import EvaluatorConfig
-from bam_vae.errors import Interrupted
+from bam_vae.errors import BamError, Interrupted
 from bam_vae.evaluator import train_evaluator
 from bam_vae.fid import compute, reference
+from bam_vae.fit_sampler import fit_sampler
 from bam_vae.generate import generate
 from bam_vae.robustness import robustness
 from bam_vae.train import fit
@@ -50,14 +51,23 @@ def evaluator_file(tiny_mnist, tmp_path_factory):
     return out / "evaluator.pt"
 
 
+# Every sampler is exercised by some arch; vqvae's prior is its PixelCNN.
+SAMPLER = {"dense": "gmm", "cnn": "two-stage", "cvae": "gmm", "vqvae": "prior",
+           "introvae": "two-stage"}  # fmt: skip
+FAST_SAMPLERS = {"gmm": {"components": 3}, "two_stage": {"epochs": 2, "hidden": 16}}
+
+
 @pytest.mark.parametrize("arch", list(MODELS))
 def test_every_arch_runs_every_stage(arch, project, tiny, evaluator_file):
     model = {"arch": arch, "z_dim": 4, "channels": [8, 16], **MODELS[arch]}
-    params = tiny(model=model, train={"epochs": 1}, **SCORING)
+    scoring = SCORING | {"generate": SCORING["generate"] | FAST_SAMPLERS}
+    scoring["generate"]["sampler"] = SAMPLER[arch]
+    params = tiny(model=model, train={"epochs": 1}, **scoring)
     (project / "models").mkdir(exist_ok=True)
     shutil.copy(evaluator_file, project / "models/evaluator.pt")
 
     fit(params)
+    fit_sampler(params)
     reference(params, "classifier")
     generate(params)
     metrics = compute(params)
@@ -67,6 +77,7 @@ def test_every_arch_runs_every_stage(arch, project, tiny, evaluator_file):
     images = np.load(project / "data/generated/images.npy")
     assert images.shape == (60, 28, 28) and images.min() >= 0 and images.max() <= 1
     assert np.isfinite(metrics["fid_classifier"]) and metrics["fid_floor_classifier"] >= 0
+    assert metrics["sampler"] == SAMPLER[arch]
     assert ("label_accuracy" in metrics) == (arch == "cvae")
     assert 0 <= robust["auroc_neg_elbo_gaussian"] <= 1
     for fig in ("samples", "reconstructions", "tsne", "robustness"):
@@ -74,23 +85,26 @@ def test_every_arch_runs_every_stage(arch, project, tiny, evaluator_file):
     ref = json.loads((project / "models/mlflow_run.json").read_text())
     assert ref["model_name"] == f"bam-vae-{arch}"
     run = mlflow.get_run(ref["run_id"])
-    assert "fid_classifier" in run.data.metrics and "auroc_neg_elbo_uniform" in run.data.metrics
+    assert f"{SAMPLER[arch]}/fid_classifier" in run.data.metrics
+    assert "auroc_neg_elbo_uniform" in run.data.metrics
     artifacts = {a.path for a in tracking.client().list_artifacts(ref["run_id"], "figures")}
-    assert len(artifacts) == 4
+    assert artifacts == {f"figures/{SAMPLER[arch]}", "figures/reconstructions.png",
+                         "figures/tsne.png", "figures/robustness.png"}  # fmt: skip
+    version = tracking.client().get_model_version(ref["model_name"], ref["model_version"])
+    assert f"{SAMPLER[arch]}/fid_classifier" in version.tags
 
 
 def test_digit_option_draws_one_digit_from_a_conditional_model(project, tiny):
     params = tiny(model={"arch": "cvae", "z_dim": 4, "channels": [8, 16]}, train={"epochs": 1},
-                  generate={"n": 12, "per_digit": 1})  # fmt: skip
+                  generate={"n": 12, "per_digit": 1, "gmm": {"components": 2}})  # fmt: skip
     fit(params)
+    fit_sampler(params)
     generate(params, digit=7)
     assert set(np.load(project / "data/generated/labels.npy").tolist()) == {7}
 
 
 def test_digit_option_is_refused_for_unconditional_models(project, tiny):
-    from bam_vae.errors import BamError
-
-    params = tiny(train={"epochs": 1}, generate={"n": 12, "per_digit": 1})
+    params = tiny(train={"epochs": 1}, generate={"n": 12, "per_digit": 1, "sampler": "prior"})
     fit(params)
     with pytest.raises(BamError, match="--digit 3: model CNNVAE is not conditional"):
         generate(params, digit=3)
@@ -131,3 +145,30 @@ def test_interrupted_reference_resumes_from_its_saved_chunks(
     assert calls == [64, 64]  # only the chunks that were missing
     np.testing.assert_array_equal(np.load(out), expected)
     assert not any((project / ".cache/fid-reference").iterdir())
+
+
+def test_registered_version_generates_with_its_own_logged_sampler(project, tiny):
+    params = tiny(train={"epochs": 1}, generate={"n": 32, "per_digit": 1, **FAST_SAMPLERS})
+    fit(params)
+    fit_sampler(params)
+    generate(params)
+    expected = np.load(project / "data/generated/images.npy")
+    (project / "models/sampler.npz").unlink()  # a fresh clone has only the registry
+    generate(params, model_uri="models:/bam-vae-cnn/1", out_dir=project / "gen",
+             fig_dir=project / "fig")  # fmt: skip
+    np.testing.assert_allclose(np.load(project / "gen/images.npy"), expected, atol=1e-6)
+    two_stage = tiny(generate={"n": 32, "per_digit": 1, "sampler": "two-stage"})
+    with pytest.raises(BamError, match="has no sampler/two-stage.npz artifact"):
+        generate(two_stage, model_uri="models:/bam-vae-cnn/1", out_dir=project / "gen")
+
+
+def test_sampler_of_an_older_model_is_refused_and_nothing_is_overwritten(project, tiny):
+    params = tiny(train={"epochs": 1}, generate={"n": 16, "per_digit": 1, **FAST_SAMPLERS})
+    fit(params)
+    fit_sampler(params)
+    generate(params)
+    before = (project / "data/generated/images.npy").read_bytes()
+    fit(tiny(train={"epochs": 1, "seed": 1}))  # a new model; the sampler is now stale
+    with pytest.raises(BamError, match="sampler file models/sampler.npz was fitted to another"):
+        generate(params)
+    assert (project / "data/generated/images.npy").read_bytes() == before

@@ -87,6 +87,15 @@ def train_evaluator(params: ParamsFile = Path("params.yaml"), set_: Overrides = 
     run(loaded.evaluator, loaded.data.out_dir)
 
 
+@app.command("fit-sampler")
+@stage
+def fit_sampler(params: ParamsFile = Path("params.yaml"), set_: Overrides = None) -> None:
+    """Stage fit-sampler: fit generate.sampler (gmm, two-stage) to the training latents."""
+    from bam_vae.fit_sampler import fit_sampler as run
+
+    run(_params(params, set_))
+
+
 @app.command()
 @stage
 def generate(
@@ -104,10 +113,26 @@ def generate(
     out: Annotated[Path, typer.Option(help="folder for images.npy")] = Path("data/generated"),
     figures: Annotated[Path, typer.Option(help="folder for the PNG figures")] = Path("figures"),
 ) -> None:
-    """Stage generate-1024: sample N(0, I), decode, and draw the samples and reconstructions."""
+    """Stage generate-1024: draw latents (generate.sampler), decode, draw samples and recons."""
     from bam_vae.generate import generate as run
 
     run(_params(params, set_), model_uri=model, digit=digit, out_dir=out, fig_dir=figures)
+
+
+@app.command("compare-samplers")
+@stage
+def compare_samplers(
+    params: ParamsFile = Path("params.yaml"),
+    set_: Overrides = None,
+    model: Annotated[
+        str | None, typer.Option(help="any MLflow model URI (default: the pipeline's model)")
+    ] = None,
+    out: Annotated[Path, typer.Option(help="PNG to write")] = Path("figures/samplers.png"),
+) -> None:
+    """One model's samples from each sampler (prior, gmm, two-stage), side by side."""
+    from bam_vae.generate import compare_samplers as run
+
+    run(_params(params, set_), model_uri=model, out=out)
 
 
 @app.command("fid-reference")
@@ -175,11 +200,14 @@ def report(
 def promote(
     space: Annotated[str, typer.Option(help="FID feature space to rank by")] = "classifier",
     alias: Annotated[str, typer.Option(help="registry alias to set")] = "champion",
+    sampler: Annotated[
+        str, typer.Option(help="rank by the FID of this sampler: prior, gmm or two-stage")
+    ] = "gmm",
 ) -> None:
     """Set the alias `champion` on the lowest-FID registered version of each architecture."""
     from bam_vae.report import promote as run
 
-    run(space, alias)
+    run(space, alias, sampler)
 
 
 @app.command()

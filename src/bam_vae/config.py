@@ -87,7 +87,7 @@ class _Fit(_Section):
 class TrainConfig(_Fit):
     k1: float = Field(0.5, ge=0)
     k2: float = Field(0.5, ge=0)
-    recon: Literal["mse", "bce"] = "mse"
+    recon: Literal["mse", "bce", "gaussian"] = "mse"
     train_fraction: float = Field(1.0, gt=0, le=1)
     noise_fraction: float = Field(0.0, ge=0, le=1)
     noise_std: float = Field(0.0, ge=0)
@@ -101,10 +101,36 @@ class EvaluatorConfig(_Fit):
     feature_dim: int = Field(128, ge=8)
 
 
+class GmmConfig(_Section):
+    """Gaussian mixture on the posterior means (Ghosh et al. 2020, ex-post density estimation)."""
+
+    components: int = Field(10, ge=1, le=1000)
+    covariance: Literal["full", "diag"] = "full"
+    max_iter: int = Field(200, ge=1)
+    seed: int = Field(0, ge=0)
+
+
+class TwoStageConfig(_Section):
+    """The second, small VAE of Dai & Wipf 2019, fitted to the posterior means."""
+
+    hidden: int = Field(256, ge=8)
+    epochs: int = Field(30, ge=1)
+    batch_size: int = Field(256, ge=8)
+    lr: float = Field(1e-3, gt=0)
+    seed: int = Field(0, ge=0)
+
+
+Sampler = Literal["prior", "gmm", "two-stage"]
+
+
 class GenerateConfig(_Section):
     n: int = Field(1024, ge=1)
     seed: int = Field(0, ge=0)
     per_digit: int = Field(2, ge=1, le=20, description="test images per digit in the recon figure")
+    sampler: Sampler = "gmm"
+    max_dim: int = Field(64, ge=1, le=2048, description="above this z_dim, fit in a PCA of it")
+    gmm: GmmConfig = Field(default_factory=GmmConfig)
+    two_stage: TwoStageConfig = Field(default_factory=TwoStageConfig)
 
 
 FeatureSpace = Literal["classifier", "inception"]

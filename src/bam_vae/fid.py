@@ -12,7 +12,7 @@ images against the whole test set) and KID, which is unbiased.
 
 from __future__ import annotations
 
-import hashlib
+import json
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -30,7 +30,7 @@ from bam_vae.data import load_split, sha256
 from bam_vae.errors import BamError, Interrupted
 from bam_vae.evaluator import MODEL_PATH as EVALUATOR_PATH
 from bam_vae.evaluator import digit_metrics, label_accuracy, load_evaluator, predict
-from bam_vae.paths import atomic_path, project_root, write_json
+from bam_vae.paths import atomic_path, file_sha256, project_root, write_json
 
 REF_DIR = Path("data/fid_ref")
 GENERATED = Path("data/generated/images.npy")
@@ -100,7 +100,7 @@ def reference(params: Params, space: str, ref_dir: Path = REF_DIR, chunk: int = 
         )
     images, _ = load_split(params.data.out_dir, "test")
     extract, weights = feature_extractor(space, params.fid)
-    weights_sha = hashlib.sha256(Path(weights).read_bytes()).hexdigest()
+    weights_sha = file_sha256(weights)
     key = config_key(weights_sha, sha256(images.numpy()), chunk)
     parts = project_root() / ".cache" / "fid-reference" / f"{space}-{key}"
     x = images.float().div(255.0).unsqueeze(1)
@@ -161,12 +161,27 @@ def score_space(space: str, generated: torch.Tensor, cfg: FidConfig) -> dict[str
     }
 
 
+def generated_sampler(path: Path = GENERATED) -> str:
+    """The sampler that drew the generated images (``meta.json`` beside them)."""
+    meta = path.with_name("meta.json")
+    if not meta.is_file():
+        return "prior"  # written before samplers existed: always z ~ N(0, I)
+    try:
+        return str(json.loads(meta.read_text())["sampler"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise BamError(f"corrupt {meta}: {exc}; run `bam generate` again") from None
+
+
 def compute(params: Params, metrics_path: Path = METRICS_PATH) -> dict:
-    """Stage ``compute-fid``: metrics/fid.json, logged into the model's run and version tags."""
+    """Stage ``compute-fid``: metrics/fid.json, logged into the model's run and version tags.
+
+    In MLflow every metric is named ``<sampler>/<metric>`` (``gmm/fid_classifier``), so one
+    run holds one set of scores per sampler it was scored with."""
     cfg = params.fid
     ref = tracking.read_run_ref()
     generated = as_images(load_generated())
-    metrics: dict = {"n_generated": len(generated)}
+    sampler = generated_sampler()
+    metrics: dict = {"sampler": sampler, "n_generated": len(generated)}
     for space in cfg.features:
         metrics |= score_space(space, generated, cfg)
     _, probs = predict(load_evaluator(EVALUATOR_PATH), generated)
@@ -174,15 +189,15 @@ def compute(params: Params, metrics_path: Path = METRICS_PATH) -> dict:
     labels_path = GENERATED.with_name("labels.npy")
     if labels_path.is_file():  # a conditional model: did it draw the digits it was asked for?
         metrics["label_accuracy"] = label_accuracy(probs, np.load(labels_path))
-    write_json(metrics_path, metrics)
 
-    scalars = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+    scalars = {f"{sampler}/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}
     with tracking.reopen_run(ref["run_id"]):
         mlflow.log_metrics(scalars)
-        mlflow.log_dict(metrics, "metrics/fid.json")
+        mlflow.log_dict(metrics, f"metrics/fid_{sampler}.json")
     client = tracking.client()
     for key, value in scalars.items():
         client.set_model_version_tag(ref["model_name"], ref["model_version"], key, f"{value:.6g}")
-    summary = ", ".join(f"{k} {metrics[k]:.3f}" for k in scalars if k.startswith(("fid", "kid")))
-    print(f"compute-fid: {summary}, digit entropy {metrics['digit_entropy']:.3f}")
+    write_json(metrics_path, metrics)
+    summary = ", ".join(f"{k} {v:.3f}" for k, v in metrics.items() if k.startswith(("fid", "kid")))
+    print(f"compute-fid ({sampler}): {summary}, digit entropy {metrics['digit_entropy']:.3f}")
     return metrics

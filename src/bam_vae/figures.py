@@ -37,3 +37,16 @@ def image_grid(images: torch.Tensor, path: Path, nrow: int) -> None:
     """All images as one plain grid, one pixel per pixel (e.g. 32 x 32 for 1024 samples)."""
     with atomic_path(path) as tmp:
         save_image(images.clamp(0, 1), tmp, nrow=nrow, padding=1, pad_value=1.0, format="png")
+
+
+def image_panels(panels: list[tuple[str, torch.Tensor]], title: str, path: Path) -> None:
+    """Square grids of images side by side, each under its name (e.g. one per sampler)."""
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 4.4), squeeze=False)
+    for ax, (name, images) in zip(axes[0], panels, strict=True):
+        nrow = max(1, round(len(images) ** 0.5))
+        grid = make_grid(images.clamp(0, 1), nrow=nrow, padding=2, pad_value=1.0)
+        ax.imshow(grid[0].numpy(), cmap="gray", vmin=0, vmax=1)
+        ax.set_axis_off()
+        ax.set_title(name)
+    fig.suptitle(title, fontsize=10)
+    save_figure(fig, path)

@@ -1,7 +1,9 @@
-"""Stage ``generate-1024``: decode ``generate.n`` latents drawn from N(0, I), and reconstruct.
+"""Stage ``generate-1024``: decode ``generate.n`` latents drawn by ``generate.sampler``, and
+reconstruct.
 
 Writes ``data/generated/images.npy`` (float32, N x 28 x 28, values in [0, 1]; for a
-conditional model also ``labels.npy``, the digits asked for), the sample grid
+conditional model also ``labels.npy``, the digits asked for; ``meta.json`` names the sampler),
+the sample grid
 ``figures/samples.png`` (32 x 32 for 1024) and ``figures/reconstructions.png``: the first
 ``generate.per_digit`` test images of each digit 0-9 (in test-set order) above their
 reconstructions from the posterior mean. Both PNGs are logged into the model's MLflow run.
@@ -17,12 +19,21 @@ import numpy as np
 import torch
 
 from bam_vae import tracking
-from bam_vae.config import Params
+from bam_vae.config import GenerateConfig, Params
 from bam_vae.data import load_split
 from bam_vae.errors import BamError
-from bam_vae.figures import image_grid, image_rows
+from bam_vae.figures import image_grid, image_panels, image_rows
+from bam_vae.fit_sampler import SAMPLER_PATH, posterior_means
 from bam_vae.models import VAE, load_model
-from bam_vae.paths import atomic_path
+from bam_vae.paths import atomic_path, file_sha256, write_json
+from bam_vae.samplers import (
+    KINDS,
+    LatentSampler,
+    build_sampler,
+    check_supported,
+    load_sampler,
+)
+from bam_vae.train import MODEL_PATH
 
 OUT_DIR = Path("data/generated")
 FIG_DIR = Path("figures")
@@ -37,12 +48,15 @@ def sample_labels(n: int, seed: int, digit: int | None) -> torch.Tensor:
 
 
 @torch.no_grad()
-def sample(vae: VAE, n: int, seed: int, labels: torch.Tensor | None, batch: int = 512):
+def sample(
+    vae: VAE, sampler: LatentSampler, n: int, seed: int, labels: torch.Tensor | None,
+    batch: int = 512,
+) -> torch.Tensor:  # fmt: skip
     gen = torch.Generator().manual_seed(seed)
     parts = []
     for i in range(0, n, batch):
         y = None if labels is None else labels[i : i + batch]
-        parts.append(vae.sample(min(batch, n - i), gen, y))
+        parts.append(sampler.draw(vae, min(batch, n - i), gen, y))
     return torch.cat(parts)
 
 
@@ -53,18 +67,34 @@ def reconstruction_set(data_dir: str, per_digit: int) -> tuple[torch.Tensor, tor
     return images[idx].float().div(255.0).unsqueeze(1), labels[idx]
 
 
-def resolve_model(model_uri: str | None) -> tuple[VAE, str]:
-    """(VAE, MLflow run id): the pipeline's model, or the one behind any MLflow model URI.
+def resolve_model(model_uri: str | None) -> tuple[Path, str]:
+    """(model file, MLflow run id): the pipeline's model, or the one behind any model URI.
 
     A URI (``models:/bam-vae-cnn/3``, ``models:/bam-vae-cnn@champion``, ``runs:/...``) is
     resolved to the run that logged it, whose ``checkpoint/vae.pt`` holds the same weights as
     the registered generator plus the encoder (needed for reconstructions).
     """
     if not model_uri:
-        return load_model("models/vae.pt")[0], tracking.read_run_ref()["run_id"]
+        return MODEL_PATH, tracking.read_run_ref()["run_id"]
     tracking.init()
     run_id = tracking.model_run_id(model_uri)
-    return load_model(tracking.download_checkpoint(run_id))[0], run_id
+    return tracking.download_artifact(run_id, "checkpoint/vae.pt"), run_id
+
+
+def resolve_sampler(
+    cfg: GenerateConfig, model_path: Path, run_id: str, from_run: bool
+) -> tuple[VAE, LatentSampler]:
+    """The model and its fitted ``cfg.sampler``: ``models/sampler.npz``, or the run's copy."""
+    vae, model_cfg = load_model(model_path)
+    if cfg.sampler == "prior":
+        return vae, build_sampler(cfg, model_cfg.arch, vae.z_dim, vae.conditional)
+    check_supported(cfg.sampler, model_cfg.arch)
+    path = (
+        tracking.download_artifact(run_id, f"sampler/{cfg.sampler}.npz")
+        if from_run
+        else SAMPLER_PATH
+    )
+    return vae, load_sampler(path, cfg.sampler, file_sha256(model_path))
 
 
 def generate(
@@ -75,28 +105,60 @@ def generate(
     fig_dir: Path = FIG_DIR,
 ) -> dict:
     cfg = params.generate
-    vae, run_id = resolve_model(model_uri)
+    model_path, run_id = resolve_model(model_uri)
+    vae, sampler = resolve_sampler(cfg, model_path, run_id, from_run=bool(model_uri))
     if digit is not None and not vae.conditional:
         raise BamError(f"--digit {digit}: model {type(vae).__name__} is not conditional (use cvae)")
     labels = sample_labels(cfg.n, cfg.seed, digit) if vae.conditional else None
-    images = sample(vae, cfg.n, cfg.seed, labels)
+    images = sample(vae, sampler, cfg.n, cfg.seed, labels)
+    x, y = reconstruction_set(params.data.out_dir, cfg.per_digit)
+    with torch.no_grad():
+        rebuilt = vae.reconstruct(x, y if vae.conditional else None)
 
+    # Everything is computed before anything is written.
     with atomic_path(out_dir / "images.npy") as tmp, tmp.open("wb") as fh:
         np.save(fh, images[:, 0].numpy().astype(np.float32))
     (out_dir / "labels.npy").unlink(missing_ok=True)
     if labels is not None:  # the digits asked for, for label accuracy in compute-fid
         with atomic_path(out_dir / "labels.npy") as tmp, tmp.open("wb") as fh:
             np.save(fh, labels.numpy())
+    write_json(out_dir / "meta.json", {"sampler": cfg.sampler, "n": cfg.n, "seed": cfg.seed,
+                                       "model_uri": model_uri or str(MODEL_PATH)})  # fmt: skip
     grid, recon = fig_dir / "samples.png", fig_dir / "reconstructions.png"
     image_grid(images, grid, nrow=math.ceil(math.sqrt(cfg.n)))
-    x, y = reconstruction_set(params.data.out_dir, cfg.per_digit)
-    with torch.no_grad():
-        rebuilt = vae.reconstruct(x, y if vae.conditional else None)
     title = f"first {cfg.per_digit} test images of each digit (top) and reconstructions (bottom)"
     image_rows([x, rebuilt], ["test", "recon"], title, recon)
 
     with tracking.reopen_run(run_id):
-        mlflow.log_artifact(str(grid), "figures")
+        mlflow.log_artifact(str(grid), f"figures/{cfg.sampler}")
         mlflow.log_artifact(str(recon), "figures")
-    print(f"generate: {cfg.n} images -> {out_dir / 'images.npy'}, figures in {fig_dir}")
-    return {"n": cfg.n, "run_id": run_id}
+    print(f"generate: {cfg.n} images ({cfg.sampler} sampler) -> {out_dir / 'images.npy'},"
+          f" figures in {fig_dir}")  # fmt: skip
+    return {"n": cfg.n, "run_id": run_id, "sampler": cfg.sampler}
+
+
+def compare_samplers(
+    params: Params, model_uri: str | None = None, out: Path = FIG_DIR / "samplers.png", n: int = 100
+) -> Path:
+    """One model, every sampler: ``n`` samples of each, side by side (same seed).
+
+    Samplers logged in the model's run are used as they are; a missing one is fitted here,
+    with the current params, and not saved."""
+    model_path, run_id = resolve_model(model_uri)
+    vae, model_cfg = load_model(model_path)
+    kinds = ["prior"] if model_cfg.arch == "vqvae" else list(KINDS)
+    labels = sample_labels(n, params.generate.seed, None) if vae.conditional else None
+    panels, latents = [], None
+    for kind in kinds:
+        cfg = params.generate.model_copy(update={"sampler": kind})
+        try:
+            sampler = resolve_sampler(cfg, model_path, run_id, from_run=True)[1]
+        except BamError:
+            if latents is None:
+                latents = posterior_means(vae, params.data.out_dir)
+            sampler = build_sampler(cfg, model_cfg.arch, vae.z_dim, vae.conditional)
+            sampler.fit(*latents)
+        panels.append((kind, sample(vae, sampler, n, params.generate.seed, labels)))
+    image_panels(panels, f"{model_uri or model_path}: {n} samples per sampler", out)
+    print(f"compare-samplers: {', '.join(kinds)} -> {out}")
+    return out

@@ -19,6 +19,7 @@ from bam_vae import tracking
 from bam_vae.errors import BamError
 from bam_vae.figures import plt, save_figure
 from bam_vae.paths import atomic_path
+from bam_vae.samplers import KINDS
 
 OUT_DIR = Path("reports")
 SPACES = ("classifier", "inception")
@@ -35,13 +36,15 @@ COLUMNS = {
     "epochs": "params.train.epochs",
     "train_fraction": "params.train.train_fraction",
     "status": "status",
+    "recon": "params.train.recon",
     "train_loss": "metrics.train_loss",
     "test_loss": "metrics.test_loss",
-    **{f"{m}_{s}": f"metrics.{m}_{s}" for s in SPACES for m in ("fid", "fid_floor", "kid")},
-    "digit_entropy": "metrics.digit_entropy",
-    "confident_share": "metrics.confident_share",
-    "label_accuracy": "metrics.label_accuracy",
 }
+# Scores of one sampler, logged by compute-fid as ``<sampler>/<name>``.
+SCORES = [
+    *(f"{m}_{s}" for s in SPACES for m in ("fid", "fid_floor", "kid")),
+    "digit_entropy", "confident_share", "label_accuracy",
+]  # fmt: skip
 NUMERIC = ["z_dim", "k1", "k2", "epochs", "train_fraction"]
 # The params a sweep can vary, in the order used to group the loss curves of Figure 2.
 SWEPT = ["train_fraction", "epochs", "z_dim", "k1", "arch"]
@@ -80,13 +83,34 @@ def collect(
     if "params.model.arch" in runs:
         runs = runs[runs["params.model.arch"].notna()]  # training runs only, not reports
     if runs.empty:
-        return pd.DataFrame(columns=list(COLUMNS))
-    table = pd.DataFrame({name: runs.get(col, np.nan) for name, col in COLUMNS.items()})
+        return pd.DataFrame(columns=[*COLUMNS, "sampler", *SCORES])
+    base = pd.DataFrame({name: runs.get(col, np.nan) for name, col in COLUMNS.items()})
+    table = pd.concat([_scored(base, runs, sampler) for sampler in KINDS] + [base.assign(
+        sampler=np.nan, **dict.fromkeys(SCORES, np.nan))], ignore_index=True)  # fmt: skip
+    # One row per (run, sampler scored); a run scored by no sampler keeps its bare row.
+    scored = table["sampler"].notna()
+    table = table[scored | ~table["run_id"].isin(table.loc[scored, "run_id"])]
     for col in NUMERIC:
         table[col] = pd.to_numeric(table[col], errors="coerce")
-    return table.sort_values(["arch", "z_dim", "k1", "epochs", "train_fraction"]).reset_index(
-        drop=True
-    )
+    order = ["arch", "z_dim", "k1", "epochs", "train_fraction", "sampler"]
+    return table.sort_values(order).reset_index(drop=True)
+
+
+def _scored(base: pd.DataFrame, runs: pd.DataFrame, sampler: str) -> pd.DataFrame:
+    """The rows of ``runs`` scored with ``sampler``, its scores as plain columns.
+
+    Runs scored before samplers existed logged bare names (``fid_classifier``): z ~ N(0, I).
+    """
+
+    def column(name: str) -> pd.Series:
+        values = runs.get(f"metrics.{sampler}/{name}", pd.Series(np.nan, index=runs.index))
+        if sampler == "prior" and f"metrics.{name}" in runs:
+            values = values.fillna(runs[f"metrics.{name}"])
+        return values
+
+    scores = pd.DataFrame({name: column(name) for name in SCORES})
+    keep = scores.notna().any(axis=1)
+    return base[keep].assign(sampler=sampler, **{k: v[keep] for k, v in scores.items()})
 
 
 # ---------------------------------------------------------------------------- figures
@@ -100,13 +124,14 @@ def fig_fid_vs(table: pd.DataFrame, x: str, path: Path, title: str, logx: bool) 
         return f"needs runs with FID and at least two values of {x} (have {table[x].nunique()})"
     fig, axes = plt.subplots(1, len(spaces), figsize=(6 * len(spaces), 4), squeeze=False)
     for ax, space in zip(axes[0], spaces, strict=True):
-        for arch, group in table.dropna(subset=[f"fid_{space}"]).groupby("arch"):
+        scored = table.dropna(subset=[f"fid_{space}"])
+        for (arch, sampler), group in scored.groupby(["arch", "sampler"]):
             g = group.groupby(x)[[f"fid_{space}", f"fid_floor_{space}"]].mean().sort_index()
-            ax.plot(g.index, g[f"fid_{space}"], marker="o", label=f"{arch}")
+            ax.plot(g.index, g[f"fid_{space}"], marker="o", label=f"{arch}, {sampler}")
         floor = table[f"fid_floor_{space}"].mean()
         if not np.isnan(floor):
             ax.axhline(floor, color="grey", ls="--", label="floor (real vs real)")
-        ax.set(xlabel=x, ylabel=f"FID ({space} features)", title=title)
+        ax.set(xlabel=x, ylabel=f"FID ({space} features)", title=title, yscale="log")
         if logx:
             ax.set_xscale("log", base=2)
         ax.legend()
@@ -120,7 +145,7 @@ def fig_loss_vs_zdim(table: pd.DataFrame, path: Path) -> str | None:
             f"needs finished runs with at least two z_dim values (have {table['z_dim'].nunique()})"
         )
     fig, ax = plt.subplots(figsize=(6, 4))
-    for arch, group in table.groupby("arch"):
+    for arch, group in table.drop_duplicates("run_id").groupby("arch"):
         g = group.groupby("z_dim")[["train_loss", "test_loss"]].mean().sort_index()
         ax.plot(g.index, g["train_loss"], marker="o", label=f"{arch} train")
         ax.plot(g.index, g["test_loss"], marker="s", ls="--", label=f"{arch} test")
@@ -139,6 +164,7 @@ def fig_curves(table: pd.DataFrame, path: Path) -> str | None:
         return "no runs selected"
     group = varying[0] if varying else "arch"
     client = tracking.client()
+    table = table.drop_duplicates("run_id")  # a row per sampler; one curve per run
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
     colours = plt.get_cmap("viridis")
     values = sorted(table[group].dropna().unique())
@@ -217,26 +243,35 @@ def report(
     return missing
 
 
-def promote(space: str = "classifier", alias: str = "champion") -> dict[str, str]:
-    """Point ``alias`` at the version with the lowest FID in ``space``, per registered model."""
+def promote(
+    space: str = "classifier", alias: str = "champion", sampler: str = "gmm"
+) -> dict[str, str]:
+    """Point ``alias`` at the version with the lowest FID of ``sampler`` in ``space``, per model.
+
+    Versions scored before samplers existed carry bare tags (``fid_classifier``): ``prior``.
+    """
+    if sampler not in KINDS:
+        raise BamError(f"--sampler: unknown sampler {sampler!r}; expected one of {KINDS}")
     tracking.init()
     client = tracking.client()
+    keys = [f"{sampler}/fid_{space}"] + ([f"fid_{space}"] if sampler == "prior" else [])
     chosen: dict[str, str] = {}
     for model in client.search_registered_models("name LIKE 'bam-vae-%'"):
         scored = [
-            (float(v.tags[f"fid_{space}"]), int(v.version))
+            (float(next(v.tags[k] for k in keys if k in v.tags)), int(v.version))
             for v in client.search_model_versions(f"name = {_quote(model.name)}")
-            if f"fid_{space}" in v.tags
+            if any(k in v.tags for k in keys)
         ]
         if not scored:
-            print(f"promote: {model.name} has no version with fid_{space}; run compute-fid first")
+            print(f"promote: {model.name} has no version scored with {keys[0]}; run compute-fid")
             continue
         fid, version = min(scored)
         client.set_registered_model_alias(model.name, alias, str(version))
         chosen[model.name] = str(version)
-        print(f"promote: {model.name}@{alias} -> version {version} (fid_{space} {fid:.3f})")
+        print(f"promote: {model.name}@{alias} -> version {version} ({keys[0]} {fid:.3f})")
     if not chosen:
         raise BamError(
-            f"no registered version has fid_{space}; run `dvc repro` (compute-fid) first"
+            f"no registered version has {keys[0]}; run `dvc repro` (compute-fid) with"
+            f" generate.sampler={sampler} first"
         )
     return chosen

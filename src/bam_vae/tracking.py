@@ -178,15 +178,13 @@ def model_run_id(model_uri: str) -> str:
     return info.run_id
 
 
-def download_checkpoint(run_id: str) -> Path:
-    """The full VAE (encoder too) that a run logged next to its registered generator."""
+def download_artifact(run_id: str, artifact_path: str) -> Path:
+    """One artifact of a run (e.g. ``checkpoint/vae.pt``, ``sampler/gmm.npz``), downloaded."""
     try:
-        return Path(
-            mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="checkpoint/vae.pt")
-        )
+        return Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=artifact_path))
     except Exception as exc:
         raise BamError(
-            f"run {run_id} has no checkpoint/vae.pt artifact: {exc}".splitlines()[0]
+            f"run {run_id} has no {artifact_path} artifact: {exc}".splitlines()[0]
         ) from None
 
 

@@ -7,6 +7,7 @@ bringing loops of their own.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, ClassVar
 
@@ -64,13 +65,26 @@ def kl_per_image(mu: Tensor, logvar: Tensor) -> Tensor:
     return -0.5 * torch.sum(1 + logvar - mu.pow(2) - logvar.exp(), dim=1)
 
 
+MIN_LOG_SIGMA = -6.0  # the sigma-VAE's floor: a perfect batch must not give an infinite NLL
+
+
 def recon_per_image(logits: Tensor, x: Tensor, kind: str) -> Tensor:
-    """Reconstruction error summed over the 784 pixels: one value per image."""
-    if kind == "mse":
-        err = (torch.sigmoid(logits) - x).pow(2)
-    else:  # "bce", on logits for numerical stability
+    """Reconstruction term summed over the 784 pixels: one value per image.
+
+    - ``mse``: squared error, i.e. a Gaussian decoder of fixed variance 1/2 (up to a constant);
+    - ``bce``: Bernoulli negative log-likelihood, on logits for numerical stability;
+    - ``gaussian``: Gaussian negative log-likelihood with one variance shared by all pixels,
+      set to its optimum on the batch, the mean squared error (sigma-VAE, Rybkin et al. 2021).
+    """
+    if kind == "bce":
         err = F.binary_cross_entropy_with_logits(logits, x, reduction="none")
-    return err.flatten(1).sum(dim=1)
+        return err.flatten(1).sum(dim=1)
+    sq = (torch.sigmoid(logits) - x).pow(2).flatten(1)
+    if kind == "mse":
+        return sq.sum(dim=1)
+    log_sigma = (0.5 * sq.mean().log()).clamp_min(MIN_LOG_SIGMA)
+    nll = 0.5 * sq * torch.exp(-2 * log_sigma) + log_sigma + 0.5 * math.log(2 * math.pi)
+    return nll.sum(dim=1)
 
 
 def vae_loss_per_image(out: VAEOutput, x: Tensor, k1: float, k2: float, recon: str) -> LossParts:

@@ -1,0 +1,71 @@
+"""Stage ``fit-sampler``: fit ``generate.sampler`` to the posterior means of the training set.
+
+Writes ``models/sampler.npz`` (see ``samplers/base.py``) and ``metrics/sampler.json`` (kind,
+fit time, log-likelihood...), and logs the file into the model's MLflow run as
+``sampler/<kind>.npz``, so a registered version carries every sampler fitted to it. The
+stage depends only on the model, the data and the sampler params: a sampler sweep never
+retrains a VAE.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from pathlib import Path
+
+import mlflow
+import torch
+
+from bam_vae import tracking
+from bam_vae.config import Params
+from bam_vae.data import load_split
+from bam_vae.models import VAE, load_model
+from bam_vae.paths import atomic_path, file_sha256, write_json
+from bam_vae.samplers import build_sampler
+from bam_vae.train import MODEL_PATH
+
+SAMPLER_PATH = Path("models/sampler.npz")
+METRICS_PATH = Path("metrics/sampler.json")
+
+
+@torch.no_grad()
+def posterior_means(vae: VAE, data_dir: str, batch: int = 1000):
+    """Latent means of the 60 000 training images, and their digits."""
+    images, labels = load_split(data_dir, "train")
+    means = [
+        vae.latent(images[i : i + batch].float().div(255.0).unsqueeze(1), labels[i : i + batch])
+        for i in range(0, len(images), batch)
+    ]
+    return torch.cat(means), labels
+
+
+def fit_sampler(
+    params: Params,
+    model_path: Path = MODEL_PATH,
+    out: Path = SAMPLER_PATH,
+    metrics_path: Path = METRICS_PATH,
+) -> dict:
+    cfg = params.generate
+    vae, model_cfg = load_model(model_path)
+    sampler = build_sampler(cfg, model_cfg.arch, vae.z_dim, vae.conditional)
+    run_id = tracking.read_run_ref()["run_id"]
+    start = time.perf_counter()
+    metrics: dict = {"sampler": cfg.sampler, "z_dim": vae.z_dim}
+    if cfg.sampler != "prior":
+        latents, labels = posterior_means(vae, params.data.out_dir)
+        metrics |= {"n_latents": len(latents)} | sampler.fit(latents, labels)
+    metrics["fit_seconds"] = round(time.perf_counter() - start, 3)
+
+    # Logged first, moved into place last: a failure leaves the earlier file as it was.
+    with tempfile.TemporaryDirectory() as tmp:
+        staged = Path(tmp) / f"{cfg.sampler}.npz"
+        sampler.save(staged, file_sha256(model_path))
+        scalars = {f"{cfg.sampler}/{k}": v for k, v in metrics.items() if k != "sampler"}
+        with tracking.reopen_run(run_id):
+            mlflow.log_artifact(str(staged), "sampler")
+            mlflow.log_metrics(scalars)
+        with atomic_path(out) as target:
+            target.write_bytes(staged.read_bytes())
+    write_json(metrics_path, metrics)
+    print(f"fit-sampler: {cfg.sampler} fitted in {metrics['fit_seconds']:.1f} s -> {out}")
+    return metrics

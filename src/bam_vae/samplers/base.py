@@ -1,0 +1,162 @@
+"""What every latent sampler shares: the contract, the file format, the PCA front for big z.
+
+A sampler replaces z ~ N(0, I) at generation time with draws from a density fitted, after
+training, to the posterior means of the training images (the VAE's aggregate posterior
+rarely fills N(0, I): the "holes"). It is saved as a plain ``.npz`` (arrays and one JSON
+string; read with ``allow_pickle=False``, so loading runs no code) that records which model
+file it was fitted to.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from bam_vae.errors import BamError
+from bam_vae.paths import atomic_path
+
+FORMAT = "bam-vae-sampler/1"
+
+
+class LatentSampler:
+    """Fit on latents (N x z_dim, float32) and optional labels; draw new latents.
+
+    Subclasses set ``kind`` and implement ``_fit``, ``_sample`` and the array state; the base
+    class handles the optional PCA front and the saved file.
+    """
+
+    kind: ClassVar[str]
+
+    def __init__(self, z_dim: int, conditional: bool, max_dim: int) -> None:
+        self.z_dim = z_dim
+        self.conditional = conditional
+        self.max_dim = max_dim
+        self.pca: Pca | None = None
+
+    # -- to implement
+    def _fit(self, latents: Tensor, labels: Tensor | None) -> dict[str, float]:
+        raise NotImplementedError
+
+    def _sample(self, n: int, generator: torch.Generator, labels: Tensor | None) -> Tensor:
+        raise NotImplementedError
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        return {}
+
+    def load_arrays(self, arrays: dict[str, np.ndarray]) -> None:
+        pass
+
+    def config(self) -> dict[str, Any]:
+        """The params that made this sampler (recorded in the file and in MLflow)."""
+        return {}
+
+    # -- shared
+    def fit(self, latents: Tensor, labels: Tensor | None = None) -> dict[str, float]:
+        """Fit to ``latents``; above ``max_dim`` dims, in the span of their top principal axes.
+
+        Returns what is worth logging (e.g. log-likelihood, explained variance)."""
+        latents = latents.double()
+        info: dict[str, float] = {}
+        if latents.shape[1] > self.max_dim:
+            self.pca = Pca.fit(latents, self.max_dim)
+            info["pca_explained_variance"] = self.pca.explained
+            latents = self.pca.project(latents)
+        return info | self._fit(latents, labels if self.conditional else None)
+
+    @torch.no_grad()
+    def sample(self, n: int, generator: torch.Generator, labels: Tensor | None = None) -> Tensor:
+        """``n`` latents (float32, n x z_dim); conditional samplers draw digit ``labels[i]``."""
+        if self.conditional and labels is None:
+            raise BamError(f"{self.kind} sampler of a conditional model needs the digits to draw")
+        z = self._sample(n, generator, labels if self.conditional else None).double()
+        if self.pca is not None:
+            z = self.pca.restore(z, generator)
+        return z.float()
+
+    def draw(self, vae, n: int, generator: torch.Generator, labels: Tensor | None) -> Tensor:
+        """``n`` images in [0, 1] from ``vae``'s decoder at latents drawn from this sampler."""
+        return torch.sigmoid(vae.decode(self.sample(n, generator, labels), labels))
+
+    def save(self, path: Path, model_sha256: str) -> None:
+        meta = {
+            "format": FORMAT, "kind": self.kind, "z_dim": self.z_dim,
+            "conditional": self.conditional, "max_dim": self.max_dim,
+            "model_sha256": model_sha256, "config": self.config(),
+        }  # fmt: skip
+        arrays = self.arrays() | ({} if self.pca is None else self.pca.arrays())
+        with atomic_path(path) as tmp, tmp.open("wb") as fh:
+            np.savez(fh, meta=np.array(json.dumps(meta)), **arrays)
+
+
+class Pca:
+    """Top principal axes of the latents, plus isotropic noise for the rest (probabilistic PCA).
+
+    A VAE with a large z uses few of its dimensions (the rest collapse to the prior and have
+    posterior means near 0), so the means live in a small subspace; fitting there keeps the
+    cost of a full-covariance mixture or a second VAE bounded whatever z_dim is.
+    """
+
+    def __init__(self, mean: Tensor, axes: Tensor, residual_std: float, explained: float):
+        self.mean, self.axes = mean, axes  # z_dim; z_dim x k
+        self.residual_std, self.explained = residual_std, explained
+
+    @classmethod
+    def fit(cls, latents: Tensor, k: int) -> Pca:
+        mean = latents.mean(0)
+        centred = latents - mean
+        cov = centred.T @ centred / max(1, len(latents) - 1)
+        values, vectors = torch.linalg.eigh(cov)  # ascending
+        values, vectors = values.flip(0).clamp_min(0), vectors.flip(1)
+        total = float(values.sum()) or 1.0
+        rest = values[k:]
+        return cls(
+            mean,
+            vectors[:, :k].contiguous(),
+            float(rest.mean().sqrt()) if len(rest) else 0.0,
+            float(values[:k].sum()) / total,
+        )
+
+    def project(self, latents: Tensor) -> Tensor:
+        return (latents - self.mean) @ self.axes
+
+    def restore(self, coords: Tensor, generator: torch.Generator) -> Tensor:
+        z = coords @ self.axes.T + self.mean
+        noise = torch.randn(z.shape, generator=generator, dtype=z.dtype)
+        # Only the part of the noise outside the kept axes.
+        noise -= noise @ self.axes @ self.axes.T
+        return z + self.residual_std * noise
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        return {
+            "pca_mean": self.mean.numpy(), "pca_axes": self.axes.numpy(),
+            "pca_residual": np.array([self.residual_std, self.explained]),
+        }  # fmt: skip
+
+    @classmethod
+    def from_arrays(cls, arrays: dict[str, np.ndarray]) -> Pca | None:
+        if "pca_axes" not in arrays:
+            return None
+        residual, explained = arrays["pca_residual"].tolist()
+        axes = torch.from_numpy(arrays["pca_axes"])
+        return cls(torch.from_numpy(arrays["pca_mean"]), axes, residual, explained)
+
+
+def read_file(path: Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """(meta, arrays) of a sampler file; a missing, corrupt or foreign file is one line."""
+    if not path.is_file():
+        raise BamError(f"sampler file {path} not found; run `bam fit-sampler` (or `dvc repro`)")
+    try:
+        with np.load(path, allow_pickle=False) as blob:
+            arrays = {k: blob[k] for k in blob.files}
+        meta = json.loads(str(arrays.pop("meta")))
+    except Exception as exc:
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise BamError(f"corrupt sampler file {path}: {reason}; run `bam fit-sampler`") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise BamError(f"sampler file {path} is not a bam-vae sampler (expected {FORMAT})")
+    return meta, arrays

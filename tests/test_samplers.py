@@ -1,0 +1,179 @@
+"""Latent samplers: what they recover, that they repeat, how they are saved, what they refuse."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from bam_vae.config import ConfigError, GenerateConfig, parse_params
+from bam_vae.errors import BamError
+from bam_vae.samplers import build_sampler, load_sampler
+from bam_vae.samplers.base import read_file
+
+MEANS = np.array([[-6.0, 0.0], [6.0, 0.0], [0.0, 8.0]])
+WEIGHTS = np.array([0.5, 0.3, 0.2])
+
+
+def mixture_draws(n: int, seed: int = 0) -> torch.Tensor:
+    rng = np.random.default_rng(seed)
+    comp = rng.choice(3, size=n, p=WEIGHTS)
+    return torch.from_numpy(MEANS[comp] + rng.normal(0, 0.5, size=(n, 2))).float()
+
+
+def config(sampler: str, **section) -> GenerateConfig:
+    raw = {"sampler": sampler}
+    if section:
+        raw[sampler.replace("-", "_")] = section
+    return GenerateConfig.model_validate(raw)
+
+
+def test_gmm_recovers_the_means_and_weights_of_a_known_mixture():
+    sampler = build_sampler(config("gmm", components=3), "cnn", 2, False)
+    sampler.fit(mixture_draws(6000))
+    order = np.argsort(sampler.means[0][:, 0] + 0.1 * sampler.means[0][:, 1])
+    np.testing.assert_allclose(sampler.means[0][order], MEANS[[0, 2, 1]], atol=0.1)
+    np.testing.assert_allclose(sampler.weights[0][order], WEIGHTS[[0, 2, 1]], atol=0.02)
+    # Its draws have the same weights again: count those near each true mean.
+    z = sampler.sample(20000, torch.Generator().manual_seed(1)).numpy()
+    nearest = np.argmin(((z[:, None, :] - MEANS[None]) ** 2).sum(-1), axis=1)
+    np.testing.assert_allclose(np.bincount(nearest) / len(z), WEIGHTS, atol=0.02)
+
+
+def test_conditional_gmm_draws_from_the_mixture_of_the_asked_digit():
+    centres = torch.arange(10).float().unsqueeze(1) * torch.tensor([[3.0, -2.0]])
+    labels = torch.arange(2000) % 10
+    latents = centres[labels] + 0.1 * torch.randn(
+        2000, 2, generator=torch.Generator().manual_seed(0)
+    )
+    sampler = build_sampler(config("gmm", components=2), "cvae", 2, True)
+    sampler.fit(latents, labels)
+    asked = torch.full((500,), 7)
+    z = sampler.sample(500, torch.Generator().manual_seed(0), asked)
+    assert torch.linalg.norm(z - centres[7], dim=1).max() < 1.0
+    with pytest.raises(BamError, match="needs the digits"):
+        sampler.sample(5, torch.Generator())
+
+
+@pytest.mark.parametrize("kind", ["gmm", "two-stage"])
+def test_same_seed_same_fit_and_same_samples(kind):
+    section = {"epochs": 3, "hidden": 16} if kind == "two-stage" else {"components": 3}
+    draws = []
+    for _ in range(2):
+        sampler = build_sampler(config(kind, **section), "cnn", 2, False)
+        sampler.fit(mixture_draws(1000))
+        draws.append(sampler.sample(64, torch.Generator().manual_seed(5)))
+    assert draws[0].shape == (64, 2) and draws[0].dtype == torch.float32
+    torch.testing.assert_close(draws[0], draws[1], rtol=0, atol=0)
+    other = sampler.sample(64, torch.Generator().manual_seed(6))
+    assert not torch.equal(draws[0], other)
+
+
+def test_two_stage_learns_the_latent_distribution_better_than_the_prior():
+    latents = mixture_draws(4000)
+    sampler = build_sampler(config("two-stage", epochs=40, hidden=64), "cnn", 2, False)
+    info = sampler.fit(latents)
+    z = sampler.sample(4000, torch.Generator().manual_seed(0)).numpy()
+    nearest = np.min(((z[:, None, :] - MEANS[None]) ** 2).sum(-1), axis=1)
+    # Most draws land on one of the three blobs (N(0, I) would land ~none there); a VAE maps
+    # its connected prior onto the blobs with some draws in between.
+    assert np.mean(nearest < 2.0**2) > 0.6, info
+
+
+def test_big_latents_are_fitted_in_a_pca_subspace():
+    rng = np.random.default_rng(0)
+    basis = np.linalg.qr(rng.normal(size=(300, 2)))[0]  # 2-D data embedded in 300 dims
+    latents = torch.from_numpy(mixture_draws(3000).numpy() @ basis.T).float()
+    sampler = build_sampler(
+        GenerateConfig.model_validate({"sampler": "gmm", "max_dim": 4, "gmm": {"components": 3}}),
+        "cnn", 300, False,
+    )  # fmt: skip
+    info = sampler.fit(latents)
+    assert info["pca_explained_variance"] > 0.999
+    z = sampler.sample(100, torch.Generator().manual_seed(0))
+    assert z.shape == (100, 300)
+    back = z.numpy() @ basis  # coordinates in the true plane: near the true means
+    assert np.min(((back[:, None, :] - MEANS[None]) ** 2).sum(-1), axis=1).mean() < 1.0
+
+
+@pytest.mark.parametrize("kind", ["gmm", "two-stage"])
+def test_a_saved_sampler_loads_without_pickle_and_draws_the_same(kind, tmp_path):
+    section = {"epochs": 2, "hidden": 16} if kind == "two-stage" else {"components": 3}
+    sampler = build_sampler(config(kind, **section), "cnn", 2, False)
+    sampler.fit(mixture_draws(500))
+    path = tmp_path / "sampler.npz"
+    sampler.save(path, model_sha256="ab" * 32)
+    with np.load(path, allow_pickle=False) as blob:  # raises on any pickled object
+        assert all(blob[k].dtype != object for k in blob.files)
+    loaded = load_sampler(path, kind, "ab" * 32)
+    gen = lambda: torch.Generator().manual_seed(3)  # noqa: E731
+    torch.testing.assert_close(loaded.sample(50, gen()), sampler.sample(50, gen()), rtol=0, atol=0)
+
+
+def test_sampler_file_of_another_model_or_kind_is_refused(tmp_path):
+    sampler = build_sampler(config("gmm", components=2), "cnn", 2, False)
+    sampler.fit(mixture_draws(200))
+    path = tmp_path / "sampler.npz"
+    sampler.save(path, model_sha256="ab" * 32)
+    with pytest.raises(BamError, match="fitted to another model .*run `bam fit-sampler`"):
+        load_sampler(path, "gmm", "cd" * 32)
+    with pytest.raises(BamError, match="holds a 'gmm' sampler, generate.sampler asks for 'two-st"):
+        load_sampler(path, "two-stage", "ab" * 32)
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(BamError, match=f"corrupt sampler file {path}"):
+        read_file(path)
+
+
+def test_a_pickled_sampler_file_is_refused_without_running_it(tmp_path):
+    path = tmp_path / "sampler.npz"
+    marker = tmp_path / "ran"
+    # An object array whose unpickling would create ``marker``.
+    code = (
+        "import numpy as np\n"
+        "class Evil:\n"
+        f"    def __reduce__(self): return (open, ({str(marker)!r}, 'w'))\n"
+        f"np.savez({str(path)!r}, meta=np.array([Evil()], dtype=object))\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+    with pytest.raises(BamError, match="corrupt sampler file"):
+        read_file(path)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ({"sampler": "flow"}, "generate.sampler: 'flow' is not allowed; expected one of"),
+        ({"gmm": {"components": 0}}, "generate.gmm.components: 0 is not allowed"),
+        ({"gmm": {"covariance": "tied"}}, "generate.gmm.covariance: 'tied' is not allowed"),
+        ({"two_stage": {"epochs": 0}}, "generate.two_stage.epochs: 0 is not allowed"),
+    ],
+)
+def test_bad_sampler_params_are_one_line_errors(override, message):
+    with pytest.raises(ConfigError, match=message) as info:
+        parse_params({"generate": override})
+    assert "\n" not in str(info.value)
+
+
+def test_vqvae_says_its_prior_is_the_pixelcnn():
+    with pytest.raises(BamError, match="'gmm' is not available for vqvae.*generate.sampler=prior"):
+        build_sampler(config("gmm"), "vqvae", 784, False)
+
+
+def test_more_components_than_latents_is_refused():
+    sampler = build_sampler(config("gmm", components=10), "cvae", 2, True)
+    labels = torch.tensor([0] * 30 + [1] * 5 + list(range(2, 10)) * 20)
+    with pytest.raises(BamError, match="components: 10 is more than the 5 latents of digit 1"):
+        sampler.fit(torch.randn(len(labels), 2), labels)
+
+
+def test_meta_records_kind_model_and_config(tmp_path):
+    sampler = build_sampler(config("gmm", components=2, covariance="diag"), "cnn", 2, False)
+    sampler.fit(mixture_draws(200))
+    sampler.save(tmp_path / "s.npz", model_sha256="ef" * 32)
+    meta, arrays = read_file(tmp_path / "s.npz")
+    assert meta["kind"] == "gmm" and meta["model_sha256"] == "ef" * 32
+    assert meta["config"]["covariance"] == "diag" and arrays["scales"].shape == (1, 2, 2)
