@@ -104,7 +104,7 @@ class EvaluatorConfig(_Fit):
 class GmmConfig(_Section):
     """Gaussian mixture on the posterior means (Ghosh et al. 2020, ex-post density estimation)."""
 
-    components: int = Field(10, ge=1, le=1000)
+    components: int = Field(50, ge=1, le=1000)
     covariance: Literal["full", "diag"] = "full"
     max_iter: int = Field(200, ge=1)
     seed: int = Field(0, ge=0)
@@ -128,7 +128,7 @@ class GenerateConfig(_Section):
     seed: int = Field(0, ge=0)
     per_digit: int = Field(2, ge=1, le=20, description="test images per digit in the recon figure")
     sampler: Sampler = "gmm"
-    max_dim: int = Field(64, ge=1, le=2048, description="above this z_dim, fit in a PCA of it")
+    max_dim: int = Field(32, ge=1, le=2048, description="above this z_dim, fit in a PCA of it")
     gmm: GmmConfig = Field(default_factory=GmmConfig)
     two_stage: TwoStageConfig = Field(default_factory=TwoStageConfig)
 

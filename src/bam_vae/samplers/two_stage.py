@@ -30,12 +30,12 @@ def mlp(d_in: int, hidden: int, d_out: int) -> nn.Sequential:
 
 
 class SecondStage(nn.Module):
-    def __init__(self, dim: int, hidden: int, n_labels: int, log_gamma0: float = 0.0) -> None:
+    def __init__(self, dim: int, hidden: int, n_labels: int) -> None:
         super().__init__()
         self.n_labels = n_labels
         self.encoder = mlp(dim + n_labels, hidden, 2 * dim)
         self.decoder = mlp(dim + n_labels, hidden, dim)
-        self.log_gamma = nn.Parameter(torch.tensor(float(log_gamma0)))
+        self.log_gamma = nn.Parameter(torch.zeros(()))  # gamma = 1 at the start, as in the paper
 
     def _with(self, v: Tensor, labels: Tensor | None) -> Tensor:
         if not self.n_labels:
