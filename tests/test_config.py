@@ -31,7 +31,10 @@ def test_shipped_params_are_valid_and_match_the_report():
         ("train.k1=-1", ["train.k1", "-1", "greater than or equal to 0"]),
         ("train.epochs=two", ["train.epochs", "two", "integer"]),
         ("train.lr=0", ["train.lr", "greater than 0"]),
-        ("train.recon=l1", ["train.recon", "l1", "mse", "bce"]),
+        ("train.recon=l1", ["train.recon", "l1", "mse", "bce", "gaussian"]),
+        ("generate.sampler=flow", ["generate.sampler", "flow", "prior", "gmm", "two-stage"]),
+        ("generate.gmm.components=0", ["generate.gmm.components", "0", "greater than or"]),
+        ("generate.gmm.covariance=tied", ["generate.gmm.covariance", "tied", "full", "diag"]),
         ("train.train_fraction=1.5", ["train.train_fraction", "1.5"]),
         ("train.device=tpu", ["train.device", "tpu", "auto"]),
         ("model.hidden=[64,0]", ["model.hidden.1", "0"]),
@@ -72,20 +75,30 @@ def test_overrides_are_typed(tmp_path):
     assert params.model.hidden == [64, 32]
 
 
-def test_cli_rejects_bad_param_before_any_work_and_touches_nothing(tmp_path):
+@pytest.mark.parametrize(
+    ("stage", "section", "bad", "names"),
+    [
+        ("train", "model", {"z_dim": 0}, ["model.z_dim", "0"]),
+        ("fit-sampler", "generate", {"sampler": "flow"}, ["generate.sampler", "'flow'", "gmm"]),
+        ("fit-sampler", "generate", {"gmm": {"components": 0}}, ["generate.gmm.components", "0"]),
+    ],
+)
+def test_cli_rejects_bad_param_before_any_work_and_touches_nothing(
+    tmp_path, stage, section, bad, names
+):
     raw = dict(DEFAULTS)
-    raw["model"] = {**DEFAULTS["model"], "z_dim": 0}
+    raw[section] = {**DEFAULTS[section], **bad}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
     (tmp_path / "dvc.yaml").write_text("stages: {}\n")
     (tmp_path / "models").mkdir()
     keep = tmp_path / "models" / "vae.pt"
     keep.write_bytes(b"earlier result")
     done = subprocess.run(
-        [sys.executable, "-m", "bam_vae", "train"], cwd=tmp_path, capture_output=True, text=True
+        [sys.executable, "-m", "bam_vae", stage], cwd=tmp_path, capture_output=True, text=True
     )
     assert done.returncode == 2
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1, done.stderr
-    assert "model.z_dim" in lines[0] and "0" in lines[0]
+    assert all(name in lines[0] for name in names), lines[0]
     assert keep.read_bytes() == b"earlier result"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dvc.yaml", "models", "params.yaml"]

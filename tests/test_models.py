@@ -39,6 +39,30 @@ def test_bce_reconstruction_is_summed_binary_cross_entropy():
     )
 
 
+def test_gaussian_reconstruction_is_the_nll_at_the_batch_optimal_variance():
+    x = torch.tensor([[0.0, 1.0, 0.5, 0.25], [1.0, 1.0, 0.0, 0.5]]).reshape(2, 1, 2, 2)
+    logits = torch.zeros(2, 1, 2, 2)  # sigmoid -> 0.5 everywhere
+    out = VAEOutput(
+        logits=logits, mu=torch.zeros(2, 1), logvar=torch.zeros(2, 1), z=torch.zeros(2, 1)
+    )
+    sq = (0.5 - x).pow(2).flatten(1)
+    var = sq.mean()  # the sigma-VAE's optimum: one variance for every pixel of the batch
+    expected = (sq / (2 * var) + 0.5 * torch.log(2 * torch.pi * var)).sum(1).mean()
+    parts = vae_loss(out, x, k1=1.0, k2=1.0, recon="gaussian")
+    assert parts.recon.item() == pytest.approx(expected.item())
+    # It is the variance that minimises the NLL: any other one gives a larger value.
+    for other in (var * 0.5, var * 2):
+        worse = (sq / (2 * other) + 0.5 * torch.log(2 * torch.pi * other)).sum(1).mean()
+        assert worse > expected
+    # A perfect reconstruction stays finite: log sigma is floored at -6.
+    perfect = vae_loss(
+        VAEOutput(logits=torch.full((1, 1, 2, 2), 50.0), mu=torch.zeros(1, 1),
+                  logvar=torch.zeros(1, 1), z=torch.zeros(1, 1)),
+        torch.ones(1, 1, 2, 2), k1=1.0, k2=1.0, recon="gaussian",
+    )  # fmt: skip
+    assert torch.isfinite(perfect.recon)
+
+
 def test_kl_of_standard_normal_posterior_is_zero():
     assert kl_per_image(torch.zeros(5, 16), torch.zeros(5, 16)).abs().max().item() == 0.0
 

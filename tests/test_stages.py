@@ -15,7 +15,7 @@ from bam_vae.errors import BamError, Interrupted
 from bam_vae.evaluator import train_evaluator
 from bam_vae.fid import compute, reference
 from bam_vae.fit_sampler import fit_sampler
-from bam_vae.generate import generate
+from bam_vae.generate import compare_samplers, generate
 from bam_vae.robustness import robustness
 from bam_vae.train import fit
 from bam_vae.tsne import tsne
@@ -172,3 +172,12 @@ def test_sampler_of_an_older_model_is_refused_and_nothing_is_overwritten(project
     with pytest.raises(BamError, match="sampler file models/sampler.npz was fitted to another"):
         generate(params)
     assert (project / "data/generated/images.npy").read_bytes() == before
+
+
+def test_compare_samplers_draws_one_panel_per_sampler(project, tiny, capsys):
+    params = tiny(train={"epochs": 1}, generate={"per_digit": 1, **FAST_SAMPLERS})
+    fit(params)
+    fit_sampler(params)  # gmm is logged in the run; two-stage is fitted on the fly
+    out = compare_samplers(params, out=project / "samplers.png")
+    assert out.stat().st_size > 5000
+    assert "prior, gmm, two-stage" in capsys.readouterr().out

@@ -29,6 +29,12 @@ Overrides = Annotated[
     typer.Option("--set", "-s", help="override one param, e.g. --set model.z_dim=16 (repeatable)"),
 ]
 
+ModelUri = Annotated[
+    str | None,
+    typer.Option(help="any MLflow model URI, e.g. models:/bam-vae-cnn@champion (default: the"
+                 " pipeline's models/vae.pt)"),
+]  # fmt: skip
+
 
 def _fail(message: str, code: int) -> None:
     typer.echo(f"error: {message}", err=True)
@@ -101,12 +107,7 @@ def fit_sampler(params: ParamsFile = Path("params.yaml"), set_: Overrides = None
 def generate(
     params: ParamsFile = Path("params.yaml"),
     set_: Overrides = None,
-    model: Annotated[
-        str | None,
-        typer.Option(
-            help="any MLflow model URI, e.g. models:/bam-vae-cnn/3 (default: the pipeline's)"
-        ),
-    ] = None,
+    model: ModelUri = None,
     digit: Annotated[
         int | None, typer.Option(min=0, max=9, help="conditional models: draw only this digit")
     ] = None,
@@ -124,9 +125,7 @@ def generate(
 def compare_samplers(
     params: ParamsFile = Path("params.yaml"),
     set_: Overrides = None,
-    model: Annotated[
-        str | None, typer.Option(help="any MLflow model URI (default: the pipeline's model)")
-    ] = None,
+    model: ModelUri = None,
     out: Annotated[Path, typer.Option(help="PNG to write")] = Path("figures/samplers.png"),
 ) -> None:
     """One model's samples from each sampler (prior, gmm, two-stage), side by side."""
