@@ -73,13 +73,15 @@ def test_unknown_feature_space_is_rejected_by_params():
 
 
 def test_generation_is_seeded_and_labels_are_balanced():
-    from bam_vae.config import ModelConfig
+    from bam_vae.config import GenerateConfig, ModelConfig
     from bam_vae.generate import sample, sample_labels
     from bam_vae.models import build_model
+    from bam_vae.samplers import build_sampler
 
     vae = build_model(ModelConfig(arch="dense", z_dim=3, hidden=[16, 8])).eval()
-    assert torch.equal(sample(vae, 6, 5, None), sample(vae, 6, 5, None))
-    assert not torch.equal(sample(vae, 6, 5, None), sample(vae, 6, 6, None))
+    prior = build_sampler(GenerateConfig(sampler="prior"), "dense", 3, False)
+    assert torch.equal(sample(vae, prior, 6, 5, None), sample(vae, prior, 6, 5, None))
+    assert not torch.equal(sample(vae, prior, 6, 5, None), sample(vae, prior, 6, 6, None))
     labels = sample_labels(1024, seed=0, digit=None)
     assert torch.bincount(labels, minlength=10).tolist() == [103] * 4 + [102] * 6
     assert torch.equal(labels, sample_labels(1024, seed=0, digit=None))
