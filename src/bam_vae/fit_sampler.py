@@ -9,6 +9,7 @@ retrains a VAE.
 
 from __future__ import annotations
 
+import json
 import tempfile
 import time
 from pathlib import Path
@@ -64,6 +65,7 @@ def fit_sampler(
         with tracking.reopen_run(run_id):
             mlflow.log_artifact(str(staged), "sampler")
             mlflow.log_metrics(scalars)
+            mlflow.set_tag(f"{cfg.sampler}/config", json.dumps(sampler.config()))
         with atomic_path(out) as target:
             target.write_bytes(staged.read_bytes())
     write_json(metrics_path, metrics)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 import torch
@@ -19,6 +19,9 @@ from torch import Tensor
 
 from bam_vae.errors import BamError
 from bam_vae.paths import atomic_path
+
+if TYPE_CHECKING:
+    from bam_vae.models import VAE
 
 FORMAT = "bam-vae-sampler/1"
 
@@ -78,7 +81,7 @@ class LatentSampler:
             z = self.pca.restore(z, generator)
         return z.float()
 
-    def draw(self, vae, n: int, generator: torch.Generator, labels: Tensor | None) -> Tensor:
+    def draw(self, vae: VAE, n: int, generator: torch.Generator, labels: Tensor | None) -> Tensor:
         """``n`` images in [0, 1] from ``vae``'s decoder at latents drawn from this sampler."""
         return torch.sigmoid(vae.decode(self.sample(n, generator, labels), labels))
 
