@@ -1,0 +1,55 @@
+"""Sampler fitting time: encoding the 60 000 training images, then fitting each sampler.
+
+For the pipeline's model, or registered versions (``models:/bam-vae-cnn/7``), at the params in
+``params.yaml``; the 10 000-sample ``prior`` draw is the baseline every fit is compared with.
+
+    python bench/sampler_fit.py [--model models:/bam-vae-cnn/7 ...] [--kinds gmm two-stage]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from bam_vae.config import load_params
+from bam_vae.fit_sampler import posterior_means
+from bam_vae.generate import resolve_model
+from bam_vae.models import load_model
+from bam_vae.samplers import build_sampler
+from bam_vae.train import configure_threads
+
+
+def timed(fn, *args):
+    start = time.perf_counter()
+    out = fn(*args)
+    return out, time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", action="append", help="MLflow model URI (repeatable)")
+    parser.add_argument("--kinds", nargs="+", default=["gmm", "two-stage"])
+    args = parser.parse_args()
+    params = load_params("params.yaml")
+    threads = configure_threads(params.train.threads)
+    print(f"torch threads: {threads}")
+    for uri in args.model or [None]:
+        vae, model_cfg = load_model(resolve_model(uri)[0])
+        (latents, labels), encode_s = timed(posterior_means, vae, params.data.out_dir)
+        prior = build_sampler(params.generate.model_copy(update={"sampler": "prior"}),
+                              model_cfg.arch, vae.z_dim, vae.conditional)  # fmt: skip
+        _, draw_s = timed(prior.draw, vae, 10_000, torch.Generator(), None)
+        print(f"{uri or 'models/vae.pt'} (z = {vae.z_dim}): encode 60 000 images {encode_s:.1f} s,"
+              f" decode 10 000 prior samples {draw_s:.1f} s")  # fmt: skip
+        for kind in args.kinds:
+            cfg = params.generate.model_copy(update={"sampler": kind})
+            sampler = build_sampler(cfg, model_cfg.arch, vae.z_dim, vae.conditional)
+            info, fit_s = timed(sampler.fit, latents, labels)
+            extra = ", ".join(f"{k} {v:.4g}" for k, v in info.items())
+            print(f"  {kind}: fit {fit_s:.1f} s ({fit_s / draw_s:.1f}x the prior draw); {extra}")
+
+
+if __name__ == "__main__":
+    main()
