@@ -50,6 +50,7 @@ def test_report_of_a_latent_sweep(latent_sweep):
     # One row per (run, sampler): 8 runs scored with two samplers each.
     assert len(table) == 16 and set(table["sweep"]) == {"latent"}
     assert table.groupby("sampler").size().to_dict() == {"gmm": 8, "prior": 8}
+    assert "(8 runs, 16 rows" in (out / "runs.md").read_text()
     by_sampler = table.pivot_table(index="run_id", columns="sampler", values="fid_classifier")
     np.testing.assert_allclose(by_sampler["gmm"], by_sampler["prior"] / 2)
     wanted = {
@@ -88,7 +89,7 @@ def test_report_with_a_query_and_with_nothing_selected(latent_sweep):
     missing = report(sweep="no-such-sweep", out_dir=out)
     assert set(missing) == {"fig6a_fid_vs_zdim.png", "fig6b_fid_vs_k1.png",
                             "fig5_loss_vs_zdim.png", "fig2_loss_curves.png"}  # fmt: skip
-    assert "(0 runs)" in (out / "runs.md").read_text()
+    assert "(0 runs, 0 rows" in (out / "runs.md").read_text()
 
 
 def test_bad_query_is_one_clear_line(latent_sweep):

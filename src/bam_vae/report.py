@@ -186,10 +186,14 @@ def fig_curves(table: pd.DataFrame, path: Path) -> str | None:
 
 
 # ---------------------------------------------------------------------------- report
+def _count(table: pd.DataFrame) -> str:
+    return f"{table['run_id'].nunique()} runs, {len(table)} rows (one per run and sampler)"
+
+
 def _markdown(table: pd.DataFrame, missing: dict[str, str], selection: str) -> str:
     shown = table.dropna(axis=1, how="all")
     lines = [f"# bam-vae runs\n\nSelection: `{selection or 'all training runs'}` "
-             f"({len(table)} runs)\n"]  # fmt: skip
+             f"({_count(table)})\n"]  # fmt: skip
     if len(shown):
         cols = list(shown.columns)
         lines.append("| " + " | ".join(cols) + " |")
@@ -237,7 +241,7 @@ def report(
         tmp.write_text(_markdown(table, missing, selection))
     with mlflow.start_run(run_name="report", tags={"bam_kind": "report", "selection": selection}):
         mlflow.log_artifacts(str(out_dir), "report")
-    print(f"report: {len(table)} runs -> {out_dir}/runs.md, runs.csv")
+    print(f"report: {_count(table)} -> {out_dir}/runs.md, runs.csv")
     for name, why in missing.items():
         print(f"report: {name} missing: {why}")
     return missing
