@@ -74,6 +74,19 @@ def test_mlflow_ui_shows_runs_and_their_fid(store):
             page.get_by_text("fid_classifier").first.wait_for(timeout=60_000)
             assert str(fid) in page.content()
             browser.close()
+        # A second UI on the same port says so in one line instead of exiting 0.
+        again = subprocess.run(
+            ["bam", "ui", "--port", str(port)],
+            cwd=project,
+            env=env_with_venv(),
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert again.returncode == 2 and "already in use" in again.stderr, again.stderr
     finally:
         server.terminate()
-        server.wait(timeout=30)
+        server.wait(timeout=60)
+    # SIGTERM stops the whole UI: nothing is left listening on the port.
+    with socket.socket() as probe:
+        assert probe.connect_ex(("127.0.0.1", port)) != 0

@@ -10,8 +10,11 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
+import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -23,6 +26,7 @@ import torch
 from filelock import FileLock
 from mlflow.tracking import MlflowClient
 
+from bam_vae.checkpoints import stop_on_signals
 from bam_vae.errors import BamError
 from bam_vae.paths import project_root, write_json
 
@@ -198,9 +202,29 @@ def ui_command(port: int) -> list[str]:
 
 
 def serve_ui(port: int) -> None:
-    """Run the MLflow UI on the project store until interrupted."""
+    """Run the MLflow UI on the project store until interrupted (Ctrl-C or SIGTERM).
+
+    The UI is a tree of processes (uvicorn, job runners); it gets a process group of its own,
+    and the whole group is stopped with this command, so no server is left listening.
+    """
+    with socket.socket() as probe:  # MLflow's server logs a taken port but exits 0
+        if probe.connect_ex(("127.0.0.1", port)) == 0:
+            raise BamError(f"--port {port}: 127.0.0.1:{port} is already in use; pick another port")
     init()  # creates the store and experiment, so a fresh checkout shows an empty experiment
     print(
         f"MLflow UI for {tracking_uri()} at http://127.0.0.1:{port}  (Ctrl-C stops it)", flush=True
     )
-    subprocess.run(ui_command(port), check=False)
+    ui = subprocess.Popen(ui_command(port), start_new_session=True)
+    with stop_on_signals() as stopped:
+        while ui.poll() is None and not stopped():
+            time.sleep(0.2)
+    if ui.poll() is None:
+        os.killpg(ui.pid, signal.SIGTERM)
+        try:
+            ui.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(ui.pid, signal.SIGKILL)
+            ui.wait()
+        return
+    if ui.returncode:
+        raise BamError(f"the MLflow UI exited with status {ui.returncode}; see its log above")
