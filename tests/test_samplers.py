@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -100,7 +101,7 @@ def test_big_latents_are_fitted_in_a_pca_subspace():
 
 
 @pytest.mark.parametrize("kind", ["gmm", "two-stage"])
-def test_a_saved_sampler_loads_without_pickle_and_draws_the_same(kind, tmp_path):
+def test_a_saved_sampler_loads_without_pickle_and_draws_the_same(kind, tmp_path, monkeypatch):
     section = {"epochs": 2, "hidden": 16} if kind == "two-stage" else {"components": 3}
     sampler = build_sampler(config(kind, **section), "cnn", 2, False)
     sampler.fit(mixture_draws(500))
@@ -108,6 +109,10 @@ def test_a_saved_sampler_loads_without_pickle_and_draws_the_same(kind, tmp_path)
     sampler.save(path, model_sha256="ab" * 32)
     with np.load(path, allow_pickle=False) as blob:  # raises on any pickled object
         assert all(blob[k].dtype != object for k in blob.files)
+    again = tmp_path / "again.npz"
+    monkeypatch.setattr(time, "time", lambda: 2_000_000_000.0)  # saved "years later"
+    sampler.save(again, model_sha256="ab" * 32)
+    assert again.read_bytes() == path.read_bytes()  # byte-identical: one DVC hash per fit
     loaded = load_sampler(path, kind, "ab" * 32)
     gen = lambda: torch.Generator().manual_seed(3)  # noqa: E731
     torch.testing.assert_close(loaded.sample(50, gen()), sampler.sample(50, gen()), rtol=0, atol=0)
