@@ -82,19 +82,19 @@ def resolve_model(model_uri: str | None) -> tuple[Path, str]:
 
 
 def resolve_sampler(
-    cfg: GenerateConfig, model_path: Path, run_id: str, from_run: bool
-) -> tuple[VAE, LatentSampler]:
-    """The model and its fitted ``cfg.sampler``: ``models/sampler.npz``, or the run's copy."""
-    vae, model_cfg = load_model(model_path)
+    cfg: GenerateConfig, vae: VAE, arch: str, model_path: Path, run_id: str, from_run: bool
+) -> LatentSampler:
+    """The fitted ``cfg.sampler`` of the model in ``model_path`` (loaded as ``vae``):
+    ``models/sampler.npz``, or the run's copy."""
     if cfg.sampler == "prior":
-        return vae, build_sampler(cfg, model_cfg.arch, vae.z_dim, vae.conditional)
-    check_supported(cfg.sampler, model_cfg.arch)
+        return build_sampler(cfg, arch, vae.z_dim, vae.conditional)
+    check_supported(cfg.sampler, arch)
     path = (
         tracking.download_artifact(run_id, f"sampler/{cfg.sampler}.npz")
         if from_run
         else SAMPLER_PATH
     )
-    return vae, load_sampler(path, cfg.sampler, file_sha256(model_path))
+    return load_sampler(path, cfg.sampler, file_sha256(model_path))
 
 
 def generate(
@@ -106,7 +106,8 @@ def generate(
 ) -> dict:
     cfg = params.generate
     model_path, run_id = resolve_model(model_uri)
-    vae, sampler = resolve_sampler(cfg, model_path, run_id, from_run=bool(model_uri))
+    vae, model_cfg = load_model(model_path)
+    sampler = resolve_sampler(cfg, vae, model_cfg.arch, model_path, run_id, bool(model_uri))
     if digit is not None and not vae.conditional:
         raise BamError(f"--digit {digit}: model {type(vae).__name__} is not conditional (use cvae)")
     labels = sample_labels(cfg.n, cfg.seed, digit) if vae.conditional else None
@@ -152,7 +153,7 @@ def compare_samplers(
     for kind in kinds:
         cfg = params.generate.model_copy(update={"sampler": kind})
         try:
-            sampler = resolve_sampler(cfg, model_path, run_id, from_run=True)[1]
+            sampler = resolve_sampler(cfg, vae, model_cfg.arch, model_path, run_id, True)
         except BamError:
             if latents is None:
                 latents = posterior_means(vae, params.data.out_dir)
