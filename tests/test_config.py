@@ -41,6 +41,16 @@ def test_shipped_params_are_valid_and_match_the_report():
         ("data.sources=[ftp]", ["data.sources.0", "ftp", "local", "pypi"]),
         ("train.epochz=3", ["train.epochz", "unknown key"]),
         ("trian.epochs=3", ["trian", "unknown key"]),
+        # Strict types: no bool for a number, no string for a number, no float for an int.
+        ("train.epochs=true", ["train.epochs", "true", "integer"]),
+        ("train.epochs='3'", ["train.epochs", "'3'", "integer"]),
+        ("train.epochs=3.0", ["train.epochs", "3.0", "integer"]),
+        ("train.lr=true", ["train.lr", "true", "number"]),
+        ("train.lr='1e-3'", ["train.lr", "'1e-3'", "number"]),
+        ("model.intro.gamma_r=.inf", ["model.intro.gamma_r", "inf", "finite"]),
+        ("generate.gmm.seed=false", ["generate.gmm.seed", "false", "integer"]),
+        ("train=3", ["train", "3", "section"]),
+        ("model.vq=null", ["model.vq", "null", "section"]),
     ],
 )
 def test_bad_value_gives_one_line_naming_key_value_and_allowed(tmp_path, override, names):
@@ -52,6 +62,61 @@ def test_bad_value_gives_one_line_naming_key_value_and_allowed(tmp_path, overrid
     assert "\n" not in message
     for name in names:
         assert name in message
+
+
+def test_numbers_are_not_coerced_but_an_int_is_a_float(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(DEFAULTS))
+    params = load_params(path, ["train.lr=1", "train.k1=0"])
+    assert params.train.lr == 1.0 and isinstance(params.train.lr, float)
+    assert params.train.k1 == 0.0
+    assert load_params(path, ["train.lr=1e-3"]).train.lr == 0.001
+
+
+def test_exponent_floats_without_a_dot_are_numbers_in_the_file_too(tmp_path):
+    # PyYAML (YAML 1.1) reads `1e-3` and `1.0e8` as strings; DVC (YAML 1.2) as numbers.
+    path = tmp_path / "params.yaml"
+    text = yaml.safe_dump(DEFAULTS).replace("lr: 0.001", "lr: 1e-3")
+    path.write_text(text + "robustness:\n  gaussian_std: 5.0e-1\n  n: 1.0e3\n")
+    with pytest.raises(ConfigError, match=r"robustness.n: 1000.0 is not allowed.*integer"):
+        load_params(path)
+    params = load_params(path, ["robustness.n=1000", "model.intro.gamma_r=1E-8"])
+    assert (params.train.lr, params.evaluator.lr) == (0.001, 0.001)
+    assert params.robustness.gaussian_std == 0.5
+    assert params.model.intro.gamma_r == 1e-8
+    assert load_params(path, ["robustness.n=1000", "train.sweep=e5"]).train.sweep == "e5"
+
+
+def test_yaml_syntax_error_names_line_and_column(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text("model:\n  arch: cnn\ntrain:\n  epochs: 3\n   lr: 0.1\n")
+    with pytest.raises(ConfigError) as info:
+        load_params(path)
+    message = str(info.value)
+    assert "\n" not in message
+    assert message.startswith(f"params file {str(path)!r} is not valid YAML at line 5, column 6:")
+    assert "mapping values are not allowed" in message
+
+
+def test_override_that_is_not_yaml_is_one_line(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(DEFAULTS))
+    with pytest.raises(ConfigError) as info:
+        load_params(path, ["model.hidden=[64,"])
+    assert "\n" not in str(info.value)
+    assert "'model.hidden=[64,'" in str(info.value) and "not valid YAML" in str(info.value)
+
+
+def test_messages_never_dump_a_whole_section(tmp_path):
+    path = tmp_path / "params.yaml"
+    raw = {**DEFAULTS, "trian": DEFAULTS["train"]}
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ConfigError) as info:
+        load_params(path)
+    message = str(info.value)
+    assert "'trian'" in message and "unknown key" in message
+    assert "0.001" not in message and "auto" not in message  # values of the section
+    assert len(message) < 200
 
 
 def test_missing_params_file_is_named(tmp_path):
@@ -102,3 +167,25 @@ def test_cli_rejects_bad_param_before_any_work_and_touches_nothing(
     assert all(name in lines[0] for name in names), lines[0]
     assert keep.read_bytes() == b"earlier result"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dvc.yaml", "models", "params.yaml"]
+
+
+@pytest.mark.parametrize(
+    ("args", "names"),
+    [
+        (["--set", "train.epochs=true"], ["train.epochs", "true", "integer"]),
+        (["--set", "train.lr=fast"], ["train.lr", "'fast'", "number"]),
+    ],
+)
+def test_cli_rejects_a_mistyped_override_in_one_line(tmp_path, args, names):
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(DEFAULTS))
+    (tmp_path / "dvc.yaml").write_text("stages: {}\n")
+    done = subprocess.run(
+        [sys.executable, "-m", "bam_vae", "train", *args],
+        cwd=tmp_path, capture_output=True, text=True,
+    )  # fmt: skip
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    assert all(name in lines[0] for name in names), lines[0]
+    made = sorted(p.name for p in tmp_path.iterdir() if p.name != ".cache")  # .cache: the lock
+    assert made == ["dvc.yaml", "params.yaml"]

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import collections
+import pickle
+
 import pytest
 import torch
 
 from bam_vae.config import ModelConfig
-from bam_vae.models import Generator, build_model, n_parameters
+from bam_vae.errors import BamError
+from bam_vae.evaluator import Evaluator, load_evaluator
+from bam_vae.models import Generator, build_model, load_model, n_parameters, save_model
 from bam_vae.models.base import VAEOutput, kl_per_image, vae_loss
 
 
@@ -97,3 +102,124 @@ def test_shapes(arch, z_dim):
 def test_dense_default_size_matches_report_range():
     n = n_parameters(build_model(ModelConfig(arch="dense", z_dim=16)))
     assert 400_000 <= n <= 800_000
+
+
+# ---------------------------------------------------------------- corrupt saved models
+TINY = ModelConfig(arch="cnn", z_dim=4, channels=[8, 16])
+INTERNALS = ("weights_only", "validation error for", "Error(s) in loading", "Traceback")
+
+
+class NotATensor:
+    """Anything torch would have to unpickle: a weights-only load refuses it."""
+
+
+def _saved(config: dict | None = None, state: dict | None = None) -> dict:
+    model = build_model(TINY)
+    return {"config": TINY.model_dump() if config is None else config,
+            "state_dict": model.state_dict() if state is None else state}  # fmt: skip
+
+
+def _good_bytes(tmp_path) -> bytes:
+    save_model(build_model(TINY), TINY, tmp_path / "good.pt")
+    return (tmp_path / "good.pt").read_bytes()
+
+
+def _fails(path, load=load_model) -> str:
+    with pytest.raises(BamError) as info:
+        load(path)
+    message = str(info.value)
+    assert "\n" not in message, message
+    assert str(path) in message, message
+    assert not any(bad in message for bad in INTERNALS), message
+    return message
+
+
+def test_saved_model_round_trips(tmp_path):
+    save_model(build_model(TINY), TINY, tmp_path / "vae.pt")
+    model, cfg = load_model(tmp_path / "vae.pt")
+    assert cfg == TINY and not model.training
+
+
+def test_model_whose_config_does_not_match_its_weights(tmp_path):
+    path = tmp_path / "vae.pt"
+    torch.save(_saved({**TINY.model_dump(), "z_dim": 8}), path)
+    message = _fails(path)
+    assert "its weights do not match its config" in message
+    assert "shape mismatch for encoder.5.weight: saved 8x784 vs built 16x784" in message
+    assert "decoder.0.weight: saved 784x4 vs built 784x8" in message and "more" not in message
+    assert message.endswith("run `bam train` (or `dvc repro`)")
+
+
+def test_model_with_missing_and_unexpected_weights(tmp_path):
+    path = tmp_path / "vae.pt"
+    torch.save(_saved({**TINY.model_dump(), "arch": "dense", "hidden": [8]}), path)
+    message = _fails(path)
+    assert "missing keys: encoder.1.0.weight, encoder.1.0.bias, encoder.1.2.weight and" in message
+    assert "unexpected keys: encoder.0.weight, encoder.0.bias, encoder.2.weight and" in message
+    assert len(message) < 400
+    state = build_model(TINY).state_dict()
+    state["extra.weight"] = state.pop("encoder.0.weight")
+    torch.save(_saved(state=state), path)
+    message = _fails(path)
+    assert "(missing keys: encoder.0.weight; unexpected keys: extra.weight)" in message
+
+
+def test_model_with_an_unknown_arch_names_the_field(tmp_path):
+    path = tmp_path / "vae.pt"
+    torch.save(_saved({**TINY.model_dump(), "arch": "resnet"}), path)
+    message = _fails(path)
+    assert "its config is not valid (arch: 'resnet' is not allowed; expected one of" in message
+    assert "'cnn'" in message and "'introvae'" in message
+
+
+def test_pickled_object_is_refused_without_suggesting_to_unpickle_it(tmp_path):
+    path = tmp_path / "vae.pt"
+    torch.save({"config": NotATensor(), "state_dict": {}}, path)
+    message = _fails(path)
+    assert f"model file {path} is not a plain-tensor file" in message
+    assert "NotATensor" in message and "bam-vae never does" in message
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "reason"),
+    [
+        ("empty", lambda good: b"", "the file is empty"),
+        ("cut early", lambda good: good[:10], "not a complete torch file"),
+        ("truncated", lambda good: good[: len(good) // 2], "not a complete torch file"),
+        ("cut late", lambda good: good[:-30], "not a complete torch file"),
+        ("text", lambda good: b"earlier result", "not a complete torch file"),
+        ("plain pickle", lambda good: pickle.dumps({"config": {}}), "not a torch file"),
+    ],
+)
+def test_unreadable_file_is_one_line_naming_it(tmp_path, name, content, reason):
+    path = tmp_path / "vae.pt"
+    path.write_bytes(content(_good_bytes(tmp_path)))
+    message = _fails(path)
+    assert message.startswith(f"corrupt model file {path}: {reason}"), message
+
+
+@pytest.mark.parametrize(
+    ("blob", "reason"),
+    [
+        ([1, 2], "expected the keys config and state_dict, found a list"),
+        ({"config": TINY.model_dump()}, "expected the keys config and state_dict, found keys"),
+        ({}, "expected the keys config and state_dict, found no keys"),
+        ({"config": [], "state_dict": {}}, "must both be dictionaries"),
+        (_saved(state={**_saved()["state_dict"], "decoder.0.weight": 1}), "not tensors"),
+        (_saved(collections.OrderedDict(TINY.model_dump(), foo=1)), "unknown key 'foo'"),
+    ],
+)
+def test_wrong_layout_is_one_line(tmp_path, blob, reason):
+    path = tmp_path / "vae.pt"
+    torch.save(blob, path)
+    assert reason in _fails(path)
+
+
+def test_evaluator_file_errors_name_the_evaluator(tmp_path):
+    path = tmp_path / "evaluator.pt"
+    torch.save({"config": {"feature_dim": 16}, "state_dict": Evaluator(32).state_dict()}, path)
+    message = _fails(path, load_evaluator)
+    assert message.startswith(f"corrupt evaluator file {path}: its weights do not match")
+    assert message.endswith("run `bam train-evaluator`")
+    torch.save({"config": TINY.model_dump(), "state_dict": {}}, path)
+    assert "unknown key 'arch'" in _fails(path, load_evaluator)

@@ -8,9 +8,13 @@ ends with the same weights as a run that was never interrupted.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
+import os
 import signal
+import sys
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -19,8 +23,14 @@ from typing import Any
 
 import torch
 
-from bam_vae.errors import Interrupted
-from bam_vae.paths import atomic_path, project_root
+from bam_vae.errors import Interrupted, reason
+from bam_vae.paths import atomic_path, exclusive, project_root
+
+SAVE_EVERY_S = 30.0  # default bound on the work a SIGKILL loses; BAM_CHECKPOINT_SECONDS sets it
+
+
+def save_interval() -> float:
+    return float(os.environ.get("BAM_CHECKPOINT_SECONDS", SAVE_EVERY_S))
 
 
 def config_key(*parts: Any) -> str:
@@ -48,28 +58,57 @@ class State:
 
 @dataclass
 class Checkpoint:
-    """The resume file of one loop: where it lives, what it holds, whose it is (messages)."""
+    """The resume file of one loop: where it lives, what it holds, whose it is (messages).
+
+    Saved at every epoch end, on SIGINT/SIGTERM, and every ``SAVE_EVERY_S`` seconds within
+    an epoch (``BAM_CHECKPOINT_SECONDS``), so a SIGKILL loses at most that much work."""
 
     path: Path
     model: torch.nn.Module
     stateful: list  # optimisers, schedulers -- anything with ``state_dict``
     name: str
+    last_save: float = field(default_factory=time.monotonic)
+
+    @contextmanager
+    def owned(self) -> Iterator[None]:
+        """One process per checkpoint: a second run of the same params fails at once instead
+        of sharing the checkpoint and the MLflow run."""
+        with exclusive(self.path.with_name(f"{self.path.name}.lock"),
+                       f"{self.name} checkpoint {self.path}"):  # fmt: skip
+            yield
 
     def resume(self) -> State:
         """The saved state, with model, optimisers and RNG restored; a fresh one if none."""
+        self.last_save = time.monotonic()
         if not self.path.is_file():
             return State()
-        blob = torch.load(self.path, weights_only=True)
-        self.model.load_state_dict(blob["model"])
-        for obj, saved in zip(self.stateful, blob["optimizers"], strict=True):
-            obj.load_state_dict(saved)
-        torch.set_rng_state(blob["rng"])
-        state = State(**blob["state"])
+        # Restored if the file turns out unreadable half-way, so starting over starts clean.
+        before = copy.deepcopy([self.model.state_dict(), *(o.state_dict() for o in self.stateful)])
+        rng = torch.get_rng_state()
+        try:
+            blob = torch.load(self.path, weights_only=True)
+            self.model.load_state_dict(blob["model"])
+            for obj, saved in zip(self.stateful, blob["optimizers"], strict=True):
+                obj.load_state_dict(saved)
+            torch.set_rng_state(blob["rng"])
+            state = State(**blob["state"])
+        except Exception as exc:  # truncated, foreign, from an older version: start over
+            for obj, saved in zip([self.model, *self.stateful], before, strict=True):
+                obj.load_state_dict(saved)
+            torch.set_rng_state(rng)
+            stamp = time.strftime("%Y%m%d-%H%M%S")
+            aside = self.path.with_name(f"{self.path.name}.corrupt-{stamp}")
+            self.path.replace(aside)
+            why = reason(exc)
+            print(f"warning: {self.name}: checkpoint {self.path} is unreadable ({why});"
+                  f" kept as {aside}, starting over", file=sys.stderr)  # fmt: skip
+            return State()
         print(f"{self.name}: resuming from {self.path} at epoch {state.epoch + 1},"
               f" batch {state.batch}")  # fmt: skip
         return state
 
     def save(self, state: State) -> None:
+        self.last_save = time.monotonic()
         with atomic_path(self.path) as tmp:
             torch.save(
                 {
@@ -106,6 +145,8 @@ class Checkpoint:
         if stopped():
             bar.close()
             raise self.interrupted(state)
+        if time.monotonic() - self.last_save >= save_interval():
+            self.save(state)  # what a SIGKILL can cost, since no handler runs then
 
 
 @contextmanager

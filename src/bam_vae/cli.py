@@ -5,8 +5,10 @@
 
 from __future__ import annotations
 
+import signal
 import sys
 from collections.abc import Callable
+from contextlib import ExitStack
 from functools import wraps
 from pathlib import Path
 from typing import Annotated, Any
@@ -37,23 +39,47 @@ ModelUri = Annotated[
 
 
 def _fail(message: str, code: int) -> None:
+    from tqdm import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", [])):  # so the error gets a line of its own
+        bar.close()
     typer.echo(f"error: {message}", err=True)
     raise typer.Exit(code)
 
 
-def stage(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn project errors into one line on stderr and a non-zero exit, with no traceback."""
+_locks: ExitStack | None = None  # the running writer's stack; ``_params`` adds the checkout lock
 
-    @wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
+
+def _sigterm(_signum: int, _frame: Any) -> None:
+    raise KeyboardInterrupt  # outside the loops that checkpoint, SIGTERM stops like Ctrl-C
+
+
+def _run(fn: Callable[..., Any], lock: bool, *args: Any, **kwargs: Any) -> Any:
+    """Turn project errors into one line on stderr and a non-zero exit, with no traceback;
+    with ``lock``, one writing command per checkout at a time."""
+    global _locks
+    previous = signal.signal(signal.SIGTERM, _sigterm)
+    try:
+        with ExitStack() as stack:
+            _locks = stack if lock else None
             return fn(*args, **kwargs)
-        except BamError as exc:
-            _fail(str(exc), 130 if isinstance(exc, Interrupted) else 2)
-        except KeyboardInterrupt:
-            _fail("interrupted", 130)
+    except BamError as exc:
+        _fail(str(exc), 130 if isinstance(exc, Interrupted) else 2)
+    except KeyboardInterrupt:
+        _fail("interrupted; nothing was written (outputs and the MLflow store are as before)", 130)
+    finally:
+        _locks = None
+        signal.signal(signal.SIGTERM, previous)
 
-    return wrapper
+
+def stage(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """A command that writes pipeline outputs: errors as one line, one writer per checkout."""
+    return wraps(fn)(lambda *a, **k: _run(fn, True, *a, **k))
+
+
+def command(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """A command that only reads the pipeline (report, UI...): errors as one line."""
+    return wraps(fn)(lambda *a, **k: _run(fn, False, *a, **k))
 
 
 def _params(params: Path, overrides: list[str] | None) -> Params:
@@ -61,6 +87,10 @@ def _params(params: Path, overrides: list[str] | None) -> Params:
     from bam_vae.train import configure_threads
 
     loaded = load_params(params, overrides or [])
+    if _locks is not None:  # taken once the params are valid, so bad ones touch nothing
+        from bam_vae.paths import exclusive
+
+        _locks.enter_context(exclusive(Path(".cache/bam.lock"), f"this checkout ({Path.cwd()})"))
     configure_threads(loaded.train.threads)
     return loaded
 
@@ -121,7 +151,7 @@ def generate(
 
 
 @app.command("compare-samplers")
-@stage
+@command
 def compare_samplers(
     params: ParamsFile = Path("params.yaml"),
     set_: Overrides = None,
@@ -177,7 +207,7 @@ def robustness(params: ParamsFile = Path("params.yaml"), set_: Overrides = None)
 
 
 @app.command()
-@stage
+@command
 def report(
     sweep: Annotated[str | None, typer.Option(help="only runs with this sweep tag")] = None,
     exp: Annotated[
@@ -195,7 +225,7 @@ def report(
 
 
 @app.command()
-@stage
+@command
 def promote(
     space: Annotated[str, typer.Option(help="FID feature space to rank by")] = "classifier",
     alias: Annotated[str, typer.Option(help="registry alias to set")] = "champion",
@@ -210,7 +240,7 @@ def promote(
 
 
 @app.command()
-@stage
+@command
 def ui(
     port: Annotated[int, typer.Option(help="port on 127.0.0.1")] = 5000,
 ) -> None:

@@ -6,6 +6,8 @@ Every stage reads its section through :func:`load_params`; a bad value raises
 
 from __future__ import annotations
 
+import re
+import reprlib
 from pathlib import Path
 from typing import Any, Literal
 
@@ -20,8 +22,10 @@ class ConfigError(BamError):
 
 
 class _Section(BaseModel):
-    # Unknown keys are typos far more often than intentions: reject them.
-    model_config = ConfigDict(extra="forbid", strict=False, frozen=True)
+    # Unknown keys are typos far more often than intentions: reject them. Strict types: no
+    # bool where a number goes (`epochs: true` is not 1 epoch), no string for a number, no
+    # float for an int; an int for a float is still fine (`lr: 1`). No inf/nan anywhere.
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True, allow_inf_nan=False)
 
 
 MnistSource = Literal["local", "torchvision", "pypi"]
@@ -170,23 +174,86 @@ class Params(_Section):
     robustness: RobustnessConfig = Field(default_factory=RobustnessConfig)
 
 
-def _describe(err: dict[str, Any]) -> str:
-    key = ".".join(str(p) for p in err["loc"])
-    value = err.get("input")
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader, with YAML 1.2 floats: ``1e-3`` and ``1.0e8`` are numbers.
+
+    PyYAML follows YAML 1.1, where a float needs a dot and a signed exponent, so ``1e-3``
+    would load as the string '1e-3' (which strict params then reject). DVC reads params.yaml
+    as YAML 1.2, where it is a float; this keeps both readers in agreement.
+    """
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
+
+
+def load_yaml(text: str) -> Any:
+    """``yaml.safe_load`` with the float fix of :class:`_Loader`."""
+    return yaml.load(text, Loader=_Loader)  # a SafeLoader: builds plain data only
+
+
+_short = reprlib.Repr()
+_short.maxstring = _short.maxother = 60
+_short.maxlist = _short.maxtuple = 6
+_short.maxlevel = 2
+
+
+def _show(value: Any) -> str:
+    """A value for a one-line message: short, never a whole section; YAML's true/null."""
+    if isinstance(value, dict):
+        keys = ", ".join(str(k) for k in list(value)[:4])
+        more = f" and {len(value) - 4} more" if len(value) > 4 else ""
+        return f"a section with keys {keys}{more}" if value else "an empty section"
+    if value is None or isinstance(value, bool):
+        return {None: "null", True: "true", False: "false"}[value]
+    return _short.repr(value)
+
+
+def _describe(err: dict[str, Any], where: str = "params") -> str:
+    key = ".".join(str(p) for p in err["loc"]) or where
+    value = _show(err.get("input"))
     kind = err["type"]
     if kind == "extra_forbidden":
-        return f"unknown key {key!r} in params (value {value!r}); check the spelling"
+        value = value if isinstance(err.get("input"), dict) else f"value {value}"
+        return f"unknown key {key!r} in {where} ({value}); check the spelling"
     if kind == "literal_error":
-        return f"{key}: {value!r} is not allowed; expected one of {err['ctx']['expected']}"
+        return f"{key}: {value} is not allowed; expected one of {err['ctx']['expected']}"
+    if kind in ("model_type", "model_attributes_type", "dict_type"):
+        return f"{key}: {value} is not allowed; expected a section of `key: value` lines"
     expected = err["msg"].removeprefix("Input should be ").removeprefix("List should have ")
-    return f"{key}: {value!r} is not allowed; expected {expected}"
+    return f"{key}: {value} is not allowed; expected {expected}"
+
+
+def describe_validation_error(exc: ValidationError, where: str = "params") -> str:
+    """One line for a pydantic error: the first bad key, its value and what is allowed.
+
+    ``where`` names what was validated, for unknown keys ("params", "its config", ...).
+    """
+    errors = exc.errors()
+    if not errors:
+        return f"{where} is not valid"
+    more = f" (and {len(errors) - 1} more problem{'s' * (len(errors) > 2)})"
+    return " ".join(_describe(errors[0], where).split()) + (more if len(errors) > 1 else "")
 
 
 def parse_params(raw: dict[str, Any]) -> Params:
     try:
         return Params.model_validate(raw)
     except ValidationError as exc:
-        raise ConfigError(_describe(exc.errors()[0])) from None
+        raise ConfigError(describe_validation_error(exc)) from None
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """Where and what, on one line: `` at line L, column C: <problem>`` (1-based)."""
+    problem = getattr(exc, "problem", None) or getattr(exc, "context", None)
+    problem = " ".join(str(problem or exc or type(exc).__name__).split())
+    mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+    if mark is None:
+        return f": {problem}"
+    return f" at line {mark.line + 1}, column {mark.column + 1}: {problem}"
 
 
 def _parse_override(item: str) -> tuple[list[str], Any]:
@@ -195,8 +262,18 @@ def _parse_override(item: str) -> tuple[list[str], Any]:
             f"override {item!r} is not allowed; expected KEY=VALUE, e.g. model.z_dim=16"
         )
     key, value = item.split("=", 1)
+    path = key.strip().split(".")
+    if not all(path):
+        raise ConfigError(
+            f"override {item!r}: {key.strip()!r} is not a key; expected e.g. model.z_dim"
+        )
     # YAML parsing makes `--set train.lr=1e-3` a float and `--set model.hidden=[64,32]` a list.
-    return key.strip().split("."), yaml.safe_load(value)
+    try:
+        return path, load_yaml(value)
+    except yaml.YAMLError as exc:
+        raise ConfigError(
+            f"override {item!r}: the value is not valid YAML{_yaml_problem(exc)}"
+        ) from None
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -218,10 +295,14 @@ def load_params(path: str | Path = "params.yaml", overrides: list[str] | None = 
             f"params file {str(path)!r} not found; expected a YAML file of stage sections"
         )
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = load_yaml(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"params file {str(path)!r} is not UTF-8 text (bad byte at offset {exc.start})"
+        ) from None
     except yaml.YAMLError as exc:
         raise ConfigError(
-            f"params file {str(path)!r} is not valid YAML: {exc}".splitlines()[0]
+            f"params file {str(path)!r} is not valid YAML{_yaml_problem(exc)}"
         ) from None
     if not isinstance(raw, dict):
         raise ConfigError(f"params file {str(path)!r} must map section names to sections")

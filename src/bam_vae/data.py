@@ -27,7 +27,7 @@ from rich.console import Console
 
 from bam_vae.config import DataConfig
 from bam_vae.errors import BamError
-from bam_vae.paths import save_torch, user_cache, write_json
+from bam_vae.paths import load_tensors, save_torch, staged_outputs, user_cache, write_json
 
 console = Console(stderr=True)
 
@@ -270,15 +270,16 @@ def prepare(cfg: DataConfig, metrics_path: Path = Path("metrics/data.json")) -> 
     """Run the stage: write ``{out_dir}/{train,test}.pt`` and ``metrics/data.json``."""
     mnist, tried = acquire(cfg)
     out = Path(cfg.out_dir)
-    save_split(mnist.train, out / "train.pt")
-    save_split(mnist.test, out / "test.pt")
     summary = {
         "source": mnist.source,
         "skipped_sources": tried,
         "train": split_summary(mnist.train),
         "test": split_summary(mnist.test),
     }
-    write_json(metrics_path, summary)
+    with staged_outputs() as staged:
+        save_split(mnist.train, staged.path(out / "train.pt"))
+        save_split(mnist.test, staged.path(out / "test.pt"))
+        write_json(staged.path(metrics_path), summary)
     console.print(f"prepare: MNIST from {mnist.source} -> {out}")
     return summary
 
@@ -297,11 +298,23 @@ def load_split(out_dir: str | Path, name: str) -> tuple[torch.Tensor, torch.Tens
     path = Path(out_dir) / f"{name}.pt"
     if not path.is_file():
         raise BamError(f"prepared MNIST file {path} not found; run `bam prepare` (or `dvc repro`)")
-    try:
-        blob = torch.load(path, weights_only=True)
-        return blob["images"], blob["labels"]
-    except Exception as exc:
-        raise BamError(f"corrupt prepared MNIST file {path}: {str(exc).splitlines()[0]}") from None
+    hint = "run `bam prepare` (or `dvc repro prepare-mnist`) to rewrite it"
+    blob = load_tensors(path, "prepared MNIST", hint)
+    blob = blob if isinstance(blob, dict) else {}
+    images, labels = blob.get("images"), blob.get("labels")
+    ok = (
+        isinstance(images, torch.Tensor) and isinstance(labels, torch.Tensor)
+        and images.dtype == torch.uint8 and images.ndim == 3 and images.shape[1:] == (28, 28)
+        and labels.dtype == torch.int64 and labels.shape == images.shape[:1] and len(labels) > 0
+    )  # fmt: skip
+    if not ok:
+        got = {k: (getattr(v, "dtype", type(v).__name__), tuple(getattr(v, "shape", ())))
+               for k, v in (("images", images), ("labels", labels))}  # fmt: skip
+        raise BamError(
+            f"corrupt prepared MNIST file {path}: got {got}, expected uint8 images (N, 28, 28)"
+            f" and int64 labels (N,), N > 0; {hint}"
+        )
+    return images, labels
 
 
 def data_sha256(*tensors: torch.Tensor) -> str:

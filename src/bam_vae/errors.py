@@ -7,3 +7,9 @@ class BamError(Exception):
 
 class Interrupted(BamError):
     """A stage stopped on SIGINT/SIGTERM after leaving a checkpoint to resume from."""
+
+
+def reason(exc: BaseException, limit: int = 200) -> str:
+    """The first line of an exception's message (its type if the message is empty)."""
+    lines = str(exc).strip().splitlines()
+    return (lines[0] if lines else type(exc).__name__)[:limit]

@@ -22,7 +22,7 @@ from bam_vae.checkpoints import Checkpoint, checkpoint_path, config_key, stop_on
 from bam_vae.config import EvaluatorConfig
 from bam_vae.data import data_sha256, load_split
 from bam_vae.models import n_parameters
-from bam_vae.paths import load_saved_model, save_torch, write_json
+from bam_vae.paths import load_saved_model, save_torch, staged_outputs, write_json
 from bam_vae.train import configure_threads, epoch_order, resolve_device, seed_everything
 
 MODEL_PATH = Path("models/evaluator.pt")
@@ -144,13 +144,15 @@ def train_evaluator(
             ckpt.save(state)
 
     model.cpu()
-    save_torch({"config": cfg.model_dump(), "state_dict": model.state_dict()}, model_path)
     metrics = {
         **state.history[-1],
         "epochs": cfg.epochs,
         "n_parameters": n_parameters(model),
     }
-    write_json(metrics_path, metrics)
+    with staged_outputs() as out:
+        blob = {"config": cfg.model_dump(), "state_dict": model.state_dict()}
+        save_torch(blob, out.path(model_path))
+        write_json(out.path(metrics_path), metrics)
     ckpt.remove()
     if metrics["test_accuracy"] < MIN_ACCURACY:
         print(

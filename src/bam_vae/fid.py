@@ -27,7 +27,7 @@ from bam_vae import tracking
 from bam_vae.checkpoints import config_key
 from bam_vae.config import FidConfig, Params
 from bam_vae.data import load_split, sha256
-from bam_vae.errors import BamError, Interrupted
+from bam_vae.errors import BamError, Interrupted, reason
 from bam_vae.evaluator import MODEL_PATH as EVALUATOR_PATH
 from bam_vae.evaluator import digit_metrics, label_accuracy, load_evaluator, predict
 from bam_vae.paths import atomic_path, file_sha256, project_root, write_json
@@ -130,7 +130,17 @@ def load_reference(space: str, ref_dir: Path = REF_DIR) -> np.ndarray:
     path = ref_dir / f"{space}.npy"
     if not path.is_file():
         raise BamError(f"FID reference {path} not found; run `bam fid-reference --space {space}`")
-    return np.load(path)
+    hint = f"delete it and run `bam fid-reference --space {space}`"
+    try:
+        features = np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as exc:
+        raise BamError(f"corrupt FID reference {path}: {reason(exc)}; {hint}") from None
+    if features.ndim != 2 or features.dtype.kind != "f" or len(features) < 2:
+        raise BamError(
+            f"corrupt FID reference {path}: {features.dtype} array of shape {features.shape},"
+            f" expected float features (N >= 2, D); {hint}"
+        )
+    return features
 
 
 def load_generated(path: Path = GENERATED) -> np.ndarray:
@@ -179,6 +189,7 @@ def compute(params: Params, metrics_path: Path = METRICS_PATH) -> dict:
     run holds one set of scores per sampler it was scored with."""
     cfg = params.fid
     ref = tracking.read_run_ref()
+    tracking.init()  # an unreachable tracking server fails here, before any work
     generated = as_images(load_generated())
     sampler = generated_sampler()
     metrics: dict = {"sampler": sampler, "n_generated": len(generated)}

@@ -21,7 +21,7 @@ from bam_vae import tracking
 from bam_vae.config import Params
 from bam_vae.data import load_split
 from bam_vae.models import VAE, load_model
-from bam_vae.paths import atomic_path, file_sha256, write_json
+from bam_vae.paths import file_sha256, staged_outputs, write_json
 from bam_vae.samplers import build_sampler
 from bam_vae.train import MODEL_PATH
 
@@ -50,6 +50,7 @@ def fit_sampler(
     vae, model_cfg = load_model(model_path)
     sampler = build_sampler(cfg, model_cfg.arch, vae.z_dim, vae.conditional)
     run_id = tracking.read_run_ref()["run_id"]
+    tracking.init()  # an unreachable tracking server fails here, before any work
     start = time.perf_counter()
     metrics: dict = {"sampler": cfg.sampler, "z_dim": vae.z_dim}
     if cfg.sampler != "prior":
@@ -57,17 +58,16 @@ def fit_sampler(
         metrics |= {"n_latents": len(latents)} | sampler.fit(latents, labels)
     metrics["fit_seconds"] = round(time.perf_counter() - start, 3)
 
-    # Logged first, moved into place last: a failure leaves the earlier file as it was.
-    with tempfile.TemporaryDirectory() as tmp:
-        staged = Path(tmp) / f"{cfg.sampler}.npz"
-        sampler.save(staged, file_sha256(model_path))
+    # Logged first, moved into place last: a failure leaves the earlier files as they were.
+    with tempfile.TemporaryDirectory() as tmp, staged_outputs() as staged:
+        logged = Path(tmp) / f"{cfg.sampler}.npz"  # the artifact's name in the run
+        sampler.save(logged, file_sha256(model_path))
         scalars = {f"{cfg.sampler}/{k}": v for k, v in metrics.items() if k != "sampler"}
         with tracking.reopen_run(run_id):
-            mlflow.log_artifact(str(staged), "sampler")
+            mlflow.log_artifact(str(logged), "sampler")
             mlflow.log_metrics(scalars)
             mlflow.set_tag(f"{cfg.sampler}/config", json.dumps(sampler.config()))
-        with atomic_path(out) as target:
-            target.write_bytes(staged.read_bytes())
-    write_json(metrics_path, metrics)
+        staged.path(out).write_bytes(logged.read_bytes())
+        write_json(staged.path(metrics_path), metrics)
     print(f"fit-sampler: {cfg.sampler} fitted in {metrics['fit_seconds']:.1f} s -> {out}")
     return metrics

@@ -25,7 +25,7 @@ from bam_vae.errors import BamError
 from bam_vae.figures import image_grid, image_panels, image_rows
 from bam_vae.fit_sampler import SAMPLER_PATH, posterior_means
 from bam_vae.models import VAE, load_model
-from bam_vae.paths import atomic_path, file_sha256, write_json
+from bam_vae.paths import file_sha256, staged_outputs, write_json
 from bam_vae.samplers import (
     KINDS,
     LatentSampler,
@@ -105,6 +105,7 @@ def generate(
     fig_dir: Path = FIG_DIR,
 ) -> dict:
     cfg = params.generate
+    tracking.init()  # an unreachable tracking server fails here, before any work
     model_path, run_id = resolve_model(model_uri)
     vae, model_cfg = load_model(model_path)
     sampler = resolve_sampler(cfg, vae, model_cfg.arch, model_path, run_id, bool(model_uri))
@@ -116,23 +117,23 @@ def generate(
     with torch.no_grad():
         rebuilt = vae.reconstruct(x, y if vae.conditional else None)
 
-    # Everything is computed before anything is written.
-    with atomic_path(out_dir / "images.npy") as tmp, tmp.open("wb") as fh:
-        np.save(fh, images[:, 0].numpy().astype(np.float32))
-    (out_dir / "labels.npy").unlink(missing_ok=True)
-    if labels is not None:  # the digits asked for, for label accuracy in compute-fid
-        with atomic_path(out_dir / "labels.npy") as tmp, tmp.open("wb") as fh:
-            np.save(fh, labels.numpy())
-    write_json(out_dir / "meta.json", {"sampler": cfg.sampler, "n": cfg.n, "seed": cfg.seed,
-                                       "model_uri": model_uri or str(MODEL_PATH)})  # fmt: skip
-    grid, recon = fig_dir / "samples.png", fig_dir / "reconstructions.png"
-    image_grid(images, grid, nrow=math.ceil(math.sqrt(cfg.n)))
-    title = f"first {cfg.per_digit} test images of each digit (top) and reconstructions (bottom)"
-    image_rows([x, rebuilt], ["test", "recon"], title, recon)
-
-    with tracking.reopen_run(run_id):
-        mlflow.log_artifact(str(grid), f"figures/{cfg.sampler}")
-        mlflow.log_artifact(str(recon), "figures")
+    # Written aside, logged, then moved into place together: a failure changes nothing.
+    with staged_outputs() as out:
+        np.save(out.path(out_dir / "images.npy"), images[:, 0].numpy().astype(np.float32))
+        if labels is None:
+            out.remove(out_dir / "labels.npy")
+        else:  # the digits asked for, for label accuracy in compute-fid
+            np.save(out.path(out_dir / "labels.npy"), labels.numpy())
+        meta = {"sampler": cfg.sampler, "n": cfg.n, "seed": cfg.seed,
+                "model_uri": model_uri or str(MODEL_PATH)}  # fmt: skip
+        write_json(out.path(out_dir / "meta.json"), meta)
+        grid, recon = out.path(fig_dir / "samples.png"), out.path(fig_dir / "reconstructions.png")
+        image_grid(images, grid, nrow=math.ceil(math.sqrt(cfg.n)))
+        title = f"first {cfg.per_digit} test images of each digit (top) and reconstructions"
+        image_rows([x, rebuilt], ["test", "recon"], title + " (bottom)", recon)
+        with tracking.reopen_run(run_id):
+            mlflow.log_artifact(str(grid), f"figures/{cfg.sampler}")
+            mlflow.log_artifact(str(recon), "figures")
     print(f"generate: {cfg.n} images ({cfg.sampler} sampler) -> {out_dir / 'images.npy'},"
           f" figures in {fig_dir}")  # fmt: skip
     return {"n": cfg.n, "run_id": run_id, "sampler": cfg.sampler}

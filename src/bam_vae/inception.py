@@ -26,7 +26,7 @@ import torchvision
 from pytorch_fid.inception import InceptionV3
 from tqdm import tqdm
 
-from bam_vae.errors import BamError
+from bam_vae.errors import BamError, reason
 from bam_vae.paths import atomic_path, user_cache
 
 FID_WEIGHTS_NAME = "pt_inception-2015-12-05-6726825d.pth"
@@ -153,7 +153,7 @@ def load_inception(weights: Path, device: str | torch.device) -> torch.nn.Module
                 use_fid_inception=True,
             )
     except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = reason(exc)
         raise BamError(f"cannot load Inception weights {weights}: {first}") from exc
     return model.to(device).eval()
 

@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 
 from bam_vae import tracking
-from bam_vae.errors import BamError
+from bam_vae.errors import BamError, reason
 from bam_vae.figures import plt, save_figure
 from bam_vae.paths import atomic_path
 from bam_vae.samplers import KINDS
@@ -79,7 +79,7 @@ def collect(
             output_format="pandas",
         )
     except mlflow.exceptions.MlflowException as exc:
-        raise BamError(f"bad run query {query!r}: {str(exc).splitlines()[0]}") from None
+        raise BamError(f"bad run query {query!r}: {reason(exc)}") from None
     if "params.model.arch" in runs:
         runs = runs[runs["params.model.arch"].notna()]  # training runs only, not reports
     if runs.empty:

@@ -24,7 +24,7 @@ from bam_vae.evaluator import MODEL_PATH as EVALUATOR_PATH
 from bam_vae.evaluator import load_evaluator, predict
 from bam_vae.figures import image_rows
 from bam_vae.models import VAE, load_model
-from bam_vae.paths import write_json
+from bam_vae.paths import staged_outputs, write_json
 
 FIGURE = Path("figures/robustness.png")
 METRICS_PATH = Path("metrics/robustness.json")
@@ -50,6 +50,8 @@ def respond(vae: VAE, x: torch.Tensor, y: torch.Tensor, params: Params) -> dict[
 
 def robustness(params: Params, figure: Path = FIGURE, metrics_path: Path = METRICS_PATH) -> dict:
     cfg = params.robustness
+    run_id = tracking.read_run_ref()["run_id"]
+    tracking.init()  # an unreachable tracking server fails here, before any work
     vae, _ = load_model("models/vae.pt")
     evaluator = load_evaluator(EVALUATOR_PATH)
     images, labels = load_split(params.data.out_dir, "test")
@@ -72,10 +74,11 @@ def robustness(params: Params, figure: Path = FIGURE, metrics_path: Path = METRI
         rows += [x[:10], res["recon"][:10]]
         names += [f"{kind} noise", "recon"]
     title = "Pure noise (rows 1, 3) and the VAE's reconstructions of it (rows 2, 4)"
-    image_rows(rows, names, title, figure)
-    write_json(metrics_path, metrics)
-    with tracking.reopen_run(tracking.read_run_ref()["run_id"]):
-        mlflow.log_metrics(metrics)
-        mlflow.log_artifact(str(figure), "figures")
+    with staged_outputs() as out:
+        image_rows(rows, names, title, out.path(figure))
+        write_json(out.path(metrics_path), metrics)
+        with tracking.reopen_run(run_id):
+            mlflow.log_metrics(metrics)
+            mlflow.log_artifact(str(out.path(figure)), "figures")
     print("robustness: " + ", ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
     return metrics

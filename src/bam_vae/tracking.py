@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -63,9 +64,36 @@ def store_lock() -> Iterator[None]:
         yield
 
 
+def check_server(uri: str, timeout: float = 5.0) -> None:
+    """A remote tracking URI must answer its health check within seconds.
+
+    MLflow's client retries an unreachable server with backoff for minutes before it fails
+    with a long traceback; this asks once, up front, before any work is done."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    try:
+        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout) as reply:
+            ok = reply.status == 200
+    except (OSError, ValueError) as exc:
+        reason = getattr(exc, "reason", None) or exc
+        raise BamError(
+            f"MLFLOW_TRACKING_URI {uri}: tracking server unreachable ({reason}); start it or"
+            " unset MLFLOW_TRACKING_URI to use the project's own store"
+        ) from None
+    if not ok:
+        raise BamError(f"MLFLOW_TRACKING_URI {uri}: health check answered {reply.status}")
+
+
+_checked: set[str] = set()
+
+
 def init(experiment: str = EXPERIMENT) -> str:
     """Point MLflow at the project store and return the experiment id (created if new)."""
-    mlflow.set_tracking_uri(tracking_uri())
+    uri = tracking_uri()
+    if uri not in _checked:
+        check_server(uri)
+        _checked.add(uri)
+    mlflow.set_tracking_uri(uri)
     with store_lock():
         found = mlflow.get_experiment_by_name(experiment)
         if found is not None:
@@ -90,9 +118,10 @@ def git_commit() -> str:
     return os.environ.get("DVC_EXP_BASELINE_REV", "unknown")
 
 
-def run_tags(data_sha256: str, sweep: str) -> dict[str, str]:
+def run_tags(data_sha256: str, sweep: str, run_key: str) -> dict[str, str]:
     commit = git_commit()
     tags = {
+        "bam_run_key": run_key,  # model + train params + data: finds orphans of a crash
         "dvc_exp_name": os.environ.get("DVC_EXP_NAME", ""),
         "dvc_exp_baseline_rev": os.environ.get("DVC_EXP_BASELINE_REV", ""),
         "git_commit": commit,
@@ -127,6 +156,11 @@ def log_generator(
     ``pt2`` (torch.export) loads without unpickling any code. Input examples have a batch of
     two, which keeps the batch dimension dynamic. Returns (model uri, version).
     """
+    run_id = mlflow.active_run().info.run_id
+    # A rerun after a stop between registration and the end of the stage: reuse that version.
+    for found in client().search_model_versions(f"run_id = '{run_id}'"):
+        if found.name == registered_name(arch):
+            return found.source, str(found.version)
     info = mlflow.pytorch.log_model(
         generator.eval().cpu(),
         name="generator",
@@ -141,6 +175,28 @@ def log_generator(
     with store_lock():
         version = mlflow.register_model(info.model_uri, registered_name(arch))
     return info.model_uri, str(version.version)
+
+
+def run_exists(run_id: str) -> bool:
+    try:
+        client().get_run(run_id)
+    except mlflow.exceptions.MlflowException:
+        return False
+    return True
+
+
+def settle_orphans(run_key: str, keep: str) -> list[str]:
+    """Mark KILLED the runs of ``run_key`` left RUNNING by a crash or SIGKILL (not ``keep``).
+
+    Called while holding that key's lock, so no live process owns them."""
+    orphans = client().search_runs(
+        [init()], f"tags.bam_run_key = '{run_key}' and attributes.status = 'RUNNING'"
+    )
+    settled = [r.info.run_id for r in orphans if r.info.run_id != keep]
+    for run_id in settled:
+        client().set_terminated(run_id, status="KILLED")
+        print(f"train: run {run_id} was left RUNNING by a crashed process; marked KILLED")
+    return settled
 
 
 def write_run_ref(path: Path, **ref: str) -> None:
@@ -163,6 +219,11 @@ def read_run_ref(path: Path = RUN_REF) -> dict[str, str]:
 def reopen_run(run_id: str) -> Iterator[mlflow.ActiveRun]:
     """Log a later stage's results into the MLflow run of the model it scores."""
     init()
+    if not run_exists(run_id):
+        raise BamError(
+            f"MLflow run {run_id} (from {RUN_REF}) is not in {tracking_uri()}; restore that"
+            " store (or point MLFLOW_TRACKING_URI at it), or retrain with `dvc repro`"
+        )
     with mlflow.start_run(run_id=run_id) as run:
         yield run
 

@@ -25,7 +25,7 @@ from bam_vae.config import Params, TrainConfig
 from bam_vae.data import data_sha256, load_split
 from bam_vae.errors import BamError, Interrupted
 from bam_vae.models import build_model, n_parameters, save_model
-from bam_vae.paths import atomic_path, write_json
+from bam_vae.paths import staged_outputs, write_json
 
 MODEL_PATH = Path("models/vae.pt")
 METRICS_PATH = Path("metrics/train.json")
@@ -122,8 +122,13 @@ def fit(
     run_ref_path: Path = tracking.RUN_REF,
     on_batch: Callable[[int], None] | None = None,
 ) -> dict:
-    """Run the stage. ``on_batch(step)`` is called after each optimiser step (tests use it)."""
+    """Run the stage. ``on_batch(step)`` is called after each optimiser step (tests use it).
+
+    All or nothing: the outputs are written aside and moved into place only after the model
+    is logged and registered, so a failure or a signal at any point leaves the previous
+    outputs as they were, the MLflow run KILLED (or FAILED) and a checkpoint to resume."""
     cfg = params.train
+    tracking.init()  # an unreachable tracking server fails here, before any work
     device = resolve_device(cfg.device)
     threads = configure_threads(cfg.threads)
     train_images, train_labels = load_split(params.data.out_dir, "train")
@@ -138,52 +143,75 @@ def fit(
     model = build_model(params.model).to(device)
     optimizers = model.configure_optimizers(cfg)
 
-    ckpt = Checkpoint(checkpoint_path(run_key(params, digest)), model, optimizers, "train")
-    state = ckpt.resume()
+    key = run_key(params, digest)
+    ckpt = Checkpoint(checkpoint_path(key), model, optimizers, "train")
+    with ckpt.owned():
+        state = ckpt.resume()
+        if state.run_id and not tracking.run_exists(state.run_id):
+            print(f"train: the checkpoint's MLflow run {state.run_id} is gone; logging a new run")
+            state.run_id = ""
+        tracking.settle_orphans(key, keep=state.run_id)
+        with mlflow.start_run(run_id=state.run_id or None) as run:
+            if not state.run_id:
+                state.run_id = run.info.run_id
+                mlflow.log_params(tracking.flat_params(params.model_dump(mode="json")))
+                mlflow.log_params({"n_parameters": n_parameters(model),
+                                   "n_train_images": len(x_train), "torch_threads": threads,
+                                   "device": str(device)})  # fmt: skip
+                mlflow.set_tags(tracking.run_tags(digest, cfg.sweep, key))
+            try:
+                with stop_on_signals() as stopped:
+                    data = (x_train, y_train, x_test, y_test)
+                    _epochs(model, optimizers, data, cfg, device, state, on_batch, stopped, ckpt)
+                    after = model.after_training(x_train, y_train, cfg, ckpt, stopped)
+                    paths = (model_path, metrics_path, history_path, run_ref_path)
+                    final, version = _export(params, model, state, after, paths, ckpt, stopped)
+            except (Interrupted, KeyboardInterrupt):
+                mlflow.end_run(status="KILLED")
+                raise
+        ckpt.remove()
+    print(f"train: registered {tracking.registered_name(params.model.arch)} version {version}")
+    return final
 
-    tracking.init()
-    with mlflow.start_run(run_id=state.run_id or None) as run:
-        if not state.run_id:
-            state.run_id = run.info.run_id
-            mlflow.log_params(tracking.flat_params(params.model_dump(mode="json")))
-            mlflow.log_params({"n_parameters": n_parameters(model), "n_train_images": len(x_train),
-                               "torch_threads": threads, "device": str(device)})  # fmt: skip
-            mlflow.set_tags(tracking.run_tags(digest, cfg.sweep))
-        try:
-            with stop_on_signals() as stopped:
-                data = (x_train, y_train, x_test, y_test)
-                _epochs(model, optimizers, data, cfg, device, state, on_batch, stopped, ckpt)
-                after = model.after_training(x_train, y_train, cfg, ckpt, stopped)
-        except Interrupted:
-            mlflow.end_run(status="KILLED")
-            raise
 
-        if after:
-            mlflow.log_metrics(after)
+def _export(params, model, state, after, paths, ckpt, stopped) -> tuple[dict, str]:
+    """Log, register and write the trained model; checks for a signal between steps."""
+    model_path, metrics_path, history_path, run_ref_path = paths
+    cfg, arch = params.train, params.model.arch
+
+    def check() -> None:
+        if stopped():
+            raise Interrupted(
+                f"train: interrupted while exporting the trained model; checkpoint {ckpt.path}"
+                " -- run again with the same params to finish (outputs are unchanged)"
+            )
+
+    check()
+    if after:
+        mlflow.log_metrics(after)
+    with staged_outputs() as out:
         model.cpu()
-        save_model(model, params.model, model_path)
-        mlflow.log_artifact(str(model_path), artifact_path="checkpoint")
-        model_uri, version = tracking.log_generator(*model.export_module(), params.model.arch)
+        save_model(model, params.model, out.path(model_path))
+        mlflow.log_artifact(str(out.path(model_path)), artifact_path="checkpoint")
+        check()
+        model_uri, version = tracking.log_generator(*model.export_module(), arch)
+        check()
         final = {k: v for k, v in state.history[-1].items() if k != "epoch"} | after
         final |= {"epochs": cfg.epochs, "n_parameters": n_parameters(model)}
-        write_json(metrics_path, final)
-        with atomic_path(history_path) as tmp:
-            pd.DataFrame(state.history).to_csv(tmp, index=False)
-        mlflow.log_artifact(str(history_path))
-        mlflow.set_tag(
-            "registered_model_version", f"{tracking.registered_name(params.model.arch)}/{version}"
-        )
+        write_json(out.path(metrics_path), final)
+        pd.DataFrame(state.history).to_csv(out.path(history_path), index=False)
+        mlflow.log_artifact(str(out.path(history_path)))
+        mlflow.set_tag("registered_model_version", f"{tracking.registered_name(arch)}/{version}")
         tracking.write_run_ref(
-            run_ref_path,
+            out.path(run_ref_path),
             run_id=state.run_id,
-            experiment_id=run.info.experiment_id,
-            model_name=tracking.registered_name(params.model.arch),
+            experiment_id=mlflow.active_run().info.experiment_id,
+            model_name=tracking.registered_name(arch),
             model_version=version,
             model_uri=model_uri,
         )
-    ckpt.remove()
-    print(f"train: registered {tracking.registered_name(params.model.arch)} version {version}")
-    return final
+        check()
+    return final, version
 
 
 def _epochs(model, optimizers, data, cfg, device, state, on_batch, stopped, ckpt) -> None:

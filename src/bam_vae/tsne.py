@@ -22,7 +22,7 @@ from bam_vae.config import Params
 from bam_vae.data import load_split
 from bam_vae.figures import plt, save_figure
 from bam_vae.models import VAE, load_model
-from bam_vae.paths import atomic_path
+from bam_vae.paths import staged_outputs
 from bam_vae.train import configure_threads
 
 FIGURE = Path("figures/tsne.png")
@@ -83,15 +83,18 @@ def plot(xy: np.ndarray, labels: np.ndarray, z_dim: int, method: str, path: Path
 
 def tsne(params: Params, figure: Path = FIGURE, coords: Path = COORDS) -> dict:
     cfg = params.tsne
+    run_id = tracking.read_run_ref()["run_id"]
+    tracking.init()  # an unreachable tracking server fails here, before any work
     vae, _ = load_model("models/vae.pt")
     images, labels = load_split(params.data.out_dir, "test")
     z = encode(vae, images[: cfg.n], labels[: cfg.n])
     labels = labels[: cfg.n].numpy()
     xy, method = embed(z, cfg.perplexity, cfg.seed, configure_threads(params.train.threads))
-    plot(xy, labels, z.shape[1], method, figure)
-    with atomic_path(coords) as tmp:
-        pd.DataFrame({"x": xy[:, 0], "y": xy[:, 1], "digit": labels}).to_csv(tmp, index=False)
-    with tracking.reopen_run(tracking.read_run_ref()["run_id"]):
-        mlflow.log_artifact(str(figure), "figures")
+    with staged_outputs() as out:
+        plot(xy, labels, z.shape[1], method, out.path(figure))
+        table = pd.DataFrame({"x": xy[:, 0], "y": xy[:, 1], "digit": labels})
+        table.to_csv(out.path(coords), index=False)
+        with tracking.reopen_run(run_id):
+            mlflow.log_artifact(str(out.path(figure)), "figures")
     print(f"tsne: {len(z)} test images, {method} -> {figure}")
     return {"n": len(z), "method": method}

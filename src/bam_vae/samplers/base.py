@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from bam_vae.errors import BamError
+from bam_vae.errors import BamError, reason
 from bam_vae.paths import atomic_path
 
 if TYPE_CHECKING:
@@ -158,8 +158,8 @@ def read_file(path: Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
             arrays = {k: blob[k] for k in blob.files}
         meta = json.loads(str(arrays.pop("meta")))
     except Exception as exc:
-        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise BamError(f"corrupt sampler file {path}: {reason}; run `bam fit-sampler`") from None
+        why = reason(exc)
+        raise BamError(f"corrupt sampler file {path}: {why}; run `bam fit-sampler`") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise BamError(f"sampler file {path} is not a bam-vae sampler (expected {FORMAT})")
     return meta, arrays
