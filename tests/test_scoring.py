@@ -63,7 +63,7 @@ def test_missing_inputs_name_the_file_and_the_fix(tmp_path):
         load_generated(tmp_path / "images.npy")
     bad = tmp_path / "bad.npy"
     np.save(bad, np.zeros((3, 5)))
-    with pytest.raises(BamError, match=r"shape \(3, 5\), expected \(N, 28, 28\)"):
+    with pytest.raises(BamError, match=r"shape \(3, 5\), expected float \(N, 28, 28\)"):
         load_generated(bad)
 
 

@@ -126,33 +126,31 @@ def reference(params: Params, space: str, ref_dir: Path = REF_DIR, chunk: int = 
     return out
 
 
-def load_reference(space: str, ref_dir: Path = REF_DIR) -> np.ndarray:
-    path = ref_dir / f"{space}.npy"
+def load_array(path: Path, what: str, shape: str, ok: Callable[[np.ndarray], bool], hint: str):
+    """A float ``.npy`` array (no pickles) that passes ``ok``; else one line naming the file."""
     if not path.is_file():
-        raise BamError(f"FID reference {path} not found; run `bam fid-reference --space {space}`")
-    hint = f"delete it and run `bam fid-reference --space {space}`"
+        raise BamError(f"{what} {path} not found; {hint}")
     try:
-        features = np.load(path, allow_pickle=False)
+        array = np.load(path, allow_pickle=False)
     except (ValueError, OSError, EOFError) as exc:
-        raise BamError(f"corrupt FID reference {path}: {reason(exc)}; {hint}") from None
-    if features.ndim != 2 or features.dtype.kind != "f" or len(features) < 2:
+        raise BamError(f"corrupt {what} {path}: {reason(exc)}; {hint}") from None
+    if array.dtype.kind != "f" or not ok(array):
         raise BamError(
-            f"corrupt FID reference {path}: {features.dtype} array of shape {features.shape},"
-            f" expected float features (N >= 2, D); {hint}"
+            f"corrupt {what} {path}: {array.dtype} array of shape {array.shape}, expected float"
+            f" {shape}; {hint}"
         )
-    return features
+    return array
+
+
+def load_reference(space: str, ref_dir: Path = REF_DIR) -> np.ndarray:
+    hint = f"run `bam fid-reference --space {space}`"
+    ok = lambda a: a.ndim == 2 and len(a) >= 2  # noqa: E731
+    return load_array(ref_dir / f"{space}.npy", "FID reference", "(N >= 2, D)", ok, hint)
 
 
 def load_generated(path: Path = GENERATED) -> np.ndarray:
-    if not path.is_file():
-        raise BamError(f"generated images {path} not found; run `bam generate` first")
-    try:
-        images = np.load(path)
-    except (ValueError, OSError) as exc:
-        raise BamError(f"corrupt generated images {path}: {exc}") from None
-    if images.ndim != 3 or images.shape[1:] != (28, 28):
-        raise BamError(f"generated images {path}: shape {images.shape}, expected (N, 28, 28)")
-    return images
+    ok = lambda a: a.ndim == 3 and a.shape[1:] == (28, 28) and len(a) > 0  # noqa: E731
+    return load_array(path, "generated images", "(N, 28, 28)", ok, "run `bam generate`")
 
 
 # ---------------------------------------------------------------------------- stage

@@ -1,0 +1,168 @@
+"""Every input file of every stage, corrupted in several ways: one line naming the file, a
+non-zero exit (a ``BamError``), and no output file or MLflow row changed."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import sqlite3
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from bam_vae.config import parse_params
+from bam_vae.errors import BamError
+from bam_vae.evaluator import train_evaluator
+from bam_vae.fid import compute, reference
+from bam_vae.fit_sampler import fit_sampler
+from bam_vae.generate import generate
+from bam_vae.robustness import robustness
+from bam_vae.train import fit
+from bam_vae.tsne import tsne
+
+
+class Pickled:  # any object that only unpickling could rebuild
+    pass
+
+
+RAW = {
+    "data": {"out_dir": "data/mnist", "sources": ["pypi"]},
+    "model": {"arch": "cnn", "z_dim": 4, "channels": [8, 16]},
+    "train": {"epochs": 1, "batch_size": 64, "threads": 1},
+    "evaluator": {"epochs": 1, "batch_size": 64, "feature_dim": 16, "threads": 1},
+    "generate": {"n": 60, "per_digit": 1, "gmm": {"components": 2}},
+    "fid": {"kid_subsets": 3, "kid_subset_size": 50},
+    "tsne": {"n": 100, "perplexity": 10},
+    "robustness": {"n": 20},
+}
+PARAMS = parse_params(RAW)
+
+STAGES = {
+    "train": (lambda: fit(PARAMS), ["data/mnist/train.pt", "data/mnist/test.pt"]),
+    "train-evaluator": (
+        lambda: train_evaluator(PARAMS.evaluator, "data/mnist"), ["data/mnist/train.pt"],
+    ),
+    "fid-reference": (
+        lambda: reference(PARAMS, "classifier"), ["models/evaluator.pt", "data/mnist/test.pt"],
+    ),
+    "fit-sampler": (
+        lambda: fit_sampler(PARAMS),
+        ["models/vae.pt", "models/mlflow_run.json", "data/mnist/train.pt"],
+    ),
+    "generate-1024": (
+        lambda: generate(PARAMS),
+        ["models/vae.pt", "models/sampler.npz", "models/mlflow_run.json", "data/mnist/test.pt"],
+    ),
+    "compute-fid": (
+        lambda: compute(PARAMS),
+        ["data/generated/images.npy", "data/generated/meta.json", "data/fid_ref/classifier.npy",
+         "models/evaluator.pt", "models/mlflow_run.json"],
+    ),
+    "tsne": (lambda: tsne(PARAMS), ["models/vae.pt", "models/mlflow_run.json",
+                                    "data/mnist/test.pt"]),
+    "robustness": (
+        lambda: robustness(PARAMS),
+        ["models/vae.pt", "models/evaluator.pt", "models/mlflow_run.json", "data/mnist/test.pt"],
+    ),
+}  # fmt: skip
+
+
+def _pickled(path: Path) -> None:
+    if path.suffix == ".pt":
+        torch.save({"images": Pickled(), "config": Pickled()}, path)
+    elif path.suffix == ".npy":
+        np.save(path, np.array([Pickled()], dtype=object), allow_pickle=True)
+    elif path.suffix == ".npz":
+        np.savez(path, meta=np.array([Pickled()], dtype=object))
+    else:
+        path.write_text('{"run_id": ')
+
+
+def _wrong_content(path: Path) -> None:
+    """A well-formed file of the right format holding the wrong thing."""
+    if path.suffix == ".pt":
+        torch.save({"images": torch.zeros(3, 5), "labels": torch.zeros(2)}, path)
+    elif path.suffix == ".npy":
+        np.save(path, np.zeros(7, dtype=np.float32))
+    elif path.suffix == ".npz":
+        np.savez(path, weights=np.zeros(3))
+    else:
+        path.write_text('{"unexpected": 1}')
+
+
+CORRUPTIONS = {
+    "empty": lambda p: p.write_bytes(b""),
+    "truncated": lambda p: p.write_bytes(p.read_bytes()[: max(1, p.stat().st_size // 2)]),
+    "garbage": lambda p: p.write_bytes(b"\x00not what you think\xff" * 8),
+    "pickled": _pickled,
+    "wrong content": _wrong_content,
+}
+CASES = [
+    pytest.param(stage, name, kind, id=f"{stage}:{name}:{kind}")
+    for stage, (_, inputs) in STAGES.items()
+    for name in inputs
+    for kind in CORRUPTIONS
+]
+
+
+@pytest.fixture(scope="module")
+def template(tiny_mnist, tmp_path_factory) -> Path:
+    """A tiny project where every stage has run once."""
+    root = tmp_path_factory.mktemp("template")
+    (root / "dvc.yaml").write_text("stages: {}\n")
+    shutil.copytree(tiny_mnist, root / "data/mnist")
+    cwd, saved_env = Path.cwd(), {k: os.environ.pop(k, None) for k in ("MLFLOW_TRACKING_URI",
+                                                                       "DVC_ROOT")}  # fmt: skip
+    os.chdir(root)
+    try:
+        fit(PARAMS)
+        train_evaluator(PARAMS.evaluator, "data/mnist")
+        reference(PARAMS, "classifier")
+        fit_sampler(PARAMS)
+        generate(PARAMS)
+        compute(PARAMS)
+        tsne(PARAMS)
+        robustness(PARAMS)
+    finally:
+        os.chdir(cwd)
+        os.environ.update({k: v for k, v in saved_env.items() if v is not None})
+    return root
+
+
+def snapshot(root: Path) -> dict[str, str]:
+    """Every file's digest (outputs, checkpoints, artifacts) and every MLflow table's rows."""
+    files = {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and p.name != "mlflow.db" and ".lock" not in p.name
+    }
+    with sqlite3.connect(root / "mlruns/mlflow.db") as db:
+        tables = [r[0] for r in db.execute("select name from sqlite_master where type='table'")]
+        for table in tables:
+            rows = sorted(map(repr, db.execute(f"select * from {table}")))  # noqa: S608
+            files[f"db:{table}"] = hashlib.sha256("".join(rows).encode()).hexdigest()
+    return files
+
+
+@pytest.mark.parametrize(("stage", "name", "kind"), CASES)
+def test_corrupt_input_is_one_line_and_changes_nothing(
+    stage, name, kind, template, tmp_path, monkeypatch
+):
+    root = tmp_path / "project"
+    shutil.copytree(template, root)
+    monkeypatch.chdir(root)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("DVC_ROOT", raising=False)
+    CORRUPTIONS[kind](root / name)
+    before = snapshot(root)
+    run, _ = STAGES[stage]
+    with pytest.raises(BamError) as err:
+        run()
+    message = str(err.value)
+    assert "\n" not in message and name in message, message
+    assert "weights_only" not in message and "Traceback" not in message, message
+    assert snapshot(root) == before
+    assert not list(root.rglob(".staging-*"))
