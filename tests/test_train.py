@@ -67,6 +67,7 @@ def test_interrupted_run_resumes_to_the_uninterrupted_result(project, tiny):
 
 def test_mlflow_run_holds_params_curves_tags_and_a_registered_version(project, tiny, monkeypatch):
     monkeypatch.setenv("DVC_EXP_NAME", "tidy-fish")
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.2")  # a short run
     params = tiny(train={"epochs": 2, "sweep": "unit"})
     final = fit(params)
     ref = json.loads((project / "models/mlflow_run.json").read_text())
@@ -78,6 +79,14 @@ def test_mlflow_run_holds_params_curves_tags_and_a_registered_version(project, t
     assert run.data.tags["sweep"] == "unit"
     assert len(run.data.tags["data_sha256"]) == 64
     assert run.data.metrics["test_loss"] == pytest.approx(final["test_loss"])
+    # The data as MLflow 3 dataset inputs (file, SHA-256), and system metrics while training.
+    inputs = {d.dataset.name: d for d in run.inputs.dataset_inputs}
+    assert sorted(inputs) == ["mnist-test", "mnist-train"]
+    train_input = inputs["mnist-train"]
+    assert [t.value for t in train_input.tags if t.key == "mlflow.data.context"] == ["training"]
+    sha = next(t.value for t in train_input.tags if t.key == "sha256")
+    assert len(sha) == 64 and train_input.dataset.digest == sha[:32]
+    assert "system/cpu_utilization_percentage" in run.data.metrics
     steps = tracking.client().get_metric_history(ref["run_id"], "test_kl")
     assert [m.step for m in steps] == [1, 2]
     # Artifacts live under mlruns/artifacts of the project, not the working directory.

@@ -245,9 +245,31 @@ def ui(
     port: Annotated[int, typer.Option(help="port on 127.0.0.1")] = 5000,
 ) -> None:
     """Start the MLflow UI on the project's store, bound to 127.0.0.1."""
-    from bam_vae.tracking import serve_ui
+    from bam_vae.server import serve_ui
 
     serve_ui(port)
+
+
+@app.command()
+@command
+def server(
+    db: Annotated[
+        str | None,
+        typer.Option(help="backend store: postgresql://user:password@host/db (or $BAM_SERVER_DB)"),
+    ] = None,
+    artifacts: Annotated[
+        str, typer.Option(help="where the server keeps artifacts: a folder or s3://bucket/path")
+    ] = "mlflow-artifacts",
+    host: Annotated[str, typer.Option(help="address to bind (127.0.0.1: this machine only)")] = (
+        "127.0.0.1"
+    ),
+    port: Annotated[int, typer.Option(help="port")] = 5000,
+    workers: Annotated[int, typer.Option(min=1, help="server worker processes")] = 2,
+) -> None:
+    """Start a team's MLflow tracking server: PostgreSQL backend, proxied artifacts."""
+    from bam_vae.server import serve
+
+    serve(db, artifacts, host, port, workers)
 
 
 def main() -> None:  # pragma: no cover - console entry point

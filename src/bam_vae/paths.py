@@ -133,23 +133,33 @@ def exclusive(lock_file: Path, what: str) -> Iterator[None]:
     """Hold ``lock_file`` for this process, or fail at once naming the process that holds it.
 
     An OS lock (``flock``): it dies with its process, so a crash or SIGKILL never leaves a
-    stale lock behind."""
+    stale lock behind. The file is removed on release; whoever locked a file that was removed
+    meanwhile tries again on the new one."""
     lock_file.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o666)
-    try:
+    while True:
+        fd = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o666)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "another process"
-            raise BamError(
-                f"{what} is in use by {holder}; wait for it to finish or stop it"
-            ) from None
+            os.close(fd)
+            message = f"{what} is in use by {holder}; wait for it to finish or stop it"
+            raise BamError(message) from None
+        try:
+            same = os.fstat(fd).st_ino == os.stat(lock_file).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)
+    try:
         command = " ".join(Path(a).name if i == 0 else a for i, a in enumerate(sys.argv[:2]))
-        os.ftruncate(fd, 0)
         holder = f"pid {os.getpid()} ({command}, since {time.strftime('%H:%M:%S')})"
+        os.ftruncate(fd, 0)
         os.pwrite(fd, holder.encode(), 0)
         yield
     finally:
+        lock_file.unlink(missing_ok=True)  # while still held, so nobody locks a stale file
         os.close(fd)
 
 

@@ -10,10 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-import signal
-import socket
 import subprocess
-import sys
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -27,7 +24,6 @@ import torch
 from filelock import FileLock
 from mlflow.tracking import MlflowClient
 
-from bam_vae.checkpoints import stop_on_signals
 from bam_vae.errors import BamError
 from bam_vae.paths import project_root, write_json
 
@@ -47,6 +43,11 @@ def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{store_dir() / 'mlflow.db'}"
 
 
+def is_remote(uri: str | None = None) -> bool:
+    """A tracking server (``http(s)://``): it stores runs and artifacts, nothing local."""
+    return (uri or tracking_uri()).startswith(("http://", "https://"))
+
+
 def artifact_root() -> Path:
     return store_dir() / "artifacts"
 
@@ -59,9 +60,26 @@ def store_lock() -> Iterator[None]:
     multi-statement and fail with "database is locked" or duplicate rows when two
     ``dvc queue`` workers race. Metric logging is short and goes unlocked.
     """
+    if is_remote():  # the server's database serialises its own writers
+        yield
+        return
     store_dir().mkdir(parents=True, exist_ok=True)
     with FileLock(str(store_dir() / ".store.lock"), timeout=600):
         yield
+
+
+def _create_experiment(name: str) -> str:
+    # Opens the UI on "Training runs" rather than MLflow 3's GenAI overview.
+    tags = {"mlflow.experimentKind": "custom_model_development"}
+    if not is_remote():
+        # Explicit: MLflow's default artifact location is relative to the working directory.
+        artifact_root().mkdir(parents=True, exist_ok=True)
+        return mlflow.create_experiment(name, artifact_root().as_uri(), tags)
+    # A server picks the location itself (its proxied artifact store, for every client).
+    try:
+        return mlflow.create_experiment(name, tags=tags)
+    except mlflow.exceptions.MlflowException:  # another client created it just now
+        return mlflow.get_experiment_by_name(name).experiment_id
 
 
 def check_server(uri: str, timeout: float = 5.0) -> None:
@@ -69,7 +87,7 @@ def check_server(uri: str, timeout: float = 5.0) -> None:
 
     MLflow's client retries an unreachable server with backoff for minutes before it fails
     with a long traceback; this asks once, up front, before any work is done."""
-    if not uri.startswith(("http://", "https://")):
+    if not is_remote(uri):
         return
     try:
         with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout) as reply:
@@ -96,17 +114,7 @@ def init(experiment: str = EXPERIMENT) -> str:
     mlflow.set_tracking_uri(uri)
     with store_lock():
         found = mlflow.get_experiment_by_name(experiment)
-        if found is not None:
-            experiment_id = found.experiment_id
-        else:
-            # Explicit: MLflow's default artifact location is relative to the working directory.
-            artifact_root().mkdir(parents=True, exist_ok=True)
-            experiment_id = mlflow.create_experiment(
-                experiment,
-                artifact_location=artifact_root().as_uri(),
-                # Opens the UI on "Training runs" rather than MLflow 3's GenAI overview.
-                tags={"mlflow.experimentKind": "custom_model_development"},
-            )
+        experiment_id = found.experiment_id if found else _create_experiment(experiment)
     mlflow.set_experiment(experiment_id=experiment_id)
     return experiment_id
 
@@ -135,6 +143,21 @@ def run_tags(data_sha256: str, sweep: str, run_key: str) -> dict[str, str]:
     return tags
 
 
+def log_dataset(path: Path, sha256: str, context: str, n: int) -> None:
+    """The data a run saw, as an MLflow dataset input: its file, SHA-256 and size."""
+    import warnings
+
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+
+    with warnings.catch_warnings():  # "can be interpreted in multiple ways": both are local
+        warnings.simplefilter("ignore")
+        source = resolve_dataset_source(str(Path(path).resolve()))
+    name = f"mnist-{Path(path).stem}"
+    dataset = MetaDataset(source=source, name=name, digest=sha256[:32])  # digest: 36 chars max
+    mlflow.log_input(dataset, context=context, tags={"sha256": sha256, "n_images": str(n)})
+
+
 def flat_params(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     flat: dict[str, Any] = {}
     for key, value in tree.items():
@@ -160,9 +183,9 @@ def log_generator(
     """
     run_id = mlflow.active_run().info.run_id
     # A rerun after a stop between registration and the end of the stage: reuse that version.
-    for found in client().search_model_versions(f"run_id = '{run_id}'"):
-        if found.name == registered_name(arch):
-            return found.source, str(found.version)
+    found = _version_of_run(run_id, arch)
+    if found:
+        return found
     info = mlflow.pytorch.log_model(
         generator.eval().cpu(),
         name="generator",
@@ -175,8 +198,23 @@ def log_generator(
         ],
     )
     with store_lock():
-        version = mlflow.register_model(info.model_uri, registered_name(arch))
-    return info.model_uri, str(version.version)
+        for attempt in range(5):  # parallel writers on a server can race for a version number
+            try:
+                version = mlflow.register_model(info.model_uri, registered_name(arch))
+                return info.model_uri, str(version.version)
+            except mlflow.exceptions.MlflowException:
+                time.sleep(0.5 * (attempt + 1))
+                found = _version_of_run(run_id, arch)  # registered, but the reply was lost
+                if found:
+                    return found
+        raise BamError(f"could not register {registered_name(arch)} for run {run_id}")
+
+
+def _version_of_run(run_id: str, arch: str) -> tuple[str, str] | None:
+    for found in client().search_model_versions(f"run_id = '{run_id}'"):
+        if found.name == registered_name(arch):
+            return found.source, str(found.version)
+    return None
 
 
 def run_exists(run_id: str) -> bool:
@@ -253,41 +291,3 @@ def download_artifact(run_id: str, artifact_path: str) -> Path:
         raise BamError(
             f"run {run_id} has no {artifact_path} artifact: {exc}".splitlines()[0]
         ) from None
-
-
-def ui_command(port: int) -> list[str]:
-    return [
-        sys.executable, "-m", "mlflow", "ui",
-        "--backend-store-uri", tracking_uri(),
-        "--default-artifact-root", artifact_root().as_uri(),
-        "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-    ]  # fmt: skip
-
-
-def serve_ui(port: int) -> None:
-    """Run the MLflow UI on the project store until interrupted (Ctrl-C or SIGTERM).
-
-    The UI is a tree of processes (uvicorn, job runners); it gets a process group of its own,
-    and the whole group is stopped with this command, so no server is left listening.
-    """
-    with socket.socket() as probe:  # MLflow's server logs a taken port but exits 0
-        if probe.connect_ex(("127.0.0.1", port)) == 0:
-            raise BamError(f"--port {port}: 127.0.0.1:{port} is already in use; pick another port")
-    init()  # creates the store and experiment, so a fresh checkout shows an empty experiment
-    print(
-        f"MLflow UI for {tracking_uri()} at http://127.0.0.1:{port}  (Ctrl-C stops it)", flush=True
-    )
-    ui = subprocess.Popen(ui_command(port), start_new_session=True)
-    with stop_on_signals() as stopped:
-        while ui.poll() is None and not stopped():
-            time.sleep(0.2)
-    if ui.poll() is None:
-        os.killpg(ui.pid, signal.SIGTERM)
-        try:
-            ui.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(ui.pid, signal.SIGKILL)
-            ui.wait()
-        return
-    if ui.returncode:
-        raise BamError(f"the MLflow UI exited with status {ui.returncode}; see its log above")

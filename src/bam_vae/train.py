@@ -151,9 +151,16 @@ def fit(
             print(f"train: the checkpoint's MLflow run {state.run_id} is gone; logging a new run")
             state.run_id = ""
         tracking.settle_orphans(key, keep=state.run_id)
-        with mlflow.start_run(run_id=state.run_id or None) as run:
+        # System metrics (CPU, memory; GPU with pynvml) are sampled while the run is open.
+        with mlflow.start_run(run_id=state.run_id or None, log_system_metrics=True) as run:
             if not state.run_id:
                 state.run_id = run.info.run_id
+                splits = {"train": (train_images, train_labels, "training"),
+                          "test": (test_images, test_labels, "evaluation")}  # fmt: skip
+                for split, (images, labels, context) in splits.items():
+                    path = Path(params.data.out_dir) / f"{split}.pt"
+                    sha = data_sha256(images, labels)
+                    tracking.log_dataset(path, sha, context, len(images))
                 mlflow.log_params(tracking.flat_params(params.model_dump(mode="json")))
                 mlflow.log_params({"n_parameters": n_parameters(model),
                                    "n_train_images": len(x_train), "torch_threads": threads,

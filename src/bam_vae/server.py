@@ -1,0 +1,135 @@
+"""MLflow servers: the project's own UI (``bam ui``) and a team's tracking server (``bam server``).
+
+The team server keeps runs and the model registry in PostgreSQL and proxies artifacts
+(``--artifacts-destination``: a folder, or ``s3://...``), so every client logs models and
+figures through it and none writes to its own disk. Both servers are trees of processes
+(uvicorn, workers) started in a process group of their own and stopped whole.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from bam_vae import tracking
+from bam_vae.checkpoints import stop_on_signals
+from bam_vae.errors import BamError, reason
+
+DB_ENV = "BAM_SERVER_DB"
+
+
+def check_port(host: str, port: int) -> None:
+    with socket.socket() as probe:  # MLflow's server logs a taken port but exits 0
+        if probe.connect_ex((host, port)) == 0:
+            raise BamError(f"--port {port}: {host}:{port} is already in use; pick another port")
+
+
+def run_until_stopped(command: list[str], what: str) -> None:
+    """Run ``command`` in its own process group until it exits or we get SIGINT/SIGTERM,
+    then stop the whole group, so no server is left listening."""
+    proc = subprocess.Popen(command, start_new_session=True)
+    with stop_on_signals() as stopped:
+        while proc.poll() is None and not stopped():
+            time.sleep(0.2)
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        return
+    if proc.returncode:
+        raise BamError(f"the {what} exited with status {proc.returncode}; see its log above")
+
+
+# ---------------------------------------------------------------------------- bam ui
+def ui_command(port: int) -> list[str]:
+    return [
+        sys.executable, "-m", "mlflow", "ui",
+        "--backend-store-uri", tracking.tracking_uri(),
+        "--default-artifact-root", tracking.artifact_root().as_uri(),
+        "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+    ]  # fmt: skip
+
+
+def serve_ui(port: int) -> None:
+    """The MLflow UI on the project store until Ctrl-C or SIGTERM; with a tracking server
+    URI, that server already is the team's UI, so say where instead of starting another."""
+    if tracking.is_remote():
+        tracking.check_server(tracking.tracking_uri())
+        print(f"MLflow UI of the tracking server: {tracking.tracking_uri()}")
+        return
+    check_port("127.0.0.1", port)
+    tracking.init()  # creates the store and experiment, so a fresh checkout shows an empty one
+    print(
+        f"MLflow UI for {tracking.tracking_uri()} at http://127.0.0.1:{port}  (Ctrl-C stops it)",
+        flush=True,
+    )
+    run_until_stopped(ui_command(port), "MLflow UI")
+
+
+# ---------------------------------------------------------------------------- bam server
+def sqlalchemy_uri(db: str) -> str:
+    """``postgresql://`` means psycopg 3 here (SQLAlchemy's default driver is psycopg2)."""
+    if db.startswith("postgresql://"):
+        return "postgresql+psycopg://" + db.removeprefix("postgresql://")
+    if db.startswith(("postgresql+", "sqlite:///")):
+        return db
+    raise BamError(f"--db {db!r}: expected a postgresql://user:password@host/database URI")
+
+
+def upgrade_schema(db: str) -> None:
+    """Create the tables of an empty database, or migrate an older MLflow's (idempotent)."""
+    done = subprocess.run(
+        [sys.executable, "-m", "mlflow", "db", "upgrade", db], capture_output=True, text=True
+    )
+    if done.returncode:
+        lines = [line for line in done.stderr.splitlines() if line.strip()]
+        raise BamError(f"database {redact(db)}: {lines[-1] if lines else 'upgrade failed'}")
+
+
+def redact(db: str) -> str:
+    """The URI without its password, for messages."""
+    head, at, tail = db.rpartition("@")
+    if not at or ":" not in head.split("//", 1)[-1]:
+        return db
+    scheme, _, user_pass = head.partition("//")
+    return f"{scheme}//{user_pass.split(':', 1)[0]}:***@{tail}"
+
+
+def server_command(db: str, artifacts: str, host: str, port: int, workers: int) -> list[str]:
+    return [
+        sys.executable, "-m", "mlflow", "server",
+        "--backend-store-uri", db,
+        "--artifacts-destination", artifacts,
+        "--host", host, "--port", str(port), "--workers", str(workers),
+    ]  # fmt: skip
+
+
+def serve(db: str | None, artifacts: str, host: str, port: int, workers: int) -> None:
+    """A team's tracking server: ``db`` (or ``$BAM_SERVER_DB``) as the backend store,
+    artifacts proxied to ``artifacts`` (a folder or an ``s3://`` URI)."""
+    db = db or os.environ.get(DB_ENV)
+    if not db:
+        raise BamError(f"--db: no database given; pass --db postgresql://... or set {DB_ENV}")
+    db = sqlalchemy_uri(db)
+    check_port(host, port)
+    if "://" not in artifacts:
+        artifacts = str(Path(artifacts).resolve())
+        try:
+            Path(artifacts).mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise BamError(f"--artifacts {artifacts}: {reason(exc)}") from None
+    upgrade_schema(db)
+    print(
+        f"MLflow tracking server on {redact(db)}, artifacts in {artifacts}\n"
+        f"  clients: export MLFLOW_TRACKING_URI=http://{host}:{port}   (Ctrl-C stops it)",
+        flush=True,
+    )
+    run_until_stopped(server_command(db, artifacts, host, port, workers), "tracking server")

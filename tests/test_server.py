@@ -1,0 +1,157 @@
+"""A team's setup, for real: PostgreSQL, `bam server` on it, a bare git origin, a folder as the
+DVC remote, and two clones that share everything through them (issue 10)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import time
+import urllib.request
+import uuid
+from pathlib import Path
+
+import mlflow
+import pytest
+from conftest import env_with_venv
+from test_pipeline import copy_repo
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
+DEADLINE = 300  # seconds; only catches hangs
+
+
+def as_postgres(*cmd: str) -> subprocess.CompletedProcess:
+    prefix = (
+        ["runuser", "-u", "postgres", "--"]
+        if os.geteuid() == 0
+        else ["sudo", "-n", "-u", "postgres"]
+    )
+    return subprocess.run([*prefix, *cmd], capture_output=True, text=True)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def database():
+    """A fresh database on the machine's PostgreSQL 15 (started if it is not running)."""
+    if not shutil.which("pg_ctlcluster"):
+        pytest.fail("PostgreSQL is not installed: .ci/run installs Debian's postgresql")
+    subprocess.run(["pg_ctlcluster", "15", "main", "start"], capture_output=True)
+    ready = as_postgres("psql", "-tAc", "select 1")
+    assert ready.returncode == 0, ready.stderr
+    as_postgres("psql", "-c", "create role bam login password 'bam'")  # may exist already
+    name = f"bam_test_{uuid.uuid4().hex[:8]}"
+    made = as_postgres("createdb", "-O", "bam", name)
+    assert made.returncode == 0, made.stderr
+    yield f"postgresql://bam:bam@127.0.0.1:5432/{name}"
+    as_postgres("dropdb", "--if-exists", "--force", name)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_healthy(uri: str, proc: subprocess.Popen, log: Path) -> None:
+    deadline = time.monotonic() + DEADLINE
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, f"bam server exited:\n{log.read_text()}"
+        try:
+            with urllib.request.urlopen(f"{uri}/health", timeout=2) as reply:
+                if reply.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.5)
+    pytest.fail(f"bam server never answered:\n{log.read_text()}")
+
+
+@pytest.fixture(scope="module")
+def server(database, tmp_path_factory):
+    root = tmp_path_factory.mktemp("server")
+    port, log = free_port(), root / "server.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen(
+            ["bam", "server", "--db", database, "--artifacts", str(root / "artifacts"),
+             "--port", str(port), "--workers", "1"],
+            cwd=root, env=env_with_venv(), stdout=out, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    uri = f"http://127.0.0.1:{port}"
+    wait_healthy(uri, proc, log)
+    yield {"uri": uri, "artifacts": root / "artifacts", "proc": proc, "log": log}
+    if proc.poll() is None:
+        proc.terminate()  # bam server stops its whole process group
+        proc.wait(timeout=60)
+
+
+def bam(cwd: Path, *args: str, uri: str) -> subprocess.CompletedProcess:
+    env = env_with_venv() | {"MLFLOW_TRACKING_URI": uri}
+    return subprocess.run(["bam", *args], cwd=cwd, env=env, capture_output=True, text=True)
+
+
+def sh(cwd: Path, *cmd: str, uri: str | None = None) -> str:
+    env = env_with_venv() | ({"MLFLOW_TRACKING_URI": uri} if uri else {})
+    done = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, f"{' '.join(cmd)} failed:\n{done.stdout}\n{done.stderr}"
+    return done.stdout + done.stderr
+
+
+def test_two_clones_share_runs_models_data_and_experiments(server, tmp_path):
+    uri = server["uri"]
+    origin, remote = tmp_path / "origin.git", tmp_path / "dvc-remote"
+    sh(tmp_path, "git", "init", "-q", "--bare", str(origin))
+
+    # Clone A: the tiny pipeline against the server, then data and code to the shared places.
+    a = tmp_path / "a"
+    a.mkdir()
+    copy_repo(a)
+    sh(a, "dvc", "remote", "add", "-d", "shared", str(remote))
+    sh(a, "dvc", "repro", uri=uri)
+    assert not (a / "mlruns").exists() or not any((a / "mlruns").iterdir()), "logged locally"
+    promoted = bam(a, "promote", uri=uri)
+    assert promoted.returncode == 0, promoted.stderr
+    sh(a, "git", "add", "-A")
+    sh(a, "git", "commit", "-qm", "tiny pipeline")
+    sh(a, "git", "remote", "add", "origin", str(origin))
+    sh(a, "git", "push", "-q", "origin", "HEAD:main")
+    sh(a, "dvc", "push")
+    # An experiment on top (sampler only: no retraining), shared through git and the remote.
+    sh(a, "dvc", "exp", "run", "--temp", "-n", "prior-sampler", "-S", "generate.sampler=prior",
+       uri=uri)  # fmt: skip
+    sh(a, "dvc", "exp", "push", "origin", "prior-sampler")
+    # A run's artifacts went to the server's store, under the experiment's proxied location.
+    ref = json.loads((a / "models/mlflow_run.json").read_text())
+    assert list(server["artifacts"].rglob("vae.pt")), "the model never reached the server"
+    client = mlflow.MlflowClient(uri)
+    experiment = client.get_experiment_by_name("bam-vae")
+    assert experiment.artifact_location.startswith("mlflow-artifacts:")
+    assert client.get_run(ref["run_id"]).info.status == "FINISHED"
+
+    # Clone B, elsewhere, empty caches: pull, and nothing needs to run again.
+    b = tmp_path / "b"
+    sh(tmp_path, "git", "clone", "-q", "-b", "main", str(origin), str(b))
+    sh(b, "dvc", "pull")
+    assert "up to date" in sh(b, "dvc", "status")
+    sh(b, "dvc", "exp", "pull", "origin", "prior-sampler")
+    assert "prior-sampler" in sh(b, "dvc", "exp", "list")
+    generated = bam(b, "generate", "--model", "models:/bam-vae-cnn@champion", "--out",
+                    "gen", "--figures", "gen-figures", uri=uri)  # fmt: skip
+    assert generated.returncode == 0, generated.stdout + generated.stderr
+    assert (b / "gen/images.npy").is_file()
+    assert (bam(b, "report", uri=uri)).returncode == 0
+    ui = bam(b, "ui", uri=uri)
+    assert ui.returncode == 0 and uri in ui.stdout
+    assert not (b / "mlruns").exists() or not any((b / "mlruns").iterdir())
+
+    # Server down: one line naming the URI, within seconds, nothing written.
+    server["proc"].terminate()
+    server["proc"].wait(timeout=60)
+    before = (b / "gen/images.npy").read_bytes()
+    start = time.monotonic()
+    down = bam(b, "generate", "--model", "models:/bam-vae-cnn@champion", "--out", "gen",
+               uri=uri)  # fmt: skip
+    assert down.returncode == 2
+    lines = [line for line in down.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and uri in lines[0] and "unreachable" in lines[0], down.stderr
+    assert time.monotonic() - start < 60  # interpreter start included
+    assert (b / "gen/images.npy").read_bytes() == before
