@@ -101,6 +101,42 @@ def sh(cwd: Path, *cmd: str, uri: str | None = None) -> str:
     return done.stdout + done.stderr
 
 
+def test_parallel_writers_give_one_finished_run_and_one_version_each(server, tmp_path,
+                                                                     tiny_mnist):  # fmt: skip
+    sweep = f"parallel-{uuid.uuid4().hex[:6]}"
+    procs = []
+    for seed in range(4):
+        root = tmp_path / f"writer{seed}"
+        root.mkdir()
+        (root / "dvc.yaml").write_text("stages: {}\n")
+        params = {"data": {"out_dir": str(tiny_mnist)},
+                  "model": {"z_dim": 4, "channels": [8, 16]},
+                  "train": {"epochs": 1, "threads": 1, "seed": seed, "sweep": sweep}}  # fmt: skip
+        (root / "params.yaml").write_text(json.dumps(params))
+        env = env_with_venv() | {"MLFLOW_TRACKING_URI": server["uri"]}
+        procs.append(
+            subprocess.Popen(
+                ["bam", "train"],
+                cwd=root,
+                env=env,
+                text=True,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+            )
+        )
+    for proc in procs:
+        out = proc.communicate(timeout=DEADLINE)[0]
+        assert proc.returncode == 0, out
+    client = mlflow.MlflowClient(server["uri"])
+    experiment = client.get_experiment_by_name("bam-vae").experiment_id
+    runs = client.search_runs([experiment], f"tags.sweep = '{sweep}'")
+    assert sorted(r.info.status for r in runs) == ["FINISHED"] * 4
+    versions = [
+        v for r in runs for v in client.search_model_versions(f"run_id = '{r.info.run_id}'")
+    ]
+    assert len(versions) == 4 and len({v.version for v in versions}) == 4
+
+
 def test_two_clones_share_runs_models_data_and_experiments(server, tmp_path):
     uri = server["uri"]
     origin, remote = tmp_path / "origin.git", tmp_path / "dvc-remote"

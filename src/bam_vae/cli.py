@@ -272,5 +272,32 @@ def server(
     serve(db, artifacts, host, port, workers)
 
 
+@app.command()
+@command
+def sweep(
+    grid: Annotated[
+        list[str],
+        typer.Option("--set-param", "-S", help="KEY=V1,V2,... as in `dvc exp run -S`; the grid"
+                     " is the product over every -S (repeatable)"),
+    ],
+    address: Annotated[
+        str | None,
+        typer.Option(help="Ray cluster: auto or HOST:PORT of `ray start --head` (default: a new"
+                     " local Ray instance on 127.0.0.1)"),
+    ] = None,
+    num_cpus: Annotated[float, typer.Option(help="CPUs per trial (Ray resource)")] = 1.0,
+    num_gpus: Annotated[float, typer.Option(help="GPUs per trial (Ray resource)")] = 0.0,
+    name: Annotated[
+        str | None,
+        typer.Option(help="sweep name: MLflow tag and experiments NAME-1..N (default:"
+                     " sweep-YYYYmmdd-HHMMSS)"),
+    ] = None,
+) -> None:  # fmt: skip
+    """Run a grid of DVC experiments (committed code) on a Ray cluster, one trial per point."""
+    from bam_vae.cluster import sweep as run
+
+    run(grid, address=address, num_cpus=num_cpus, num_gpus=num_gpus, name=name)
+
+
 def main() -> None:  # pragma: no cover - console entry point
     sys.exit(app())

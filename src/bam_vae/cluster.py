@@ -140,8 +140,12 @@ def repo_root(start: Path) -> Path:
 
 def dirty_files(root: Path) -> list[str]:
     """Tracked files with uncommitted changes (staged or not); untracked files do not count."""
-    out = _git(root, "status", "--porcelain", "--untracked-files=no")
-    return [line[3:].strip() for line in out.splitlines() if line.strip()]
+    done = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                          capture_output=True, text=True)  # fmt: skip
+    if done.returncode:
+        raise BamError(f"git status in {root}: {done.stderr.strip() or done.returncode}")
+    # "XY path" or "XY old -> new" (a rename): name the path as it is now.
+    return [line[3:].split(" -> ")[-1] for line in done.stdout.splitlines() if line.strip()]
 
 
 def check_clean(root: Path) -> None:
@@ -308,7 +312,8 @@ def _cores() -> int:
 
 
 def trial_env(trial: Trial, clone: Path, same_host: bool) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("DVC_", "BAM_"))}
+    # Not the Ray worker's own settings (nor its cluster token), nor a DVC run's.
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("DVC_", "RAY_"))}
     env.pop("MLFLOW_RUN_ID", None)
     env.update(trial.env)
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
@@ -356,9 +361,9 @@ def run_trial(trial: Trial, board: Any = None) -> dict[str, Any]:
         return rc == 0
 
     try:
+        fetch = ["git", "clone", "--quiet", "--no-checkout", trial.source, str(clone)]
         if not (
-            step("clone", ["git", "clone", "--quiet", "--no-checkout", trial.source, str(clone)],
-                 work)  # fmt: skip
+            step("clone", fetch, work)
             and step("clone", ["git", "checkout", "--quiet", trial.commit], clone)
         ):
             return result
@@ -415,12 +420,12 @@ def _import_ray(local: bool) -> Any:
         # A local instance listens on 127.0.0.1 only: Ray's "single-node" mode (its switch is
         # named for Windows/macOS, where that is the default).
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-        if not os.environ.get("RAY_AUTH_TOKEN") and not os.environ.get("RAY_AUTH_MODE"):
-            if not (Path.home() / ".ray" / "auth_token").is_file():
-                # Token auth with a token that lives as long as this sweep's instance,
-                # rather than one Ray would write into ~/.ray.
-                os.environ["RAY_AUTH_MODE"] = "token"
-                os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(16)
+        own = os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_MODE")
+        if not own and not (Path.home() / ".ray" / "auth_token").is_file():
+            # Token auth with a token that lives as long as this sweep's instance, rather
+            # than one Ray would write into ~/.ray.
+            os.environ["RAY_AUTH_MODE"] = "token"
+            os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(16)
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     import ray
 
@@ -436,16 +441,17 @@ def connect(address: str | None, num_cpus: float, num_gpus: float) -> Iterator[A
     ray = _import_ray(local)
     kwargs: dict[str, Any] = {"log_to_driver": False, "logging_level": logging.WARNING}
     try:
-        if local:
-            ray.init(address="local", include_dashboard=False, **kwargs)
+        if local:  # trials pass small dicts: a small object store is plenty
+            ray.init(address="local", include_dashboard=False, object_store_memory=200 * 2**20,
+                     **kwargs)  # fmt: skip
         else:
             ray.init(address=address, **kwargs)
     except Exception as exc:
-        where = "a local Ray instance" if local else f"the Ray cluster at {address}"
+        if local:
+            raise BamError(f"cannot start a local Ray instance: {reason(exc)}") from None
         raise BamError(
-            f"cannot start or reach {where}: {reason(exc)}"
-            + ("" if local else " (is `ray start --head` running there? RAY_AUTH_MODE=token"
-               " and its token are needed if the cluster uses token auth)")  # fmt: skip
+            f"cannot reach the Ray cluster at {address}: {reason(exc)} (is `ray start --head`"
+            " running there? With token auth, set RAY_AUTH_MODE=token and its token)"
         ) from None
     try:
         nodes = [n for n in ray.nodes() if n.get("Alive")]
@@ -470,32 +476,134 @@ def connect(address: str | None, num_cpus: float, num_gpus: float) -> Iterator[A
 
 # ------------------------------------------------------------------------------ the sweep
 @dataclass
+class Plan:
+    """A checked sweep, before any Ray or MLflow work."""
+
+    grid: list[str]
+    points: list[tuple[tuple[str, str], ...]]
+    name: str
+    root: Path
+    commit: str
+    source: str
+    cache_dir: str
+    address: str | None
+    num_cpus: float
+    num_gpus: float
+
+    @property
+    def exp_names(self) -> list[str]:
+        return [f"{self.name}-{i}" for i in range(1, len(self.points) + 1)]
+
+    @property
+    def grid_text(self) -> str:
+        return " ".join(f"-S {option}" for option in self.grid)
+
+
+@dataclass
 class SweepResult:
     name: str
     parent_run_id: str
     results: list[dict[str, Any]]
     wall_seconds: float
     status: str  # FINISHED | FAILED | KILLED
+    logs: Path
 
     @property
     def failed(self) -> list[dict[str, Any]]:
         return [r for r in self.results if r["status"] != "done"]
 
 
+def _venv_env() -> dict[str, str]:
+    return {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+
+
+def plan(
+    grid: list[str],
+    address: str | None = None,
+    num_cpus: float = 1.0,
+    num_gpus: float = 0.0,
+    name: str | None = None,
+    cwd: Path | None = None,
+) -> Plan:
+    """Every check that needs no cluster: grid, name, clean tree, params, where to clone."""
+    points = parse_grid(grid)
+    if num_cpus <= 0 or num_gpus < 0:
+        raise BamError(f"--num-cpus must be > 0 and --num-gpus >= 0 (got {num_cpus}, {num_gpus})")
+    name = name or default_name()
+    if not NAME_RE.match(name) or name.endswith((".", ".lock")):
+        raise BamError(
+            f"--name {name!r}: use letters, digits, '.', '_' and '-' (it names git refs),"
+            " e.g. --name latent-z"
+        )
+    root = repo_root(cwd or Path.cwd())
+    check_clean(root)
+
+    from bam_vae.config import ConfigError, load_params
+
+    for point in points:  # a bad value fails here, in one line, not in N trials
+        try:
+            load_params(root / "params.yaml", [f"{k}={v}" for k, v in point if ":" not in k])
+        except ConfigError as exc:
+            raise BamError(f"grid point {label(point)}: {exc}") from None
+    commit = _git(root, "rev-parse", "HEAD")
+    found = subprocess.run(["dvc", "cache", "dir"], cwd=root, capture_output=True, text=True,
+                           env=_venv_env())  # fmt: skip
+    result = Plan(
+        grid=list(grid), points=points, name=name, root=root, commit=commit,
+        source=clone_source(root, commit),
+        cache_dir=found.stdout.strip() or str(root / ".dvc" / "cache"),
+        address=address or os.environ.get("RAY_ADDRESS") or None,
+        num_cpus=num_cpus, num_gpus=num_gpus,
+    )  # fmt: skip
+    taken = existing_experiments(root, result.exp_names)
+    if taken:
+        raise BamError(f"experiments {', '.join(taken[:3])} exist already; pick another --name")
+    return result
+
+
+def run_sweep(
+    grid: list[str],
+    address: str | None = None,
+    num_cpus: float = 1.0,
+    num_gpus: float = 0.0,
+    name: str | None = None,
+    cwd: Path | None = None,
+) -> SweepResult:
+    """Run every grid point as a Ray task; print progress and the final table."""
+    checked = plan(grid, address, num_cpus, num_gpus, name, cwd)
+    os.chdir(checked.root)  # the tracking store is this checkout's (tracking.tracking_uri)
+    from bam_vae import tracking
+
+    uri = tracking.tracking_uri()
+    experiment_id = tracking.init()  # an unreachable tracking server fails here
+    with connect(checked.address, num_cpus, num_gpus) as ray:
+        driver_ip = ray.util.get_node_ip_address()
+        hosts = {n["NodeManagerAddress"] for n in ray.nodes() if n.get("Alive")}
+        if hosts - {driver_ip}:
+            if not uri.startswith(("http://", "https://", "postgresql", "mysql", "mssql")):
+                raise BamError(
+                    f"the Ray cluster has nodes on other machines ({', '.join(sorted(hosts))}),"
+                    f" which cannot write the store {uri} of this machine; start a tracking"
+                    " server and set MLFLOW_TRACKING_URI=http://... (docs/sweep.md)"
+                )
+            if checked.source == str(checked.root):
+                raise BamError(
+                    "the Ray cluster has nodes on other machines, which cannot clone this"
+                    f" checkout ({checked.root}); add an `origin` git remote they reach, and push"
+                )
+        return _drive(ray, checked, uri, experiment_id, driver_ip)
+
+
 def _short(node_id: str) -> str:
     return node_id[:8] if node_id else "-"
 
 
-def _say(t0: float, text: str) -> None:
-    print(f"[{time.monotonic() - t0:6.0f} s] {text}", flush=True)
-
-
 def table(results: list[dict[str, Any]]) -> str:
+    """The final table: one line per grid point."""
     rows = [("#", "experiment", "point", "status", "node", "time", "FID")]
     for r in sorted(results, key=lambda r: r["index"]):
         node = f"{_short(r.get('node_id', ''))} ({r['host']})" if r.get("host") else "-"
-        secs = r.get("seconds")
-        fid = r.get("fid")
+        secs, fid = r.get("seconds"), r.get("fid")
         rows.append((
             str(r["index"]), r["exp_name"], r["point"], r["status"], node,
             f"{secs:.0f} s" if secs is not None else "-",
@@ -508,120 +616,35 @@ def table(results: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def _settle(client: Any, experiment_id: str, parent: str, results: list[dict[str, Any]]) -> None:
-    """Exactly one FINISHED run (and one registered version) per finished grid point.
-
-    A trial whose node died may have left a run: RUNNING (its process was killed) or, if it
-    died after training, FINISHED with a registered version, while its retry logged another.
-    The retry's run is the point's; the others are marked KILLED and their versions deleted.
-    Runs still RUNNING once every trial has returned have no process left: KILLED."""
-    winners = {r["run_id"] for r in results if r["status"] == "done" and r["run_id"]}
-    names = {r["exp_name"]: r for r in results}
-    runs = client.search_runs([experiment_id], f"tags.sweep = '{next(iter(names)).rsplit('-', 1)[0]}'")
-    for run in runs:
-        tags = run.data.tags
-        if tags.get("mlflow.parentRunId") != parent or run.info.run_id in winners:
-            continue
-        point = names.get(tags.get("dvc_exp_name", ""))
-        duplicate = point is not None and point["status"] == "done"
-        if run.info.status == "RUNNING" or (duplicate and run.info.status == "FINISHED"):
-            client.set_terminated(run.info.run_id, status="KILLED")
-            why = f"superseded by run {point['run_id']}" if duplicate else "its trial is gone"
-            client.set_tag(run.info.run_id, "bam_sweep_settled", why)
-            for version in client.search_model_versions(f"run_id = '{run.info.run_id}'"):
-                if duplicate:
-                    client.delete_model_version(version.name, version.version)
-            print(f"sweep: run {run.info.run_id} marked KILLED ({why})")
+def _missing(trial: Trial, status: str, why: str) -> dict[str, Any]:
+    """The result of a trial that never returned one (cancelled, or lost with every retry)."""
+    return {"index": trial.index, "point": label(trial.point), "exp_name": trial.exp_name,
+            "status": status, "host": "", "node_id": "", "run_id": "", "fid": None,
+            "reason": why, "log": "", "phases": {}}  # fmt: skip
 
 
-def run_sweep(
-    grid: list[str],
-    address: str | None = None,
-    num_cpus: float = 1.0,
-    num_gpus: float = 0.0,
-    name: str | None = None,
-    cwd: Path | None = None,
-) -> SweepResult:
-    """Run every grid point as a Ray task; print progress and the final table."""
-    points = parse_grid(grid)
-    if num_cpus <= 0 or num_gpus < 0:
-        raise BamError(f"--num-cpus must be > 0 and --num-gpus >= 0 (got {num_cpus}, {num_gpus})")
-    name = name or default_name()
-    if not NAME_RE.match(name) or name.endswith((".", ".lock")):
-        raise BamError(
-            f"--name {name!r}: use letters, digits, '.', '_' and '-' (a git ref name), e.g."
-            " latent-z"
-        )
-    root = repo_root(cwd or Path.cwd())
-    check_clean(root)
-    exp_names = [f"{name}-{i}" for i in range(1, len(points) + 1)]
-    taken = existing_experiments(root, exp_names)
-    if taken:
-        raise BamError(f"experiments {', '.join(taken[:3])} exist already; pick another --name")
+def _drive(ray: Any, p: Plan, uri: str, experiment_id: str, driver_ip: str) -> SweepResult:
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    from bam_vae.config import ConfigError, load_params
-
-    for point in points:  # bad values fail here, in one line, not in N trials
-        plain = [f"{k}={v}" for k, v in point if ":" not in k]
-        try:
-            load_params(root / "params.yaml", plain)
-        except ConfigError as exc:
-            raise BamError(f"grid point {label(point)}: {exc}") from None
-    commit = _git(root, "rev-parse", "HEAD")
-    source = clone_source(root, commit)
-    cache_dir = _git(root, "rev-parse", "--git-dir")  # placeholder, replaced below
-    done = subprocess.run(["dvc", "cache", "dir"], cwd=root, capture_output=True, text=True,
-                          env={**os.environ, "PATH": f"{Path(sys.executable).parent}"
-                               f"{os.pathsep}{os.environ.get('PATH', '')}"})  # fmt: skip
-    cache_dir = done.stdout.strip() or str(root / ".dvc" / "cache")
-
-    os.chdir(root)  # the tracking store is the checkout's (tracking.tracking_uri)
     from bam_vae import tracking
 
-    uri = tracking.tracking_uri()
-    experiment_id = tracking.init()
-    with connect(address, num_cpus, num_gpus) as ray:
-        driver_ip = ray.util.get_node_ip_address()
-        hosts = {n["NodeManagerAddress"] for n in ray.nodes() if n.get("Alive")}
-        if hosts - {driver_ip}:
-            if uri.startswith(("sqlite:", "file:")) or "://" not in uri:
-                raise BamError(
-                    f"the Ray cluster has nodes on other machines ({', '.join(sorted(hosts))}),"
-                    f" which cannot write the local store {uri}; start a tracking server and set"
-                    " MLFLOW_TRACKING_URI=http://... (README: Tracking)"
-                )
-            if source == str(root):
-                raise BamError(
-                    "the Ray cluster has nodes on other machines, which cannot clone this"
-                    f" checkout ({root}); add an `origin` git remote they can reach and push"
-                )
-        return _drive(ray, locals())
-
-
-def _drive(ray: Any, ctx: dict[str, Any]) -> SweepResult:
-    from bam_vae import tracking
-
-    points, name, exp_names = ctx["points"], ctx["name"], ctx["exp_names"]
-    root, experiment_id = ctx["root"], ctx["experiment_id"]
     client = tracking.client()
-    grid_text = " ".join(f"-S {g}" for g in ctx["grid"])
     parent = client.create_run(
         experiment_id,
-        run_name=name,
+        run_name=p.name,
         tags={
-            "sweep": name, "bam_kind": "sweep", "sweep_grid": grid_text,
-            "sweep_points": str(len(points)), "git_commit": ctx["commit"],
-            "mlflow.source.git.commit": ctx["commit"], "ray_address": ctx["address"] or "local",
+            "sweep": p.name, "bam_kind": "sweep", "sweep_grid": p.grid_text,
+            "sweep_points": str(len(p.points)), "git_commit": p.commit,
+            "mlflow.source.git.commit": p.commit, "ray_address": p.address or "local",
         },
     ).info.run_id  # fmt: skip
     t0 = time.monotonic()
-    n = len(points)
-    print(
-        f"sweep {name}: {n} point{'s' * (n != 1)} of {grid_text} at {ctx['commit'][:10]}, parent"
-        f" run {parent}, store {ctx['uri']}",
-        flush=True,
-    )
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+    n = len(p.points)
+    print(f"sweep {p.name}: {n} point{'s' * (n != 1)} ({p.grid_text}) at commit {p.commit[:10]};"
+          f" parent run {parent} in {uri}", flush=True)  # fmt: skip
+
+    def say(text: str) -> None:
+        print(f"[{time.monotonic() - t0:5.0f} s] {text}", flush=True)
 
     here = ray.get_runtime_context().get_node_id()
     board = (
@@ -630,34 +653,31 @@ def _drive(ray: Any, ctx: dict[str, Any]) -> SweepResult:
         .remote()
     )
     task = ray.remote(max_retries=2, retry_exceptions=False)(run_trial).options(
-        num_cpus=ctx["num_cpus"], num_gpus=ctx["num_gpus"]
+        num_cpus=p.num_cpus, num_gpus=p.num_gpus
     )
-    identity = git_identity(root)
+    identity = git_identity(p.root)
     trials = [
-        Trial(index=i + 1, point=point, sweep=name, exp_name=exp_names[i], source=ctx["source"],
-              commit=ctx["commit"], tracking_uri=ctx["uri"], parent_run_id=parent,
-              num_cpus=ctx["num_cpus"], driver_ip=ctx["driver_ip"], root=str(root),
-              cache_dir=ctx["cache_dir"], env=identity)
-        for i, point in enumerate(points)
+        Trial(index=i + 1, point=point, sweep=p.name, exp_name=p.exp_names[i], source=p.source,
+              commit=p.commit, tracking_uri=uri, parent_run_id=parent, num_cpus=p.num_cpus,
+              driver_ip=driver_ip, root=str(p.root), cache_dir=p.cache_dir, env=identity)
+        for i, point in enumerate(p.points)
     ]  # fmt: skip
-    # Points that train the same model run one after another: the later ones then restore
-    # it from DVC's run cache instead of training it twice side by side.
+    # Points that train the same model (they differ only outside model/train/data) run one
+    # after another: the later ones restore it from DVC's run cache instead of training it
+    # again side by side, which the train checkpoint's lock would refuse.
     chains: dict[tuple, deque[Trial]] = {}
     for t in trials:
         key = tuple((k, v) for k, v in t.point if k.split(":")[-1].startswith(TRAIN_KEYS))
-        chains.setdefault(key if len(key) else ("#", t.index), deque()).append(t)
+        chains.setdefault(key, deque()).append(t)
     pending: dict[Any, tuple[Trial, tuple]] = {}
 
     def submit(chain_key: tuple) -> None:
-        chain = chains[chain_key]
-        if chain:
-            t = chain.popleft()
+        if chains[chain_key]:
+            t = chains[chain_key].popleft()
             pending[task.remote(t, board)] = (t, chain_key)
 
-    for chain_key in chains:
-        submit(chain_key)
     state = dict.fromkeys(range(1, n + 1), "pending")
-    starts: dict[int, int] = {}
+    attempts: dict[int, int] = {}
     results: dict[int, dict[str, Any]] = {}
 
     def counts() -> str:
@@ -666,17 +686,19 @@ def _drive(ray: Any, ctx: dict[str, Any]) -> SweepResult:
                          if values.count(s))  # fmt: skip
 
     def show_starts() -> None:
-        with contextlib.suppress(Exception):
+        with contextlib.suppress(Exception):  # progress only: never stops the sweep
             for index, node_id, host, _ in ray.get(board.drain.remote(), timeout=10):
-                starts[index] = starts.get(index, 0) + 1
+                attempts[index] = attempts.get(index, 0) + 1
                 state[index] = "running"
-                again = f" (attempt {starts[index]})" if starts[index] > 1 else ""
+                again = f", attempt {attempts[index]}" if attempts[index] > 1 else ""
                 t = trials[index - 1]
-                _say(t0, f"{t.exp_name} {label(t.point)}: running on node {_short(node_id)}"
-                         f" ({host}){again}  [{counts()}]")  # fmt: skip
+                say(f"{t.exp_name} {label(t.point)}: running on node {_short(node_id)} ({host}"
+                    f"{again})  [{counts()}]")  # fmt: skip
 
     status = "FINISHED"
     try:
+        for chain_key in chains:
+            submit(chain_key)
         while pending:
             ready, _ = ray.wait(list(pending), num_returns=len(pending), timeout=1.0)
             show_starts()
@@ -684,66 +706,95 @@ def _drive(ray: Any, ctx: dict[str, Any]) -> SweepResult:
                 t, chain_key = pending.pop(ref)
                 try:
                     result = ray.get(ref)
-                except Exception as exc:  # retries exhausted, worker or node lost for good
-                    result = {"index": t.index, "point": label(t.point), "exp_name": t.exp_name,
-                              "status": "failed", "host": "", "node_id": "", "run_id": "",
-                              "fid": None, "reason": f"{type(exc).__name__}: {reason(exc)}",
-                              "log": ""}  # fmt: skip
+                except Exception as exc:  # lost with every retry, or a Ray-level failure
+                    result = _missing(t, "failed", f"{type(exc).__name__}: {reason(exc)}")
+                result["attempts"] = attempts.get(t.index, 0)
                 results[t.index] = result
                 state[t.index] = "done" if result["status"] == "done" else "failed"
-                what = (f"done in {result.get('seconds', 0):.0f} s, FID {result['fid']:.1f}"
-                        if result["status"] == "done" and result.get("fid") is not None
-                        else result["status"] if result["status"] == "done"
-                        else f"FAILED: {result['reason']}")  # fmt: skip
-                _say(t0, f"{t.exp_name} {label(t.point)}: {what}  [{counts()}]")
+                if result["status"] != "done":
+                    what = f"FAILED: {result['reason']}"
+                else:
+                    fid = result.get("fid")
+                    what = f"done in {result['seconds']:.0f} s" + (
+                        f", FID {fid:.1f}" if fid is not None else "")  # fmt: skip
+                say(f"{t.exp_name} {label(t.point)}: {what}  [{counts()}]")
                 submit(chain_key)
     except KeyboardInterrupt:
         status = "KILLED"
-        _say(t0, "interrupted: cancelling the trials not finished (finished ones are kept)")
+        say("interrupted: cancelling the unfinished trials; finished ones are kept")
         for ref in pending:
             with contextlib.suppress(Exception):
                 ray.cancel(ref)
-        ready, _ = ray.wait(list(pending), num_returns=len(pending), timeout=STOP_GRACE_S + 15)
-        for ref in ready:
-            t, _key = pending[ref]
-            with contextlib.suppress(Exception):
-                results[t.index] = ray.get(ref)
+        with contextlib.suppress(Exception):  # let running trials stop their pipelines
+            ready, _ = ray.wait(list(pending), num_returns=len(pending), timeout=STOP_GRACE_S + 20)
+            for ref in ready:
+                with contextlib.suppress(Exception):
+                    t = pending[ref][0]
+                    results[t.index] = ray.get(ref)
     finally:
         for t in trials:
-            results.setdefault(t.index, {
-                "index": t.index, "point": label(t.point), "exp_name": t.exp_name,
-                "status": "cancelled", "host": "", "node_id": "", "run_id": "", "fid": None,
-                "reason": "cancelled", "log": "",
-            })  # fmt: skip
+            if t.index not in results:
+                results[t.index] = _missing(t, "cancelled", "cancelled")
         ordered = [results[t.index] for t in trials]
-        if status != "KILLED" and any(r["status"] != "done" for r in ordered):
+        if status == "FINISHED" and any(r["status"] != "done" for r in ordered):
             status = "FAILED"
-        _finish(client, experiment_id, parent, ordered, status, root, name)
-        wall = time.monotonic() - t0
+        logs = _finish(client, experiment_id, parent, ordered, status, p)
+    wall = time.monotonic() - t0
     print()
     print(table(ordered))
-    done_n = sum(r["status"] == "done" for r in ordered)
-    print(f"\nsweep {name}: {done_n} of {n} done in {wall:.0f} s; parent run {parent}"
-          f" ({status}); `bam report --sweep {name}` compares them")  # fmt: skip
-    return SweepResult(name, parent, ordered, wall, status)
+    done = sum(r["status"] == "done" for r in ordered)
+    print(f"\nsweep {p.name}: {done} of {n} done in {wall:.0f} s; parent run {parent} {status};"
+          f" compare them with `bam report --sweep {p.name}`", flush=True)  # fmt: skip
+    return SweepResult(p.name, parent, ordered, wall, status, logs)
 
 
-def _finish(client, experiment_id, parent, results, status, root: Path, name: str) -> None:
-    """Settle duplicates, keep every trial's log, record the table, close the parent run."""
-    logs = root / ".cache" / "sweeps" / name
+def _settle(client: Any, experiment_id: str, parent: str, p: Plan, results: list[dict]) -> None:
+    """Exactly one FINISHED run (and one registered version) per finished grid point.
+
+    A trial whose node died may have left a run behind: RUNNING (its processes were killed
+    before they could mark it), or FINISHED with a registered version if it died after
+    training while its retry trained again (on another machine, without its checkpoint). The
+    point's run is the one its successful attempt reported; the others are marked KILLED and
+    their versions deleted. A run still RUNNING once every trial has returned has no process
+    left: it is marked KILLED too."""
+    winners = {r["run_id"] for r in results if r["status"] == "done" and r["run_id"]}
+    by_exp = {r["exp_name"]: r for r in results}
+    for run in client.search_runs([experiment_id], f"tags.sweep = '{p.name}'"):
+        tags, run_id = run.data.tags, run.info.run_id
+        if tags.get("mlflow.parentRunId") != parent or run_id in winners:
+            continue
+        point = by_exp.get(tags.get("dvc_exp_name", ""))
+        duplicate = point is not None and point["status"] == "done" and run.info.status in (
+            "FINISHED", "RUNNING")  # fmt: skip
+        if not duplicate and run.info.status != "RUNNING":
+            continue
+        why = f"superseded by run {point['run_id']}" if duplicate else "its trial is gone"
+        client.set_terminated(run_id, status="KILLED")
+        client.set_tag(run_id, "bam_sweep_settled", why)
+        if duplicate:
+            for version in client.search_model_versions(f"run_id = '{run_id}'"):
+                client.delete_model_version(version.name, version.version)
+        print(f"sweep: run {run_id} marked KILLED ({why})", flush=True)
+
+
+def _finish(client: Any, experiment_id: str, parent: str, results: list[dict], status: str,
+            p: Plan) -> Path:  # fmt: skip
+    """Keep every trial's log, settle duplicates, record the table, close the parent run."""
+    logs = p.root / ".cache" / "sweeps" / p.name
     logs.mkdir(parents=True, exist_ok=True)
     for r in results:
         if r.get("log"):
             (logs / f"{r['exp_name']}.log").write_text(r["log"])
-    with contextlib.suppress(Exception):
-        _settle(client, experiment_id, parent, results)
-    slim = [{k: v for k, v in r.items() if k != "log"} for r in results]
-    with contextlib.suppress(Exception):
+    try:
+        _settle(client, experiment_id, parent, p, results)
+        slim = [{k: v for k, v in r.items() if k != "log"} for r in results]
         client.log_text(parent, table(results) + "\n", "sweep/table.txt")
         client.log_text(parent, json.dumps(slim, indent=2, default=str), "sweep/results.json")
         client.log_metric(parent, "points_done", sum(r["status"] == "done" for r in results))
         client.log_metric(parent, "points_failed", sum(r["status"] != "done" for r in results))
-    client.set_terminated(parent, status=status)
+    finally:
+        client.set_terminated(parent, status=status)
+    return logs
 
 
 def sweep(
@@ -753,25 +804,25 @@ def sweep(
     num_gpus: float = 0.0,
     name: str | None = None,
 ) -> SweepResult:
-    """The ``bam sweep`` command: the table, then one line and a non-zero exit on failures."""
+    """The ``bam sweep`` command: progress, the table, then one line and a non-zero exit if
+    any point failed (with the last lines of its log)."""
     result = run_sweep(grid, address, num_cpus, num_gpus, name)
-    logs = Path(".cache") / "sweeps" / result.name
     if result.status == "KILLED":
         done = len(result.results) - len(result.failed)
         raise Interrupted(
             f"sweep {result.name} interrupted: {done} of {len(result.results)} points finished"
-            f" and are kept; the others were cancelled (parent run {result.parent_run_id} KILLED)"
+            f" and are kept, the others were cancelled; parent run {result.parent_run_id} KILLED"
         )
     if result.failed:
         for r in result.failed:
-            lines = [line for line in r.get("log", "").strip().splitlines() if line.strip()]
+            lines = [line for line in r.get("log", "").splitlines() if line.strip()]
             if lines:
-                print(f"\n--- {r['exp_name']} ({r['point']}), last lines of {logs}/"
-                      f"{r['exp_name']}.log:")  # fmt: skip
+                print(f"\n--- {r['exp_name']} ({r['point']}): last lines of"
+                      f" {result.logs / (r['exp_name'] + '.log')}")  # fmt: skip
                 print("\n".join(lines[-8:]))
         names = ", ".join(r["exp_name"] for r in result.failed)
         raise BamError(
             f"sweep {result.name}: {len(result.failed)} of {len(result.results)} points failed"
-            f" ({names}); logs in {logs}/, parent run {result.parent_run_id} FAILED"
+            f" ({names}); logs in {result.logs}, parent run {result.parent_run_id} FAILED"
         )
     return result
