@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import signal
 
 import mlflow
@@ -169,3 +170,26 @@ def test_threads_split_the_cores_between_parallel_workers(monkeypatch):
         assert train.configure_threads(0) == 8
     finally:
         torch.set_num_threads(before)
+
+
+def test_bf16_training_is_deterministic_and_tracks_fp32(project, tiny):
+    fp32 = fit(tiny(train={"epochs": 2}))
+    params = tiny(train={"epochs": 2, "precision": "bf16"})
+    first = fit(params)
+    w1 = weights()
+    assert fit(params) == first
+    for key, value in weights().items():
+        assert torch.equal(value, w1[key]), key
+        assert value.is_contiguous()  # saved in the one file format, whatever the training layout
+    assert first["test_loss"] == pytest.approx(fp32["test_loss"], rel=0.05)
+    assert first != fp32  # it really ran in bf16
+
+
+@pytest.mark.parametrize("arch", ["dense", "cvae", "vqvae", "introvae"])
+def test_bf16_trains_every_arch(arch, project, tiny):
+    model = {"arch": arch, "hidden": [32, 16]}
+    if arch == "vqvae":
+        model["vq"] = {"codebook_size": 16, "code_dim": 4, "prior_epochs": 1,
+                       "prior_channels": 16, "prior_layers": 2}  # fmt: skip
+    final = fit(tiny(model=model, train={"epochs": 1, "precision": "bf16"}))
+    assert math.isfinite(final["test_loss"])

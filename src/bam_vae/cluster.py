@@ -375,8 +375,10 @@ def run_trial(trial: Trial, board: Any = None) -> dict[str, Any]:
         overrides = [arg for key, value in trial.point for arg in ("-S", f"{key}={value}")]
         cmd = ["dvc", "exp", "run", *overrides, "-S", f"train.sweep={trial.sweep}"]
         if not step("pipeline", [*cmd, "--name", trial.exp_name], clone):
-            tail = _tail(log, 4000).strip().splitlines()
-            errors = [line for line in tail if line.startswith(("error:", "ERROR"))]
+            # bam's own one-line error if there is one, else DVC's.
+            tail = _tail(log, 8000).splitlines()
+            errors = [line.removeprefix("error: ") for line in tail if line.startswith("error:")]
+            errors = errors or [line for line in tail if line.startswith("ERROR")]
             if errors:
                 result["reason"] = errors[-1][:300]
             return result

@@ -23,7 +23,13 @@ from bam_vae.config import EvaluatorConfig
 from bam_vae.data import data_sha256, load_split
 from bam_vae.models import n_parameters
 from bam_vae.paths import load_saved_model, save_torch, staged_outputs, write_json
-from bam_vae.train import configure_threads, epoch_order, resolve_device, seed_everything
+from bam_vae.train import (
+    configure_threads,
+    epoch_order,
+    fast_path,
+    resolve_device,
+    seed_everything,
+)
 
 MODEL_PATH = Path("models/evaluator.pt")
 METRICS_PATH = Path("metrics/evaluator.json")
@@ -108,6 +114,7 @@ def train_evaluator(
 
     seed_everything(cfg.seed)
     model = Evaluator(cfg.feature_dim).to(device)
+    autocast = fast_path(model, cfg.precision, device)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     n_batches = -(-len(x_train) // cfg.batch_size)
     # Decaying the rate to zero over the run lets the last epoch settle instead of bouncing.
@@ -123,7 +130,8 @@ def train_evaluator(
                        mininterval=1.0)  # fmt: skip
             for b in range(state.batch, n_batches):
                 idx = order[b * cfg.batch_size : (b + 1) * cfg.batch_size]
-                loss = F.cross_entropy(model(x_train[idx]), y_train[idx])
+                with autocast():
+                    loss = F.cross_entropy(model(x_train[idx]), y_train[idx])
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -143,7 +151,7 @@ def train_evaluator(
             state.epoch, state.batch, state.sums = epoch + 1, 0, {}
             ckpt.save(state)
 
-    model.cpu()
+    model.cpu().to(memory_format=torch.contiguous_format)
     metrics = {
         **state.history[-1],
         "epochs": cfg.epochs,

@@ -1,0 +1,408 @@
+"""`bam sweep`: grid parsing and refusals (fast), and real sweeps on a real two-node Ray
+cluster on this machine (slow): every point one FINISHED child run and one registered
+version, experiments pushed to a bare origin, a node killed mid-sweep, a diverging point."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import secrets
+import shutil
+import signal
+import socket
+import sqlite3
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import REPO, env_with_venv
+
+from bam_vae.cluster import dirty_files, parse_grid, plan, split_values
+from bam_vae.errors import BamError
+
+# Tiny trials: a few seconds of training on 300 images, 64 samples scored. The tsne and
+# robustness stages (leaves of the DAG, nothing reads them) are left out of the test project,
+# which halves a trial; the sweep runs every stage the project has.
+TINY = {
+    "data": {"sources": ["pypi"]},
+    "model": {"z_dim": 3, "channels": [8, 16]},
+    "train": {"epochs": 1, "train_fraction": 0.005, "batch_size": 64},
+    "evaluator": {"epochs": 1},
+    "generate": {"n": 64, "sampler": "prior"},
+    "fid": {"kid_subsets": 5, "kid_subset_size": 50},
+}
+DROPPED_STAGES = ("tsne", "robustness")
+DEADLINE = 900  # seconds for one sweep: catches hangs only (these machines can be very slow)
+
+
+# ------------------------------------------------------------------------------ fast
+def test_grid_is_the_product_of_the_options_in_their_order():
+    points = parse_grid(["a=1,2", "b=x"])
+    assert points == [(("a", "1"), ("b", "x")), (("a", "2"), ("b", "x"))]
+    assert len(parse_grid(["model.z_dim=1,2,3", "train.k1=0.1,0.9"])) == 6
+    # Lists and quoted strings are one value, as for `dvc exp run -S`.
+    assert split_values("[classifier,inception],[classifier]") == [
+        "[classifier,inception]",
+        "[classifier]",
+    ]
+    assert parse_grid(["fid.features=[a,b]"]) == [(("fid.features", "[a,b]"),)]
+    assert split_values("'a,b',c") == ["'a,b'", "c"]
+    assert parse_grid(["params.yaml:train.lr=0.1"]) == [(("params.yaml:train.lr", "0.1"),)]
+
+
+@pytest.mark.parametrize(
+    ("options", "says"),
+    [
+        ([], "no grid"),
+        (["a"], "expected KEY=V1,V2"),
+        (["=1,2"], "is not a param key"),
+        (["a b=1"], "is not a param key"),
+        (["a=1,,2"], "empty value"),
+        (["a="], "empty value"),
+        (["a=[1,2"], "unclosed '['"),
+        (["a=1]"], "unbalanced ']'"),
+        (["a='x"], "unclosed quote"),
+        (["a=1", "a=2"], "given twice"),
+        (["train.sweep=x"], "sets train.sweep itself"),
+        (["train.lr=range(1,3)"], "range() sweeps are not supported"),
+    ],
+)
+def test_bad_grid_is_one_line(options, says):
+    with pytest.raises(BamError) as err:
+        parse_grid(options)
+    assert says in str(err.value) and "\n" not in str(err.value)
+
+
+def _git_repo(root: Path) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "dvc.yaml").write_text("stages: {}\n")
+    shutil.copy2(REPO / "params.yaml", root / "params.yaml")
+    for cmd in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "init"]):
+        subprocess.run(cmd, cwd=root, env=env_with_venv(), check=True, capture_output=True)
+    return root
+
+
+def test_uncommitted_changes_are_refused_naming_them(tmp_path):
+    root = _git_repo(tmp_path / "repo")
+    (root / "notes.txt").write_text("untracked files do not count\n")
+    assert dirty_files(root) == []
+    with (root / "params.yaml").open("a") as file:
+        file.write("\n# edited\n")
+    with pytest.raises(BamError) as err:
+        plan(["model.z_dim=2,4"], cwd=root)
+    assert "uncommitted changes in params.yaml" in str(err.value)
+
+    # Through the CLI: one line on stderr, exit status 2, nothing started.
+    done = subprocess.run(["bam", "sweep", "-S", "model.z_dim=2,4"], cwd=root,
+                          env=env_with_venv(), capture_output=True, text=True)  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip().splitlines() == [
+        "error: uncommitted changes in params.yaml; trials run the committed code (HEAD), so"
+        " commit or stash them first"
+    ]
+
+
+def test_bad_values_and_names_fail_before_any_trial(tmp_path):
+    root = _git_repo(tmp_path / "repo")
+    with pytest.raises(BamError, match=r"grid point model\.z_dim=abc: model\.z_dim"):
+        plan(["model.z_dim=2,abc"], cwd=root)
+    with pytest.raises(BamError, match="--name 'a b'"):
+        plan(["model.z_dim=2"], name="a b", cwd=root)
+    with pytest.raises(BamError, match="--num-cpus must be > 0"):
+        plan(["model.z_dim=2"], num_cpus=0, cwd=root)
+    checked = plan(["model.z_dim=2,4", "train.lr=0.01"], name="s", cwd=root)
+    assert checked.exp_names == ["s-1", "s-2"] and checked.source == str(root)
+
+
+# ------------------------------------------------------------------------------ slow
+def run(cmd: list[str], cwd: Path, env: dict[str, str] | None = None) -> str:
+    done = subprocess.run(cmd, cwd=cwd, env=env or env_with_venv(), capture_output=True, text=True)
+    assert done.returncode == 0, f"{' '.join(cmd)} failed:\n{done.stdout}\n{done.stderr}"
+    return done.stdout + done.stderr
+
+
+def make_project(dst: Path) -> Path:
+    """This repository's tracked files with tiny params, committed and pushed to a bare
+    origin, a folder as DVC remote, and the stages every trial shares (data, evaluator, FID
+    reference) computed once, pushed and locked."""
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO,
+                           capture_output=True, text=True).stdout.split()  # fmt: skip
+    root = dst / "project"
+    for name in files:
+        if (REPO / name).is_file():
+            (root / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / name, root / name)
+    (root / "dvc.lock").unlink(missing_ok=True)
+    for path in (root / "metrics").glob("*"):
+        path.unlink()
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    for section, values in TINY.items():
+        params[section].update(values)
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    pipeline = yaml.safe_load((root / "dvc.yaml").read_text())
+    for stage in DROPPED_STAGES:
+        del pipeline["stages"][stage]
+    (root / "dvc.yaml").write_text(yaml.safe_dump(pipeline, sort_keys=False))
+    run(["git", "init", "-q", "--bare", str(dst / "origin.git")], dst)
+    run(["git", "init", "-q", "-b", "main"], root)
+    run(["git", "remote", "add", "origin", str(dst / "origin.git")], root)
+    run(["dvc", "remote", "add", "-d", "store", str(dst / "dvc-store")], root)
+    run(["dvc", "repro", "fid-reference@classifier"], root)  # data, evaluator, reference
+    run(["dvc", "push"], root)
+    run(["git", "add", "-A"], root)
+    run(["git", "commit", "-qm", "tiny project"], root)
+    run(["git", "push", "-q", "-u", "origin", "main"], root)
+    return root
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory) -> Path:
+    return make_project(tmp_path_factory.mktemp("sweep"))
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+class Cluster:
+    """A real Ray cluster of separate `ray start` nodes on this machine.
+
+    Every process it starts carries a marker in its environment, so teardown stops exactly
+    those (not `ray stop`, which would stop any Ray on the machine). Token auth with a fresh
+    token: Ray's multi-node mode listens on the machine's address, not only 127.0.0.1."""
+
+    def __init__(self) -> None:
+        self.marker = secrets.token_hex(8)
+        self.port = free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        self.env = env_with_venv() | {
+            "BAM_TEST_RAY_CLUSTER": self.marker,
+            "RAY_AUTH_MODE": "token",
+            "RAY_AUTH_TOKEN": secrets.token_hex(16),
+            "RAY_USAGE_STATS_ENABLED": "0",
+        }
+        self.env.pop("RAY_ADDRESS", None)
+        self.dirs: list[Path] = []
+        self.head = self.second = self.third = ""  # node ids
+
+    def start_node(self, head: bool = False) -> str:
+        """Start a node with 1 CPU; returns its Ray node id."""
+        temp = Path(tempfile.mkdtemp(prefix="bamray-", dir="/tmp"))  # short: socket paths
+        self.dirs.append(temp)
+        common = ["--num-cpus", "1", "--node-ip-address", "127.0.0.1", "--temp-dir", str(temp),
+                  "--object-store-memory", str(100 * 2**20), "--disable-usage-stats"]  # fmt: skip
+        if head:
+            cmd = ["ray", "start", "--head", "--port", str(self.port), "--include-dashboard=false",
+                   "--dashboard-port", str(free_port()), *common]  # fmt: skip
+        else:
+            cmd = ["ray", "start", "--address", self.address, *common]
+        run(cmd, Path(temp), self.env)
+        return self.node_id(temp)
+
+    def raylet(self, temp: Path) -> int:
+        for pid in os.listdir("/proc"):
+            with contextlib.suppress(OSError):
+                args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+                if args and args[0].endswith(b"/raylet") and str(temp).encode() in b" ".join(args):
+                    return int(pid)
+        raise AssertionError(f"no raylet of {temp} running")
+
+    def node_id(self, temp: Path) -> str:
+        args = Path(f"/proc/{self.raylet(temp)}/cmdline").read_bytes().decode().split("\0")
+        return next(a.split("=", 1)[1] for a in args if a.startswith("--node_id="))
+
+    def kill_node(self, index: int) -> None:
+        os.kill(self.raylet(self.dirs[index]), signal.SIGKILL)
+
+    def ours(self) -> list[int]:
+        found = []
+        needle = f"BAM_TEST_RAY_CLUSTER={self.marker}".encode()
+        for pid in os.listdir("/proc"):
+            with contextlib.suppress(OSError, ValueError):
+                if int(pid) != os.getpid() and needle in Path(f"/proc/{pid}/environ").read_bytes():
+                    found.append(int(pid))
+        return found
+
+    def stop(self) -> None:
+        for _ in range(3):  # raylets respawn nothing once killed, but workers may be starting
+            for pid in self.ours():
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            time.sleep(0.5)
+        for temp in self.dirs:
+            shutil.rmtree(temp, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    nodes = Cluster()
+    try:
+        nodes.head = nodes.start_node(head=True)
+        nodes.second = nodes.start_node()
+        yield nodes
+    finally:
+        nodes.stop()
+
+
+def sweep(root: Path, args: list[str], env: dict[str, str], on_line=None) -> tuple[int, str]:
+    """Run `bam sweep`, output to a file (read as it grows; ``on_line`` sees each new line);
+    on a hang, kill it and show what it printed."""
+    log = root / f".sweep-{time.monotonic_ns()}.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen(["bam", "sweep", *args], cwd=root, env=env, stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+    seen, deadline = 0, time.monotonic() + DEADLINE
+    while proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.5)
+        lines = log.read_text().splitlines()
+        if on_line:
+            for line in lines[seen:]:
+                on_line(line)
+        seen = len(lines)
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGINT)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(60)
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise AssertionError(f"bam sweep still running after {DEADLINE} s:\n{log.read_text()}")
+    output = log.read_text()
+    print(output)  # shown by pytest when an assertion fails
+    return proc.returncode, output
+
+
+def rows(root: Path, sql: str, *args) -> list[tuple]:
+    with sqlite3.connect(root / "mlruns" / "mlflow.db") as db:
+        return db.execute(sql, args).fetchall()
+
+
+def children(root: Path, parent: str) -> list[tuple[str, str, str]]:
+    """(run id, status, DVC experiment name) of the runs under ``parent``."""
+    return rows(
+        root,
+        "select r.run_uuid, r.status, coalesce(e.value, '') from runs r"
+        " join tags p on p.run_uuid = r.run_uuid and p.key = 'mlflow.parentRunId'"
+        " left join tags e on e.run_uuid = r.run_uuid and e.key = 'dvc_exp_name'"
+        " where p.value = ?",
+        parent,
+    )
+
+
+def versions(root: Path, run_ids: list[str]) -> list[tuple]:
+    live = rows(root, "select run_id, version from model_versions"
+                      " where current_stage != 'Deleted_Internal'")  # fmt: skip
+    return [v for v in live if v[0] in run_ids]
+
+
+def parent_of(output: str) -> str:
+    return re.search(r"parent run ([0-9a-f]{32})", output).group(1)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+def test_sweep_over_two_nodes(project, cluster):
+    code, out = sweep(project, ["-S", "model.z_dim=1,2,3,4", "--name", "grid",
+                                "--address", cluster.address], cluster.env)  # fmt: skip
+    assert code == 0, out
+    parent = parent_of(out)
+    runs = children(project, parent)
+    assert sorted(s for _, s, _ in runs) == ["FINISHED"] * 4
+    assert sorted(e for _, _, e in runs) == ["grid-1", "grid-2", "grid-3", "grid-4"]
+    assert rows(project, "select status from runs where run_uuid = ?", parent) == [("FINISHED",)]
+    assert ("sweep", "grid") in rows(project, "select key, value from tags where run_uuid = ?",
+                                     parent)  # fmt: skip
+    assert len(versions(project, [r for r, _, _ in runs])) == 4
+    # The table: one line per point, each done, on both nodes.
+    table = out[out.index("#  experiment") :]
+    assert len(re.findall(r"^\d  grid-\d .* done ", table, re.M)) == 4, table
+    used = set(re.findall(r"\b([0-9a-f]{8}) \(", table))
+    assert used == {cluster.head[:8], cluster.second[:8]}, table
+
+    # The experiments are in the origin, with their outputs in the DVC remote.
+    listed = run(["dvc", "exp", "list", "origin", "--names-only"], project).split()
+    assert sorted(listed) == ["grid-1", "grid-2", "grid-3", "grid-4"]
+    fresh = project.parent / "fresh"
+    run(["git", "clone", "-q", str(project.parent / "origin.git"), str(fresh)], project.parent)
+    run(["dvc", "exp", "pull", "origin", "grid-3"], fresh)
+    run(["dvc", "exp", "apply", "grid-3"], fresh)
+    assert yaml.safe_load((fresh / "params.yaml").read_text())["model"]["z_dim"] == 3
+    run(["dvc", "pull", "models/vae.pt"], fresh)
+    assert (fresh / "models/vae.pt").stat().st_size > 0
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+def test_a_node_dies_mid_sweep(project, cluster):
+    """The second node's raylet is killed while one of its trials trains: Ray retries that
+    trial elsewhere and every point still ends with exactly one FINISHED run and version."""
+    victim: dict[str, str] = {}
+
+    def on_line(line: str) -> None:
+        found = re.search(rf"(dead-\d) \S+: running on node {cluster.second[:8]}", line)
+        if found and "exp" not in victim:
+            victim["exp"] = found.group(1)
+
+    def kill_when_training() -> None:
+        # Wait until the victim's MLflow run is open (it is training), then kill the node.
+        deadline = time.monotonic() + 120
+        while "exp" not in victim or not rows(
+            project,
+            "select 1 from runs r join tags t on t.run_uuid = r.run_uuid and"
+            " t.key = 'dvc_exp_name' where t.value = ? and r.status = 'RUNNING'",
+            victim.get("exp", ""),
+        ):
+            if time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        cluster.kill_node(1)
+        victim["killed"] = "yes"
+        cluster.third = cluster.start_node()  # a replacement, so the rest is not serial
+
+    import threading
+
+    def watch(line: str) -> None:
+        on_line(line)
+        if "exp" in victim and "thread" not in victim:
+            victim["thread"] = "started"
+            threading.Thread(target=kill_when_training, daemon=True).start()
+
+    code, out = sweep(project, ["-S", "model.z_dim=5,6,7,8", "--name", "dead",
+                                "--address", cluster.address], cluster.env, watch)  # fmt: skip
+    assert victim.get("killed") == "yes", out
+    assert code == 0, out
+    assert re.search(rf"{victim['exp']} \S+: running on node \w+ \(\S+, attempt 2\)", out), out
+    runs = children(project, parent_of(out))
+    finished = [(r, e) for r, s, e in runs if s == "FINISHED"]
+    assert sorted(e for _, e in finished) == ["dead-1", "dead-2", "dead-3", "dead-4"], runs
+    assert {s for _, s, _ in runs} <= {"FINISHED", "KILLED", "FAILED"}, runs
+    live = versions(project, [r for r, _, _ in runs])
+    assert sorted(r for r, _ in live) == sorted(r for r, _ in finished)
+    # The dead attempt's guard removed its clone; the retry's task removed its own.
+    assert not list(Path(tempfile.gettempdir()).glob(f"bam-{victim['exp']}-*"))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+def test_a_diverging_point_fails_alone_on_a_local_instance(project):
+    """No --address: a local Ray instance of this machine's cores. The diverging point is
+    reported failed with its reason, the other finishes, and the exit status is non-zero."""
+    env = env_with_venv()
+    env.pop("RAY_ADDRESS", None)
+    code, out = sweep(project, ["-S", "train.lr=1e9,0.001", "--name", "diverge"], env)
+    assert code == 2, out
+    assert re.search(r"diverge-1 train.lr=1e9: FAILED: train: loss is (nan|inf)", out), out
+    assert (
+        out.strip()
+        .splitlines()[-1]
+        .startswith("error: sweep diverge: 1 of 2 points failed (diverge-1)")
+    ), out
+    runs = {e: s for _, s, e in children(project, parent_of(out))}
+    assert runs == {"diverge-1": "FAILED", "diverge-2": "FINISHED"}
+    assert rows(project, "select status from runs where run_uuid = ?", parent_of(out)) == [
+        ("FAILED",)
+    ]
