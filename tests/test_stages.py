@@ -111,13 +111,16 @@ def test_digit_option_is_refused_for_unconditional_models(project, tiny):
     assert not (project / "data/generated/images.npy").exists()
 
 
-def test_interrupted_reference_resumes_from_its_saved_chunks(
-    project, tiny, evaluator_file, monkeypatch
+def test_reference_is_cached_per_machine_and_resumes_from_its_saved_chunks(
+    project, tiny, evaluator_file, monkeypatch, tmp_path
 ):
+    monkeypatch.setenv("BAM_VAE_CACHE", str(tmp_path / "machine-cache"))
+    cache = tmp_path / "machine-cache/fid-reference"
     params = tiny()
     (project / "models").mkdir()
     shutil.copy(evaluator_file, project / "models/evaluator.pt")
     expected = np.load(reference(params, "classifier", chunk=64))  # 256 test images: 4 chunks
+    (cached,) = cache.glob("classifier-*.npy")
 
     calls: list[int] = []
     real = fid.feature_extractor
@@ -136,15 +139,24 @@ def test_interrupted_reference_resumes_from_its_saved_chunks(
     monkeypatch.setattr(fid, "feature_extractor", interrupted_at_third_chunk)
     out = project / "data/fid_ref/classifier.npy"
     out.unlink()
+    cached.unlink()
     with pytest.raises(Interrupted, match="2 of 4 chunks saved.*run again to resume"):
         reference(params, "classifier", chunk=64)
-    assert not out.exists()
+    assert not out.exists() and not cached.exists()
 
     calls.clear()
     reference(params, "classifier", chunk=64)
     assert calls == [64, 64]  # only the chunks that were missing
     np.testing.assert_array_equal(np.load(out), expected)
-    assert not any((project / ".cache/fid-reference").iterdir())
+    assert [p.name for p in cache.iterdir()] == [cached.name]  # chunks gone, features kept
+
+    # Another checkout on this machine: the features come from the cache, nothing is computed.
+    calls.clear()
+    other = tmp_path / "other-clone"
+    shutil.copytree(project / "models", other / "models")
+    monkeypatch.chdir(other)
+    np.testing.assert_array_equal(np.load(reference(params, "classifier", chunk=64)), expected)
+    assert calls == []
 
 
 def test_registered_version_generates_with_its_own_logged_sampler(project, tiny):

@@ -24,18 +24,18 @@ from conftest import REPO, env_with_venv
 from bam_vae.cluster import dirty_files, parse_grid, plan, split_values
 from bam_vae.errors import BamError
 
-# Tiny trials: a few seconds of training on 300 images, 64 samples scored. The tsne and
-# robustness stages (leaves of the DAG, nothing reads them) are left out of the test project,
-# which halves a trial; the sweep runs every stage the project has.
+# Tiny trials on tiny data: the first 512/256 MNIST images (conftest's `tiny_mnist`) tracked
+# with `dvc add` in place of the prepare-mnist stage (which insists on the full MNIST), one
+# epoch, 64 samples scored. The tsne and robustness stages (leaves of the DAG, nothing reads
+# them) are left out too, which halves a trial; the sweep runs every stage the project has.
 TINY = {
-    "data": {"sources": ["pypi"]},
     "model": {"z_dim": 3, "channels": [8, 16]},
-    "train": {"epochs": 1, "train_fraction": 0.005, "batch_size": 64},
+    "train": {"epochs": 1, "train_fraction": 0.5, "batch_size": 64},
     "evaluator": {"epochs": 1},
     "generate": {"n": 64, "sampler": "prior"},
     "fid": {"kid_subsets": 5, "kid_subset_size": 50},
 }
-DROPPED_STAGES = ("tsne", "robustness")
+DROPPED_STAGES = ("prepare-mnist", "tsne", "robustness")
 DEADLINE = 900  # seconds for one sweep: catches hangs only (these machines can be very slow)
 
 
@@ -125,9 +125,9 @@ def run(cmd: list[str], cwd: Path, env: dict[str, str] | None = None) -> str:
     return done.stdout + done.stderr
 
 
-def make_project(dst: Path) -> Path:
-    """This repository's tracked files with tiny params, committed and pushed to a bare
-    origin, a folder as DVC remote, and the stages every trial shares (data, evaluator, FID
+def make_project(dst: Path, data: Path) -> Path:
+    """This repository's tracked files with tiny params and tiny data, committed and pushed to
+    a bare origin, a folder as DVC remote, and the stages every trial shares (evaluator, FID
     reference) computed once, pushed and locked."""
     files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO,
                            capture_output=True, text=True).stdout.split()  # fmt: skip
@@ -147,11 +147,13 @@ def make_project(dst: Path) -> Path:
     for stage in DROPPED_STAGES:
         del pipeline["stages"][stage]
     (root / "dvc.yaml").write_text(yaml.safe_dump(pipeline, sort_keys=False))
-    run(["git", "init", "-q", "--bare", str(dst / "origin.git")], dst)
+    shutil.copytree(data, root / "data" / "mnist")
+    run(["git", "init", "-q", "--bare", "-b", "main", str(dst / "origin.git")], dst)
     run(["git", "init", "-q", "-b", "main"], root)
     run(["git", "remote", "add", "origin", str(dst / "origin.git")], root)
     run(["dvc", "remote", "add", "-d", "store", str(dst / "dvc-store")], root)
-    run(["dvc", "repro", "fid-reference@classifier"], root)  # data, evaluator, reference
+    run(["dvc", "add", "data/mnist"], root)
+    run(["dvc", "repro", "fid-reference@classifier"], root)  # evaluator, reference
     run(["dvc", "push"], root)
     run(["git", "add", "-A"], root)
     run(["git", "commit", "-qm", "tiny project"], root)
@@ -160,8 +162,8 @@ def make_project(dst: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def project(tmp_path_factory) -> Path:
-    return make_project(tmp_path_factory.mktemp("sweep"))
+def sweep_project(tmp_path_factory, tiny_mnist) -> Path:
+    return make_project(tmp_path_factory.mktemp("sweep"), tiny_mnist)
 
 
 def free_port() -> int:
@@ -305,7 +307,8 @@ def parent_of(output: str) -> str:
 
 @pytest.mark.slow
 @pytest.mark.timeout(1800)
-def test_sweep_over_two_nodes(project, cluster):
+def test_sweep_over_two_nodes(sweep_project, cluster):
+    project = sweep_project
     code, out = sweep(project, ["-S", "model.z_dim=1,2,3,4", "--name", "grid",
                                 "--address", cluster.address], cluster.env)  # fmt: skip
     assert code == 0, out
@@ -337,9 +340,10 @@ def test_sweep_over_two_nodes(project, cluster):
 
 @pytest.mark.slow
 @pytest.mark.timeout(1800)
-def test_a_node_dies_mid_sweep(project, cluster):
+def test_a_node_dies_mid_sweep(sweep_project, cluster):
     """The second node's raylet is killed while one of its trials trains: Ray retries that
     trial elsewhere and every point still ends with exactly one FINISHED run and version."""
+    project = sweep_project
     victim: dict[str, str] = {}
 
     def on_line(line: str) -> None:
@@ -388,9 +392,10 @@ def test_a_node_dies_mid_sweep(project, cluster):
 
 @pytest.mark.slow
 @pytest.mark.timeout(1800)
-def test_a_diverging_point_fails_alone_on_a_local_instance(project):
+def test_a_diverging_point_fails_alone_on_a_local_instance(sweep_project):
     """No --address: a local Ray instance of this machine's cores. The diverging point is
     reported failed with its reason, the other finishes, and the exit status is non-zero."""
+    project = sweep_project
     env = env_with_venv()
     env.pop("RAY_ADDRESS", None)
     code, out = sweep(project, ["-S", "train.lr=1e9,0.001", "--name", "diverge"], env)

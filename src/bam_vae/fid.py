@@ -30,7 +30,7 @@ from bam_vae.data import load_split, sha256
 from bam_vae.errors import BamError, Interrupted, reason
 from bam_vae.evaluator import MODEL_PATH as EVALUATOR_PATH
 from bam_vae.evaluator import digit_metrics, label_accuracy, load_evaluator, predict
-from bam_vae.paths import atomic_path, file_sha256, project_root, write_json
+from bam_vae.paths import atomic_path, file_sha256, user_cache, write_json
 
 REF_DIR = Path("data/fid_ref")
 GENERATED = Path("data/generated/images.npy")
@@ -80,19 +80,22 @@ def feature_extractor(space: str, cfg: FidConfig) -> tuple[Callable, Path]:
     if space == "classifier":
         evaluator = load_evaluator(EVALUATOR_PATH)
         return lambda images: predict(evaluator, images)[0], EVALUATOR_PATH
-    from bam_vae.inception import inception_features, load_inception, resolve_inception_weights
+    from bam_vae.inception import FeatureNet, load_inception, resolve_inception_weights
 
     weights = resolve_inception_weights(cfg.inception_weights)
-    model = load_inception(weights, "cpu")
-    return lambda images: inception_features(model, images), weights
+    return FeatureNet(load_inception(weights, "cpu"), cfg.precision), weights
 
 
 def reference(params: Params, space: str, ref_dir: Path = REF_DIR, chunk: int = 1000) -> Path:
-    """Stage ``fid-reference@<space>``: features of the 10 000 test images, saved once.
+    """Stage ``fid-reference@<space>``: features of the 10 000 test images, computed once per
+    machine.
 
-    Features are saved per chunk of test images under ``.cache/`` as they are computed (the
-    Inception space takes ~20 CPU minutes), so an interrupted run resumes at the first
-    missing chunk; the chunks are keyed by the weights and data, and removed at the end.
+    The features are cached outside the checkout (``$BAM_VAE_CACHE``, else
+    ``~/.cache/bam-vae/fid-reference/``), keyed by the network's weights, the test data and the
+    precision, so every clone, test run, CI job and queue or Ray worker on this machine reuses
+    them (DVC still tracks this stage's output). While computing, each chunk of test images is
+    saved as it is done (the Inception space takes many CPU minutes), so an interrupted run
+    resumes at the first missing chunk.
     """
     if space not in ("classifier", "inception"):
         raise BamError(
@@ -100,9 +103,27 @@ def reference(params: Params, space: str, ref_dir: Path = REF_DIR, chunk: int = 
         )
     images, _ = load_split(params.data.out_dir, "test")
     extract, weights = feature_extractor(space, params.fid)
-    weights_sha = file_sha256(weights)
-    key = config_key(weights_sha, sha256(images.numpy()), chunk)
-    parts = project_root() / ".cache" / "fid-reference" / f"{space}-{key}"
+    precision = params.fid.precision if space == "inception" else "fp32"
+    key = config_key(file_sha256(weights), sha256(images.numpy()), chunk, precision)
+    cache = user_cache() / "fid-reference"
+    cached, parts = cache / f"{space}-{key}.npy", cache / f"{space}-{key}.parts"
+    out = ref_dir / f"{space}.npy"
+    if cached.is_file():
+        feats = load_array(cached, "cached FID reference", "(N, D)", lambda a: a.ndim == 2,
+                           "delete it to recompute it")  # fmt: skip
+        print(f"fid-reference: {space} features from this machine's cache {cached}")
+    else:
+        feats = _compute_in_chunks(extract, images, chunk, parts, space)
+        with atomic_path(cached) as tmp, tmp.open("wb") as fh:
+            np.save(fh, feats)
+        shutil.rmtree(parts, ignore_errors=True)
+    with atomic_path(out) as tmp, tmp.open("wb") as fh:
+        np.save(fh, feats)
+    print(f"fid-reference: {space} features of {len(feats)} test images -> {out}")
+    return out
+
+
+def _compute_in_chunks(extract, images, chunk: int, parts: Path, space: str) -> np.ndarray:
     x = images.float().div(255.0).unsqueeze(1)
     starts = range(0, len(x), chunk)
     feats = []
@@ -118,12 +139,7 @@ def reference(params: Params, space: str, ref_dir: Path = REF_DIR, chunk: int = 
             f"fid-reference: interrupted with {len(feats)} of {len(starts)} chunks saved in"
             f" {parts} -- run again to resume"
         ) from None
-    out = ref_dir / f"{space}.npy"
-    with atomic_path(out) as tmp, tmp.open("wb") as fh:
-        np.save(fh, np.concatenate(feats))
-    shutil.rmtree(parts)
-    print(f"fid-reference: {space} features of {len(x)} test images -> {out}")
-    return out
+    return np.concatenate(feats)
 
 
 def load_array(path: Path, what: str, shape: str, ok: Callable[[np.ndarray], bool], hint: str):

