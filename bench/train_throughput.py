@@ -1,7 +1,8 @@
-"""Training throughput (images/s): our in-memory loop vs the textbook torchvision loop.
+"""Training throughput (images/s): the textbook torchvision loop, ours in fp32, ours in bf16.
 
-Both train the same model with the same batch size, loss and optimiser, in this one process,
-one after the other; the ratio is what matters (absolute numbers depend on the machine).
+All train the same model with the same batch size, loss and optimiser, in this one process,
+interleaved; the ratios are what matters (absolute numbers depend on the machine). A large
+matmul measured in the same run gives the machine's peak, and each loop's share of it.
 
     python bench/train_throughput.py [--batches 150] [--arch cnn]
 """
@@ -18,7 +19,7 @@ from torchvision import datasets, transforms
 from bam_vae.config import ModelConfig, load_params
 from bam_vae.data import load_split, write_idx
 from bam_vae.models import build_model, vae_loss
-from bam_vae.train import configure_threads, epoch_order
+from bam_vae.train import configure_threads, epoch_order, fast_path
 
 
 def step(model, optimizer, xb, k1=0.5, k2=0.5):
@@ -28,15 +29,37 @@ def step(model, optimizer, xb, k1=0.5, k2=0.5):
     optimizer.step()
 
 
-def ours(model_cfg, images, batch, n_batches):
+def ours(model_cfg, images, batch, n_batches, precision="fp32"):
+    """Our loop: batches sliced from one in-memory tensor; ``bf16`` as ``train.precision``."""
     model = build_model(model_cfg)
+    autocast = fast_path(model, precision, torch.device("cpu"))
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     x = images.float().div_(255.0).unsqueeze(1)
     order = epoch_order(len(x), 0, 0)
     start = time.perf_counter()
     for b in range(n_batches):
-        step(model, optimizer, x[order[b * batch : (b + 1) * batch]])
+        with autocast():
+            step(model, optimizer, x[order[b * batch : (b + 1) * batch]])
     return n_batches * batch / (time.perf_counter() - start)
+
+
+def flops_per_image(model_cfg) -> float:
+    """Training FLOPs per image: 3x the forward pass (forward, two backward matmuls)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = build_model(model_cfg)
+    with FlopCounterMode(display=False) as counter:
+        model(torch.rand(1, 1, 28, 28))
+    return 3.0 * counter.get_total_flops()
+
+
+def matmul_peak(dtype: torch.dtype, n: int = 2048, repeats: int = 10) -> float:
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    a @ b
+    start = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    return 2 * n**3 * repeats / (time.perf_counter() - start)
 
 
 def reference(model_cfg, root, batch, n_batches):
@@ -75,16 +98,31 @@ def main() -> None:
     batch = params.train.batch_size
     torch.manual_seed(0)
     ours(model_cfg, images, batch, 10)  # warm-up
-    results = {"reference": [], "ours": []}
-    for _ in range(2):  # interleave so a noisy neighbour hurts both alike
-        results["reference"].append(reference(model_cfg, root, batch, args.batches))
-        results["ours"].append(ours(model_cfg, images, batch, args.batches))
-    ref, our = max(results["reference"]), max(results["ours"])
-    print(f"arch={model_cfg.arch} z_dim={model_cfg.z_dim} batch={batch} threads={threads}"
-          f" batches={args.batches}")  # fmt: skip
-    print(f"reference (torchvision MNIST + ToTensor + DataLoader): {ref:8.0f} images/s")
-    print(f"bam-vae (in-memory tensor slices):                     {our:8.0f} images/s")
-    print(f"speed-up: {our / ref:.2f}x")
+    loops = {
+        "textbook (torchvision MNIST + ToTensor + DataLoader)": lambda: reference(
+            model_cfg, root, batch, args.batches),
+        "bam-vae fp32 (in-memory tensor slices)": lambda: ours(
+            model_cfg, images, batch, args.batches),
+        "bam-vae bf16 (train.precision=bf16)": lambda: ours(
+            model_cfg, images, batch, args.batches, "bf16"),
+    }  # fmt: skip
+    results: dict[str, list[float]] = {name: [] for name in loops}
+    for _ in range(2):  # interleave so a noisy neighbour hurts all alike
+        for name, loop in loops.items():
+            results[name].append(loop())
+    peak = {"fp32": matmul_peak(torch.float32), "bf16": matmul_peak(torch.bfloat16)}
+    flops = flops_per_image(model_cfg)
+    print(
+        f"arch={model_cfg.arch} z_dim={model_cfg.z_dim} batch={batch} threads={threads}"
+        f" batches={args.batches}; {flops / 1e6:.1f} MFLOP per training image; matmul peak"
+        f" fp32 {peak['fp32'] / 1e9:.0f} GFLOP/s, bf16 {peak['bf16'] / 1e9:.0f} GFLOP/s"
+    )
+    base = max(next(iter(results.values())))
+    for name, rates in results.items():
+        rate = max(rates)
+        share = rate * flops / peak["bf16" if "bf16" in name else "fp32"]
+        print(f"{name:54s} {rate:8.0f} images/s  {rate / base:5.2f}x  {100 * share:4.1f} % of peak")
+    # fmt: skip
 
 
 if __name__ == "__main__":
