@@ -246,3 +246,15 @@ def test_train_against_a_dead_tracking_server_fails_in_seconds(tmp_path, tiny_mn
     assert uri in line and "unreachable" in line
     assert time.monotonic() - start < 60  # startup included; MLflow alone retried for minutes
     assert not (root / "models").exists() and not (root / "mlruns").exists()
+
+
+@pytest.mark.slow
+def test_an_error_mid_epoch_gets_a_line_of_its_own(tmp_path, tiny_mnist):
+    root = write_project(tmp_path, tiny_mnist, lr=1.0e9)  # diverges within the first epoch
+    proc = bam(root, "train")
+    out, err = proc.communicate(timeout=DEADLINE)
+    assert proc.returncode == 2, out + err
+    # What a terminal shows: the text after the last carriage return of each line.
+    shown = [line.rsplit("\r", 1)[-1] for line in err.split("\n") if line.strip()]
+    (line,) = [s for s in shown if "error" in s]
+    assert line.startswith("error: train: loss is nan"), err
