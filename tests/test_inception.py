@@ -75,3 +75,13 @@ def test_no_source_says_how_to_provide(tmp_path, monkeypatch):
         inc.resolve_inception_weights(None)
     assert "\n" not in str(err.value)
     assert not (tmp_path / "torch" / "hub" / "checkpoints" / inc.FID_WEIGHTS_NAME).exists()
+
+
+@pytest.mark.slow
+def test_compiled_features_of_many_images_match_the_eager_network(model):
+    images = torch.rand(inc.COMPILE_FROM, 1, 28, 28, generator=torch.Generator().manual_seed(2))
+    net = inc.FeatureNet(model)
+    compiled = net(images)  # enough images to compile
+    assert net.compiled is not None or not inc._can_compile()
+    eager = inc.inception_features(model, images[:16])
+    np.testing.assert_allclose(compiled[:16], eager, atol=1e-4)

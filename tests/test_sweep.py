@@ -17,6 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 import yaml
 from conftest import REPO, env_with_venv
@@ -204,7 +205,7 @@ class Cluster:
                    "--dashboard-port", str(free_port()), *common]  # fmt: skip
         else:
             cmd = ["ray", "start", "--address", self.address, *common]
-        run(cmd, Path(temp), self.env)
+        run(cmd, Path(temp), self.env | {"BAM_TEST_RAY_NODE": temp.name})
         return self.node_id(temp)
 
     def raylet(self, temp: Path) -> int:
@@ -220,9 +221,23 @@ class Cluster:
         return next(a.split("=", 1)[1] for a in args if a.startswith("--node_id="))
 
     def kill_node(self, index: int) -> None:
-        os.kill(self.raylet(self.dirs[index]), signal.SIGKILL)
+        """SIGKILL a node's raylet and the Ray processes it started (its workers, agents).
+
+        On a machine whose init reaps orphans, a worker notices within a second that its
+        raylet is gone and exits; here the killed raylet stays a zombie nobody reaps, which
+        Ray's liveness check takes for alive, so its workers are killed with it. The trials'
+        own processes (they carry BAM_PARENT_RUN_ID) are left to their guard."""
+        raylet, *started = processes([self.raylet(self.dirs[index])])
+        raylet.kill()
+        for proc in started:
+            with contextlib.suppress(psutil.Error):
+                if "BAM_PARENT_RUN_ID" not in proc.environ():
+                    proc.kill()
 
     def ours(self) -> list[int]:
+        """The processes that carry this cluster's marker. Ray's agents and workers rename
+        themselves (``ray::IDLE``), which overwrites their environment: they are found as
+        descendants of the marked ones (see ``stop``)."""
         found = []
         needle = f"BAM_TEST_RAY_CLUSTER={self.marker}".encode()
         for pid in os.listdir("/proc"):
@@ -232,13 +247,24 @@ class Cluster:
         return found
 
     def stop(self) -> None:
-        for _ in range(3):  # raylets respawn nothing once killed, but workers may be starting
-            for pid in self.ours():
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
+        for _ in range(3):  # the whole trees first, so no agent outlives its raylet
+            for proc in processes(self.ours()):
+                with contextlib.suppress(psutil.Error):
+                    proc.kill()
             time.sleep(0.5)
         for temp in self.dirs:
             shutil.rmtree(temp, ignore_errors=True)
+
+
+def processes(pids: list[int]) -> list[psutil.Process]:
+    """These processes and all their descendants (psutil checks pid reuse when killing)."""
+    found: dict[int, psutil.Process] = {}
+    for pid in pids:
+        with contextlib.suppress(psutil.Error):
+            root = psutil.Process(pid)
+            for proc in [root, *root.children(recursive=True)]:
+                found.setdefault(proc.pid, proc)
+    return list(found.values())
 
 
 @pytest.fixture(scope="module")
@@ -253,8 +279,9 @@ def cluster():
 
 
 def sweep(root: Path, args: list[str], env: dict[str, str], on_line=None) -> tuple[int, str]:
-    """Run `bam sweep`, output to a file (read as it grows; ``on_line`` sees each new line);
-    on a hang, kill it and show what it printed."""
+    """Run `bam sweep` in a process group of its own (as a terminal would), output to a file
+    read as it grows (``on_line(line, process)`` sees each new line); on a hang, kill it and
+    show what it printed."""
     log = root / f".sweep-{time.monotonic_ns()}.log"
     with log.open("w") as out:
         proc = subprocess.Popen(["bam", "sweep", *args], cwd=root, env=env, stdout=out,
@@ -265,7 +292,7 @@ def sweep(root: Path, args: list[str], env: dict[str, str], on_line=None) -> tup
         lines = log.read_text().splitlines()
         if on_line:
             for line in lines[seen:]:
-                on_line(line)
+                on_line(line, proc)
         seen = len(lines)
     if proc.poll() is None:
         os.killpg(proc.pid, signal.SIGINT)
@@ -369,12 +396,13 @@ def test_a_node_dies_mid_sweep(sweep_project, cluster):
 
     import threading
 
-    def watch(line: str) -> None:
+    def watch(line: str, _proc) -> None:
         on_line(line)
         if "exp" in victim and "thread" not in victim:
             victim["thread"] = "started"
             threading.Thread(target=kill_when_training, daemon=True).start()
 
+    before = set(Path(tempfile.gettempdir()).glob("bam-dead-*"))
     code, out = sweep(project, ["-S", "model.z_dim=5,6,7,8", "--name", "dead",
                                 "--address", cluster.address], cluster.env, watch)  # fmt: skip
     assert victim.get("killed") == "yes", out
@@ -387,7 +415,7 @@ def test_a_node_dies_mid_sweep(sweep_project, cluster):
     live = versions(project, [r for r, _, _ in runs])
     assert sorted(r for r, _ in live) == sorted(r for r, _ in finished)
     # The dead attempt's guard removed its clone; the retry's task removed its own.
-    assert not list(Path(tempfile.gettempdir()).glob(f"bam-{victim['exp']}-*"))
+    assert not set(Path(tempfile.gettempdir()).glob("bam-dead-*")) - before
 
 
 @pytest.mark.slow
@@ -411,3 +439,29 @@ def test_a_diverging_point_fails_alone_on_a_local_instance(sweep_project):
     assert rows(project, "select status from runs where run_uuid = ?", parent_of(out)) == [
         ("FAILED",)
     ]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+def test_ctrl_c_cancels_the_trials_and_kills_the_parent_run(sweep_project):
+    """Ctrl-C (SIGINT to the process group) as soon as the first trial runs: every trial is
+    cancelled and stops its pipeline, nothing is left behind, the parent run is KILLED."""
+    project = sweep_project
+    env = env_with_venv()
+    env.pop("RAY_ADDRESS", None)
+    before = set(Path(tempfile.gettempdir()).glob("bam-stop-*"))
+
+    def interrupt(line: str, proc: subprocess.Popen) -> None:
+        if ": running on node" in line:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGINT)
+
+    code, out = sweep(project, ["-S", "model.z_dim=11,12,13", "--name", "stop"], env, interrupt)
+    assert code == 130, out
+    assert "interrupted: cancelling the unfinished trials" in out
+    assert out.strip().splitlines()[-1].startswith("error: sweep stop interrupted: 0 of 3"), out
+    assert len(re.findall(r"^\d  stop-\d .* cancelled ", out, re.M)) == 3, out
+    parent = parent_of(out)
+    assert rows(project, "select status from runs where run_uuid = ?", parent) == [("KILLED",)]
+    assert {s for _, s, _ in children(project, parent)} <= {"KILLED", "FAILED"}
+    assert not set(Path(tempfile.gettempdir()).glob("bam-stop-*")) - before

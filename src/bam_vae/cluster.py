@@ -4,14 +4,16 @@ Each grid point is one Ray task (``run_trial``). It clones the repository at the
 commit into a fresh folder on its node, pulls what a DVC remote has, runs
 ``dvc exp run -S ... --name <sweep>-<i>`` there with the sweep's tracking store and parent run
 in its environment, pushes the results (DVC remote, git ``origin``) and removes the clone.
+Trials on the sweep's own machine share its DVC cache (and so its run cache) instead.
 
 The task imports nothing heavy (no torch, no MLflow): the pipeline runs as subprocesses of
 this interpreter's ``bin`` folder, the clone's ``src`` first on ``PYTHONPATH`` so the code that
 runs is the code of the sweep's commit. Every subprocess runs under a small guard process in a
-process group of its own: if the Ray worker dies (its node's raylet is killed, the machine
-goes), the guard stops the pipeline (SIGTERM, so ``bam train`` marks its run KILLED and keeps
-a checkpoint) before Ray retries the trial elsewhere. Ray itself is imported lazily, so
-``bam sweep --help`` and the grid checks cost nothing.
+process group of its own: if the Ray worker dies (its node's raylet is killed), the guard
+stops the pipeline (SIGTERM: ``bam train`` marks its run KILLED) and removes the clone, so a
+dead attempt never runs on beside its retry. Whatever a dead attempt left in MLflow is settled
+at the end (``_settle``): one FINISHED run and one registered version per grid point. Ray is
+imported lazily, so ``bam sweep --help`` and the grid checks cost nothing.
 """
 
 from __future__ import annotations
@@ -50,13 +52,11 @@ TRAIN_KEYS = ("model.", "train.", "data.")
 def split_values(text: str) -> list[str]:
     """``a,b,[c,d]`` -> ``['a', 'b', '[c,d]']``: commas inside brackets or quotes do not split
     (the grammar of ``dvc exp run -S``)."""
-    values, depth, quote, start = [], 0, "", 0
+    values, stack, quote, start = [], [], "", 0
     closing = {"]": "[", "}": "{", ")": "("}
-    stack: list[str] = []
     for pos, char in enumerate(text):
         if quote:
-            if char == quote:
-                quote = ""
+            quote = "" if char == quote else quote
         elif char in "'\"":
             quote = char
         elif char in "[{(":
@@ -67,10 +67,9 @@ def split_values(text: str) -> list[str]:
         elif char == "," and not stack:
             values.append(text[start:pos].strip())
             start = pos + 1
-        depth = len(stack)
     if quote:
         raise BamError(f"unclosed quote {quote}")
-    if depth:
+    if stack:
         raise BamError(f"unclosed {stack[-1]!r}")
     values.append(text[start:].strip())
     return values
@@ -179,9 +178,11 @@ def existing_experiments(root: Path, names: list[str]) -> list[str]:
 
 
 def git_identity(root: Path) -> dict[str, str]:
-    """The sweep's author for the experiments' commits (``dvc exp run`` commits)."""
-    name = _git(root, "config", "user.name", check=False) or "bam sweep"
-    email = _git(root, "config", "user.email", check=False) or "bam-sweep@localhost"
+    """The sweep's author for the experiments' commits (``dvc exp run`` commits), so nodes
+    without a git identity can commit too."""
+    name = os.environ.get("GIT_AUTHOR_NAME") or _git(root, "config", "user.name", check=False)
+    email = os.environ.get("GIT_AUTHOR_EMAIL") or _git(root, "config", "user.email", check=False)
+    name, email = name or "bam sweep", email or "bam-sweep@localhost"
     return {
         "GIT_AUTHOR_NAME": name,
         "GIT_AUTHOR_EMAIL": email,
@@ -205,8 +206,8 @@ class Trial:
     parent_run_id: str
     num_cpus: float
     driver_ip: str  # nodes at this IP share the sweep's filesystem
-    root: str  # the sweep's checkout (used only on the driver's machine)
-    cache_dir: str  # its DVC cache (shared by trials on the driver's machine)
+    root: str  # the sweep's checkout, on the driver's machine
+    cache_dir: str  # its DVC cache, shared by the trials on that machine
     env: dict[str, str] = field(default_factory=dict)  # git identity
 
 
@@ -259,8 +260,8 @@ def _group_alive(pgid: int) -> bool:
 
 
 def stop_group(proc: subprocess.Popen, grace: float = STOP_GRACE_S) -> None:
-    """SIGTERM a guarded command's whole group (``bam train`` marks its run KILLED and keeps
-    its checkpoint), then SIGKILL whatever is left after ``grace`` seconds."""
+    """SIGTERM a guarded command's whole group (``bam train`` marks its run KILLED), then
+    SIGKILL whatever is left after ``grace`` seconds."""
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGTERM)
     deadline = time.monotonic() + grace
@@ -285,7 +286,9 @@ def run_guarded(cmd: list[str], cwd: Path, env: dict[str, str], log: Path, work:
         proc = subprocess.Popen(guard, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
         try:
-            return proc.wait()
+            while True:  # short waits: Ray delivers a cancel between two Python bytecodes
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    return proc.wait(timeout=0.5)
         except BaseException:
             stop_group(proc)
             raise
@@ -311,7 +314,7 @@ def _cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def trial_env(trial: Trial, clone: Path, same_host: bool) -> dict[str, str]:
+def trial_env(trial: Trial, clone: Path) -> dict[str, str]:
     # Not the Ray worker's own settings (nor its cluster token), nor a DVC run's.
     env = {k: v for k, v in os.environ.items() if not k.startswith(("DVC_", "RAY_"))}
     env.pop("MLFLOW_RUN_ID", None)
@@ -322,12 +325,6 @@ def trial_env(trial: Trial, clone: Path, same_host: bool) -> dict[str, str]:
     env["MLFLOW_TRACKING_URI"] = trial.tracking_uri
     env["BAM_PARENT_RUN_ID"] = trial.parent_run_id
     env["BAM_PARALLEL_JOBS"] = str(max(1, int(_cores() // max(trial.num_cpus, 1e-9))))
-    if same_host:
-        # DVC keeps a DVC_ROOT it finds in the environment: checkpoints, the MLflow store's
-        # lock and the FID reference cache are then the sweep checkout's, so a retried trial
-        # resumes the checkpoint of the attempt that died, and parallel trials serialise
-        # registry writes to one SQLite store as `dvc queue` workers do.
-        env["DVC_ROOT"] = trial.root
     return env
 
 
@@ -349,7 +346,7 @@ def run_trial(trial: Trial, board: Any = None) -> dict[str, Any]:
     }  # fmt: skip
     work = Path(tempfile.mkdtemp(prefix=f"bam-{trial.exp_name}-"))
     log, clone = work / "trial.log", work / "repo"
-    env = trial_env(trial, clone, same_host)
+    env = trial_env(trial, clone)
     phases: dict[str, float] = result["phases"]
 
     def step(phase: str, cmd: list[str], cwd: Path, must: bool = True) -> bool:
@@ -386,7 +383,7 @@ def run_trial(trial: Trial, board: Any = None) -> dict[str, Any]:
         fid = _read_json(clone / "metrics" / "fid.json")
         result["run_id"] = run_ref.get("run_id", "")
         result["model_version"] = run_ref.get("model_version", "")
-        result["fid"] = fid.get("fid_classifier")
+        result["fid"] = fid.get("fid_classifier", fid.get("fid_inception"))
         if remote and not step("push", ["dvc", "push", "--run-cache"], clone):
             return result
         if not step("push", ["dvc", "exp", "push", "--no-cache", "origin", trial.exp_name], clone):
@@ -397,7 +394,8 @@ def run_trial(trial: Trial, board: Any = None) -> dict[str, Any]:
         result["reason"] = f"{type(exc).__name__}: {reason(exc)}"
         return result
     finally:
-        result["seconds"] = time.time() - started
+        result["finished"] = time.time()
+        result["seconds"] = result["finished"] - started
         result["log"] = _tail(log)
         shutil.rmtree(work, ignore_errors=True)
 
@@ -468,8 +466,8 @@ def connect(address: str | None, num_cpus: float, num_gpus: float) -> Iterator[A
                 for n in nodes
             )
             raise BamError(
-                f"no node of the Ray cluster has --num-cpus {num_cpus:g} and --num-gpus"
-                f" {num_gpus:g} free to give a trial (nodes: {have})"
+                f"no node of the Ray cluster has the {num_cpus:g} CPU and {num_gpus:g} GPU a"
+                f" trial asks for (--num-cpus, --num-gpus); nodes: {have}"
             )
         yield ray
     finally:
@@ -687,15 +685,26 @@ def _drive(ray: Any, p: Plan, uri: str, experiment_id: str, driver_ip: str) -> S
         return ", ".join(f"{values.count(s)} {s}" for s in ("pending", "running", "done", "failed")
                          if values.count(s))  # fmt: skip
 
-    def show_starts() -> None:
-        with contextlib.suppress(Exception):  # progress only: never stops the sweep
-            for index, node_id, host, _ in ray.get(board.drain.remote(), timeout=10):
-                attempts[index] = attempts.get(index, 0) + 1
-                state[index] = "running"
-                again = f", attempt {attempts[index]}" if attempts[index] > 1 else ""
-                t = trials[index - 1]
-                say(f"{t.exp_name} {label(t.point)}: running on node {_short(node_id)} ({host}"
-                    f"{again})  [{counts()}]")  # fmt: skip
+    def started(events: list[tuple[int, str, str, float]]) -> None:
+        for index, node_id, host, _ in events:
+            attempts[index] = attempts.get(index, 0) + 1
+            state[index] = "running"
+            again = f", attempt {attempts[index]}" if attempts[index] > 1 else ""
+            t = trials[index - 1]
+            say(f"{t.exp_name} {label(t.point)}: running on node {_short(node_id)} ({host}"
+                f"{again})  [{counts()}]")  # fmt: skip
+
+    def ended(t: Trial, result: dict[str, Any]) -> None:
+        result["attempts"] = attempts.get(t.index, 0)
+        results[t.index] = result
+        state[t.index] = "done" if result["status"] == "done" else "failed"
+        if result["status"] != "done":
+            what = f"FAILED: {result['reason']}"
+        else:
+            fid = result.get("fid")
+            what = f"done in {result['seconds']:.0f} s" + (
+                f", FID {fid:.1f}" if fid is not None else "")  # fmt: skip
+        say(f"{t.exp_name} {label(t.point)}: {what}  [{counts()}]")
 
     status = "FINISHED"
     try:
@@ -703,24 +712,22 @@ def _drive(ray: Any, p: Plan, uri: str, experiment_id: str, driver_ip: str) -> S
             submit(chain_key)
         while pending:
             ready, _ = ray.wait(list(pending), num_returns=len(pending), timeout=1.0)
-            show_starts()
+            events: list[tuple[int, str, str, float]] = []
+            with contextlib.suppress(Exception):  # progress only: never stops the sweep
+                events = ray.get(board.drain.remote(), timeout=10)
+            # In the order things happened: trials that ended started first; the trials
+            # that took their place start after.
+            finished = {pending[ref][0].index for ref in ready}
+            started([e for e in events if e[0] in finished])
             for ref in ready:
                 t, chain_key = pending.pop(ref)
                 try:
                     result = ray.get(ref)
                 except Exception as exc:  # lost with every retry, or a Ray-level failure
                     result = _missing(t, "failed", f"{type(exc).__name__}: {reason(exc)}")
-                result["attempts"] = attempts.get(t.index, 0)
-                results[t.index] = result
-                state[t.index] = "done" if result["status"] == "done" else "failed"
-                if result["status"] != "done":
-                    what = f"FAILED: {result['reason']}"
-                else:
-                    fid = result.get("fid")
-                    what = f"done in {result['seconds']:.0f} s" + (
-                        f", FID {fid:.1f}" if fid is not None else "")  # fmt: skip
-                say(f"{t.exp_name} {label(t.point)}: {what}  [{counts()}]")
+                ended(t, result)
                 submit(chain_key)
+            started([e for e in events if e[0] not in finished])
     except KeyboardInterrupt:
         status = "KILLED"
         say("interrupted: cancelling the unfinished trials; finished ones are kept")
@@ -751,32 +758,39 @@ def _drive(ray: Any, p: Plan, uri: str, experiment_id: str, driver_ip: str) -> S
 
 
 def _settle(client: Any, experiment_id: str, parent: str, p: Plan, results: list[dict]) -> None:
-    """Exactly one FINISHED run (and one registered version) per finished grid point.
+    """Exactly one FINISHED run and one registered version per finished grid point.
 
     A trial whose node died may have left a run behind: RUNNING (its processes were killed
-    before they could mark it), or FINISHED with a registered version if it died after
-    training while its retry trained again (on another machine, without its checkpoint). The
-    point's run is the one its successful attempt reported; the others are marked KILLED and
-    their versions deleted. A run still RUNNING once every trial has returned has no process
-    left: it is marked KILLED too."""
+    before they could mark it), KILLED (its guard stopped it) or even FINISHED, with a
+    registered version if it got that far, while its retry logged another run. The point's
+    run is the one its successful attempt reported; the other runs of that point are marked
+    KILLED (unless FAILED or KILLED already) and their versions deleted. Runs of a cancelled
+    point (Ctrl-C) are marked KILLED, keeping their versions; a run still RUNNING once every
+    trial has returned has no process left: KILLED too."""
     winners = {r["run_id"] for r in results if r["status"] == "done" and r["run_id"]}
     by_exp = {r["exp_name"]: r for r in results}
     for run in client.search_runs([experiment_id], f"tags.sweep = '{p.name}'"):
-        tags, run_id = run.data.tags, run.info.run_id
+        tags, run_id, status = run.data.tags, run.info.run_id, run.info.status
         if tags.get("mlflow.parentRunId") != parent or run_id in winners:
             continue
-        point = by_exp.get(tags.get("dvc_exp_name", ""))
-        duplicate = point is not None and point["status"] == "done" and run.info.status in (
-            "FINISHED", "RUNNING")  # fmt: skip
-        if not duplicate and run.info.status != "RUNNING":
-            continue
-        why = f"superseded by run {point['run_id']}" if duplicate else "its trial is gone"
-        client.set_terminated(run_id, status="KILLED")
-        client.set_tag(run_id, "bam_sweep_settled", why)
-        if duplicate:
+        point = by_exp.get(tags.get("dvc_exp_name", ""), {})
+        superseded = point.get("status") == "done"
+        if superseded:
+            why = f"superseded by run {point['run_id']}"
+        elif point.get("status") == "cancelled":
+            why = "its trial was cancelled"
+        else:
+            why = "its trial is gone"
+        if status == "RUNNING" or (status == "FINISHED" and why != "its trial is gone"):
+            client.set_terminated(run_id, status="KILLED")
+            client.set_tag(run_id, "bam_sweep_settled", why)
+            print(f"sweep: run {run_id} ({status}) marked KILLED: {why}", flush=True)
+        if superseded:
             for version in client.search_model_versions(f"run_id = '{run_id}'"):
                 client.delete_model_version(version.name, version.version)
-        print(f"sweep: run {run_id} marked KILLED ({why})", flush=True)
+                client.set_tag(run_id, "bam_sweep_settled", why)
+                print(f"sweep: deleted {version.name} version {version.version} of run {run_id}"
+                      f" ({why})", flush=True)  # fmt: skip
 
 
 def _finish(client: Any, experiment_id: str, parent: str, results: list[dict], status: str,

@@ -215,7 +215,8 @@ class FeatureNet:
     def __call__(self, images: torch.Tensor) -> np.ndarray:
         if len(images) >= COMPILE_FROM:
             self.compile()
-        return inception_features(self.compiled or self.model, images, precision=self.precision)
+        net = self.model if self.compiled is None else self.compiled
+        return inception_features(net, images, precision=self.precision)
 
 
 def _can_compile() -> bool:
