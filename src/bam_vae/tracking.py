@@ -63,8 +63,12 @@ def store_lock() -> Iterator[None]:
     if is_remote():  # the server's database serialises its own writers
         yield
         return
-    store_dir().mkdir(parents=True, exist_ok=True)
-    with FileLock(str(store_dir() / ".store.lock"), timeout=600):
+    uri = tracking_uri()
+    # Beside the database the URI names, so clones writing to one store (sweep trials) share it.
+    folder = Path(uri.removeprefix("sqlite:///")).parent if uri.startswith("sqlite:///") else None
+    folder = folder or store_dir()
+    folder.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(folder / ".store.lock"), timeout=600):
         yield
 
 
