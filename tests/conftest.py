@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from bam_vae.config import DataConfig, Params, parse_params
 from bam_vae.data import prepare
@@ -76,3 +79,27 @@ def env_with_venv() -> dict[str, str]:
         env.setdefault(f"{var}_NAME", "bam-vae tests")
         env.setdefault(f"{var}_EMAIL", "tests@bam-vae.invalid")
     return env
+
+
+def copy_checkout(dst: Path, params: dict, dropped_stages: tuple[str, ...] = ()) -> Path:
+    """This repository's tracked and not-ignored files in ``dst``, as a fresh clone has them,
+    without results (no dvc.lock, no metrics), with ``params`` merged into each section."""
+    files = subprocess.run(
+        ["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True, text=True
+    ).stdout.split()
+    for name in files:
+        if (REPO / name).is_file():
+            (dst / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / name, dst / name)
+    (dst / "dvc.lock").unlink(missing_ok=True)
+    for path in (dst / "metrics").glob("*"):
+        path.unlink()
+    merged = yaml.safe_load((dst / "params.yaml").read_text())
+    for section, values in params.items():
+        merged[section].update(values)
+    (dst / "params.yaml").write_text(yaml.safe_dump(merged, sort_keys=False))
+    pipeline = yaml.safe_load((dst / "dvc.yaml").read_text())
+    for stage in dropped_stages:
+        del pipeline["stages"][stage]
+    (dst / "dvc.yaml").write_text(yaml.safe_dump(pipeline, sort_keys=False))
+    return dst

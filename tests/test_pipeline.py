@@ -6,7 +6,6 @@ import contextlib
 import json
 import os
 import re
-import shutil
 import signal
 import sqlite3
 import subprocess
@@ -16,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from conftest import REPO, env_with_venv
+from conftest import copy_checkout, env_with_venv
 
 # Slow, and these 2-core machines are sometimes several times slower than usual: the parallel
 # queue test took 220 s on a quiet machine and 685 s on a busy one. The per-test limit is there
@@ -44,21 +43,8 @@ def run(cmd: list[str], cwd: Path) -> str:
 
 
 def copy_repo(dst: Path) -> Path:
-    """Tracked and not-ignored files only, as a fresh clone would have them."""
-    files = subprocess.run(
-        ["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True, text=True
-    ).stdout.split()
-    for name in files:
-        if (REPO / name).is_file():
-            (dst / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(REPO / name, dst / name)
-    (dst / "dvc.lock").unlink(missing_ok=True)
-    for path in (dst / "metrics").glob("*"):
-        path.unlink()
-    params = yaml.safe_load((dst / "params.yaml").read_text())
-    for section, values in TINY.items():
-        params[section].update(values)
-    (dst / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    """A fresh clone with tiny params, committed in a new git repository."""
+    copy_checkout(dst, TINY)
     for cmd in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "copy"]):
         run(cmd, dst)
     return dst

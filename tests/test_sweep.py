@@ -20,7 +20,7 @@ from pathlib import Path
 import psutil
 import pytest
 import yaml
-from conftest import REPO, env_with_venv
+from conftest import REPO, copy_checkout, env_with_venv
 
 from bam_vae.cluster import dirty_files, parse_grid, plan, split_values
 from bam_vae.errors import BamError
@@ -130,24 +130,7 @@ def make_project(dst: Path, data: Path) -> Path:
     """This repository's tracked files with tiny params and tiny data, committed and pushed to
     a bare origin, a folder as DVC remote, and the stages every trial shares (evaluator, FID
     reference) computed once, pushed and locked."""
-    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO,
-                           capture_output=True, text=True).stdout.split()  # fmt: skip
-    root = dst / "project"
-    for name in files:
-        if (REPO / name).is_file():
-            (root / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(REPO / name, root / name)
-    (root / "dvc.lock").unlink(missing_ok=True)
-    for path in (root / "metrics").glob("*"):
-        path.unlink()
-    params = yaml.safe_load((root / "params.yaml").read_text())
-    for section, values in TINY.items():
-        params[section].update(values)
-    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    pipeline = yaml.safe_load((root / "dvc.yaml").read_text())
-    for stage in DROPPED_STAGES:
-        del pipeline["stages"][stage]
-    (root / "dvc.yaml").write_text(yaml.safe_dump(pipeline, sort_keys=False))
+    root = copy_checkout(dst / "project", TINY, DROPPED_STAGES)
     shutil.copytree(data, root / "data" / "mnist")
     run(["git", "init", "-q", "--bare", "-b", "main", str(dst / "origin.git")], dst)
     run(["git", "init", "-q", "-b", "main"], root)
