@@ -9,6 +9,8 @@ param). A figure that the selected runs cannot support is listed as missing, wit
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 from pathlib import Path
 
 import mlflow
@@ -18,7 +20,7 @@ import pandas as pd
 from bam_vae import tracking
 from bam_vae.errors import BamError, reason
 from bam_vae.figures import plt, save_figure
-from bam_vae.paths import atomic_path
+from bam_vae.paths import staged_outputs
 from bam_vae.samplers import KINDS
 
 OUT_DIR = Path("reports")
@@ -229,18 +231,22 @@ def report(
         "fig5_loss_vs_zdim.png": lambda p: fig_loss_vs_zdim(table, p),
         "fig2_loss_curves.png": lambda p: fig_curves(table, p),
     }
-    for name, draw in figures.items():
-        (out_dir / name).unlink(missing_ok=True)  # never leave a figure of an earlier selection
-        why = draw(out_dir / name) if len(table) else "no runs selected"
-        if why:
-            missing[name] = why
     selection = search_filter(sweep, exp_names, query)
-    with atomic_path(out_dir / "runs.csv") as tmp:
-        table.to_csv(tmp, index=False)
-    with atomic_path(out_dir / "runs.md") as tmp:
-        tmp.write_text(_markdown(table, missing, selection))
-    with mlflow.start_run(run_name="report", tags={"bam_kind": "report", "selection": selection}):
-        mlflow.log_artifacts(str(out_dir), "report")
+    # Drawn aside and logged first; then all files replace the earlier report's together.
+    with tempfile.TemporaryDirectory() as tmp, staged_outputs() as staged:
+        drawn = Path(tmp)
+        for name, draw in figures.items():
+            why = draw(drawn / name) if len(table) else "no runs selected"
+            if why:
+                missing[name] = why
+                staged.remove(out_dir / name)  # never leave a figure of an earlier selection
+        table.to_csv(drawn / "runs.csv", index=False)
+        (drawn / "runs.md").write_text(_markdown(table, missing, selection))
+        tags = {"bam_kind": "report", "selection": selection}
+        with mlflow.start_run(run_name="report", tags=tags):
+            mlflow.log_artifacts(str(drawn), "report")
+        for path in drawn.iterdir():
+            shutil.copyfile(path, staged.path(out_dir / path.name))
     print(f"report: {_count(table)} -> {out_dir}/runs.md, runs.csv")
     for name, why in missing.items():
         print(f"report: {name} missing: {why}")
