@@ -59,6 +59,9 @@ def _run(fn: Callable[..., Any], lock: bool, *args: Any, **kwargs: Any) -> Any:
     with ``lock``, one writing command per checkout at a time."""
     global _locks
     previous = signal.signal(signal.SIGTERM, _sigterm)
+    # Ctrl-C raises KeyboardInterrupt even where the parent started us with SIGINT ignored
+    # (a background job of a non-interactive shell, as CI runners do).
+    previous_int = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         with ExitStack() as stack:
             _locks = stack if lock else None
@@ -70,6 +73,7 @@ def _run(fn: Callable[..., Any], lock: bool, *args: Any, **kwargs: Any) -> Any:
     finally:
         _locks = None
         signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGINT, previous_int)
 
 
 def stage(fn: Callable[..., Any]) -> Callable[..., Any]:
