@@ -159,7 +159,18 @@ def log_dataset(path: Path, sha256: str, context: str, n: int) -> None:
         source = resolve_dataset_source(str(Path(path).resolve()))
     name = f"mnist-{Path(path).stem}"
     dataset = MetaDataset(source=source, name=name, digest=sha256[:32])  # digest: 36 chars max
-    mlflow.log_input(dataset, context=context, tags={"sha256": sha256, "n_images": str(n)})
+    tags = {"sha256": sha256, "n_images": str(n)}
+    # The store looks a dataset up, then inserts it: two runs starting together on a server both
+    # insert and one fails on the unique key, its transaction rolled back. Again, it finds the row.
+    for attempt in range(3):
+        try:
+            mlflow.log_input(dataset, context=context, tags=tags)
+            return
+        except mlflow.exceptions.MlflowException as e:
+            raced = "duplicate key" in str(e) or "UNIQUE constraint" in str(e)
+            if not raced or attempt == 2:
+                raise
+            time.sleep(0.2 * (attempt + 1))
 
 
 def flat_params(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
