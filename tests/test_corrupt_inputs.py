@@ -41,30 +41,30 @@ RAW = {
 PARAMS = parse_params(RAW)
 
 STAGES = {
-    "train": (lambda: fit(PARAMS), ["data/mnist/train.pt", "data/mnist/test.pt"]),
+    "train": (fit, ["data/mnist/train.pt", "data/mnist/test.pt"]),
     "train-evaluator": (
-        lambda: train_evaluator(PARAMS.evaluator, "data/mnist"), ["data/mnist/train.pt"],
+        lambda p: train_evaluator(p.evaluator, "data/mnist"), ["data/mnist/train.pt"],
     ),
     "fid-reference": (
-        lambda: reference(PARAMS, "classifier"), ["models/evaluator.pt", "data/mnist/test.pt"],
+        lambda p: reference(p, "classifier"), ["models/evaluator.pt", "data/mnist/test.pt"],
     ),
     "fit-sampler": (
-        lambda: fit_sampler(PARAMS),
+        fit_sampler,
         ["models/vae.pt", "models/mlflow_run.json", "data/mnist/train.pt"],
     ),
     "generate-1024": (
-        lambda: generate(PARAMS),
+        generate,
         ["models/vae.pt", "models/sampler.npz", "models/mlflow_run.json", "data/mnist/test.pt"],
     ),
     "compute-fid": (
-        lambda: compute(PARAMS),
+        compute,
         ["data/generated/images.npy", "data/generated/meta.json", "data/fid_ref/classifier.npy",
          "models/evaluator.pt", "models/mlflow_run.json"],
     ),
-    "tsne": (lambda: tsne(PARAMS), ["models/vae.pt", "models/mlflow_run.json",
+    "tsne": (tsne, ["models/vae.pt", "models/mlflow_run.json",
                                     "data/mnist/test.pt"]),
     "robustness": (
-        lambda: robustness(PARAMS),
+        robustness,
         ["models/vae.pt", "models/evaluator.pt", "models/mlflow_run.json", "data/mnist/test.pt"],
     ),
 }  # fmt: skip
@@ -160,9 +160,34 @@ def test_corrupt_input_is_one_line_and_changes_nothing(
     before = snapshot(root)
     run, _ = STAGES[stage]
     with pytest.raises(BamError) as err:
-        run()
+        run(PARAMS)
     message = str(err.value)
     assert "\n" not in message and name in message, message
     assert "weights_only" not in message and "Traceback" not in message, message
     assert snapshot(root) == before
     assert not list(root.rglob(".staging-*"))
+
+
+DEVICE_KEYS = {
+    "train": ("train", "train.device"),
+    "train-evaluator": ("evaluator", "evaluator.device"),
+    "fid-reference": ("fid", "fid.device"),
+    "fit-sampler": ("generate", "generate.device"),
+    "generate-1024": ("generate", "generate.device"),
+    "compute-fid": ("fid", "fid.device"),
+}
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA device")
+@pytest.mark.parametrize("stage", DEVICE_KEYS)
+def test_cuda_asked_on_a_machine_without_one_is_one_line(stage, template, tmp_path, monkeypatch):
+    root = tmp_path / "project"
+    shutil.copytree(template, root)
+    monkeypatch.chdir(root)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    section, key = DEVICE_KEYS[stage]
+    params = parse_params(RAW | {section: RAW.get(section, {}) | {"device": "cuda"}})
+    before = snapshot(root)
+    with pytest.raises(BamError, match=rf"^{key}: 'cuda' requested but no CUDA device"):
+        STAGES[stage][0](params)
+    assert snapshot(root) == before

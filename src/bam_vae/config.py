@@ -64,6 +64,7 @@ class IntroConfig(_Section):
 
 
 Arch = Literal["dense", "cnn", "cvae", "vqvae", "introvae"]
+Device = Literal["auto", "cpu", "cuda"]  # auto: the GPU where there is one
 
 
 class ModelConfig(_Section):
@@ -84,7 +85,7 @@ class _Fit(_Section):
     batch_size: int = Field(128, ge=1)
     lr: float = Field(1e-3, gt=0)
     seed: int = Field(0, ge=0)
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    device: Device = "auto"
     threads: int = Field(0, ge=0, description="torch threads; 0 = cores / parallel workers")
     # fp32: the reference numerics. bf16: autocast to bfloat16 (weights, optimiser and loss
     # stay fp32) with channels-last convolutions: ~1.9x faster on AVX-512 bf16 CPUs.
@@ -138,6 +139,9 @@ class GenerateConfig(_Section):
     max_dim: int = Field(32, ge=1, le=2048, description="above this z_dim, fit in a PCA of it")
     gmm: GmmConfig = Field(default_factory=GmmConfig)
     two_stage: TwoStageConfig = Field(default_factory=TwoStageConfig)
+    # fit-sampler and generate-1024 encode and decode here; latents are drawn on the CPU with
+    # the seeded generator either way, so both devices decode the same latents.
+    device: Device = "auto"
 
 
 FeatureSpace = Literal["classifier", "inception"]
@@ -152,6 +156,7 @@ class FidConfig(_Section):
     seed: int = Field(0, ge=0)
     # Inception features only: bf16 is ~2x faster; fp32 is the reference protocol (README).
     precision: Literal["fp32", "bf16"] = "fp32"
+    device: Device = "auto"  # fid-reference and compute-fid: both feature networks
 
 
 class TsneConfig(_Section):

@@ -188,10 +188,10 @@ def predict(
     """
     model.eval()
     device = next(model.parameters()).device
-    x = _as_images(images)
+    x = _as_images(images).to(device)  # moved once, not per batch
     feats, probs = [], []
     for start in range(0, len(x), batch_size):
-        f = model.features(x[start : start + batch_size].to(device))
+        f = model.features(x[start : start + batch_size])
         feats.append(f.double().cpu())
         probs.append(torch.softmax(model.head(f).double(), dim=1).cpu())
     if not feats:

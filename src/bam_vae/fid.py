@@ -31,6 +31,7 @@ from bam_vae.errors import BamError, Interrupted, reason
 from bam_vae.evaluator import MODEL_PATH as EVALUATOR_PATH
 from bam_vae.evaluator import digit_metrics, label_accuracy, load_evaluator, predict
 from bam_vae.paths import atomic_path, file_sha256, user_cache, write_json
+from bam_vae.train import resolve_device
 
 REF_DIR = Path("data/fid_ref")
 GENERATED = Path("data/generated/images.npy")
@@ -77,13 +78,14 @@ def as_images(array: np.ndarray) -> torch.Tensor:
 
 def feature_extractor(space: str, cfg: FidConfig) -> tuple[Callable, Path]:
     """The feature function of a space, loaded once, and the weights file it comes from."""
+    device = resolve_device(cfg.device, "fid.device")
     if space == "classifier":
-        evaluator = load_evaluator(EVALUATOR_PATH)
+        evaluator = load_evaluator(EVALUATOR_PATH).to(device)
         return lambda images: predict(evaluator, images)[0], EVALUATOR_PATH
     from bam_vae.inception import FeatureNet, load_inception, resolve_inception_weights
 
     weights = resolve_inception_weights(cfg.inception_weights)
-    return FeatureNet(load_inception(weights, "cpu"), cfg.precision), weights
+    return FeatureNet(load_inception(weights, device), cfg.precision), weights
 
 
 def reference(params: Params, space: str, ref_dir: Path = REF_DIR, chunk: int = 1000) -> Path:
@@ -202,6 +204,7 @@ def compute(params: Params, metrics_path: Path = METRICS_PATH) -> dict:
     In MLflow every metric is named ``<sampler>/<metric>`` (``gmm/fid_classifier``), so one
     run holds one set of scores per sampler it was scored with."""
     cfg = params.fid
+    device = resolve_device(cfg.device, "fid.device")
     ref = tracking.read_run_ref()
     tracking.init()  # an unreachable tracking server fails here, before any work
     generated = as_images(load_generated())
@@ -209,7 +212,7 @@ def compute(params: Params, metrics_path: Path = METRICS_PATH) -> dict:
     metrics: dict = {"sampler": sampler, "n_generated": len(generated)}
     for space in cfg.features:
         metrics |= score_space(space, generated, cfg)
-    _, probs = predict(load_evaluator(EVALUATOR_PATH), generated)
+    _, probs = predict(load_evaluator(EVALUATOR_PATH).to(device), generated)
     metrics |= digit_metrics(probs, cfg.confidence)
     labels_path = GENERATED.with_name("labels.npy")
     if labels_path.is_file():  # a conditional model: did it draw the digits it was asked for?

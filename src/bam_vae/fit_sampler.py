@@ -23,7 +23,7 @@ from bam_vae.data import load_split
 from bam_vae.models import VAE, load_model
 from bam_vae.paths import file_sha256, staged_outputs, write_json
 from bam_vae.samplers import build_sampler
-from bam_vae.train import MODEL_PATH
+from bam_vae.train import MODEL_PATH, resolve_device
 
 SAMPLER_PATH = Path("models/sampler.npz")
 METRICS_PATH = Path("metrics/sampler.json")
@@ -31,13 +31,16 @@ METRICS_PATH = Path("metrics/sampler.json")
 
 @torch.no_grad()
 def posterior_means(vae: VAE, data_dir: str, batch: int = 1000):
-    """Latent means of the 60 000 training images, and their digits."""
+    """Latent means of the 60 000 training images (on the CPU), and their digits.
+
+    Encoded on ``vae``'s device, the images moved there once (47 MB as bytes)."""
     images, labels = load_split(data_dir, "train")
+    x, y = images.to(vae.device), labels.to(vae.device)
     means = [
-        vae.latent(images[i : i + batch].float().div(255.0).unsqueeze(1), labels[i : i + batch])
-        for i in range(0, len(images), batch)
+        vae.latent(x[i : i + batch].float().div(255.0).unsqueeze(1), y[i : i + batch])
+        for i in range(0, len(x), batch)
     ]
-    return torch.cat(means), labels
+    return torch.cat(means).cpu(), labels
 
 
 def fit_sampler(
@@ -48,6 +51,7 @@ def fit_sampler(
 ) -> dict:
     cfg = params.generate
     vae, model_cfg = load_model(model_path)
+    vae.to(resolve_device(cfg.device, "generate.device"))
     sampler = build_sampler(cfg, model_cfg.arch, vae.z_dim, vae.conditional)
     run_id = tracking.read_run_ref()["run_id"]
     tracking.init()  # an unreachable tracking server fails here, before any work

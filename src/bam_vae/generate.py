@@ -25,6 +25,7 @@ from bam_vae.errors import BamError
 from bam_vae.figures import image_grid, image_panels, image_rows
 from bam_vae.fit_sampler import SAMPLER_PATH, posterior_means
 from bam_vae.models import VAE, load_model
+from bam_vae.models.base import on_device
 from bam_vae.paths import file_sha256, staged_outputs, write_json
 from bam_vae.samplers import (
     KINDS,
@@ -33,7 +34,7 @@ from bam_vae.samplers import (
     check_supported,
     load_sampler,
 )
-from bam_vae.train import MODEL_PATH
+from bam_vae.train import MODEL_PATH, resolve_device
 
 OUT_DIR = Path("data/generated")
 FIG_DIR = Path("figures")
@@ -56,7 +57,7 @@ def sample(
     parts = []
     for i in range(0, n, batch):
         y = None if labels is None else labels[i : i + batch]
-        parts.append(sampler.draw(vae, min(batch, n - i), gen, y))
+        parts.append(sampler.draw(vae, min(batch, n - i), gen, y).cpu())
     return torch.cat(parts)
 
 
@@ -105,9 +106,11 @@ def generate(
     fig_dir: Path = FIG_DIR,
 ) -> dict:
     cfg = params.generate
+    device = resolve_device(cfg.device, "generate.device")
     tracking.init()  # an unreachable tracking server fails here, before any work
     model_path, run_id = resolve_model(model_uri)
     vae, model_cfg = load_model(model_path)
+    vae.to(device)
     sampler = resolve_sampler(cfg, vae, model_cfg.arch, model_path, run_id, bool(model_uri))
     if digit is not None and not vae.conditional:
         raise BamError(f"--digit {digit}: model {type(vae).__name__} is not conditional (use cvae)")
@@ -115,7 +118,7 @@ def generate(
     images = sample(vae, sampler, cfg.n, cfg.seed, labels)
     x, y = reconstruction_set(params.data.out_dir, cfg.per_digit)
     with torch.no_grad():
-        rebuilt = vae.reconstruct(x, y if vae.conditional else None)
+        rebuilt = vae.reconstruct(*on_device(device, x, y if vae.conditional else None)).cpu()
 
     # Written aside, logged, then moved into place together: a failure changes nothing.
     with staged_outputs() as out:
@@ -148,6 +151,7 @@ def compare_samplers(
     with the current params, and not saved."""
     model_path, run_id = resolve_model(model_uri)
     vae, model_cfg = load_model(model_path)
+    vae.to(resolve_device(params.generate.device, "generate.device"))
     kinds = ["prior"] if model_cfg.arch == "vqvae" else list(KINDS)
     labels = sample_labels(n, params.generate.seed, None) if vae.conditional else None
     panels, latents = [], None

@@ -55,6 +55,11 @@ class LossParts:
         return base | {k: float(v) for k, v in self.extra.items()}
 
 
+def on_device(device: torch.device, *tensors: Tensor | None) -> tuple[Tensor | None, ...]:
+    """Each tensor moved to ``device`` (``None`` stays ``None``)."""
+    return tuple(None if t is None else t.to(device) for t in tensors)
+
+
 def reparameterize(mu: Tensor, logvar: Tensor, generator: torch.Generator | None = None) -> Tensor:
     eps = torch.randn(mu.shape, generator=generator, device=mu.device, dtype=mu.dtype)
     return mu + eps * torch.exp(0.5 * logvar)
@@ -115,6 +120,10 @@ class VAE(nn.Module):
         super().__init__()
         self.z_dim = z_dim
 
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
     def encode(self, x: Tensor, y: Tensor | None = None) -> tuple[Tensor, Tensor]:
         mu, logvar = self.encoder(x).chunk(2, dim=1)
         return mu, logvar
@@ -171,9 +180,11 @@ class VAE(nn.Module):
 
     # -- scoring hooks
     def sample(self, n: int, generator: torch.Generator, y: Tensor | None = None) -> Tensor:
-        """``n`` new images in [0, 1]: z ~ N(0, I), decoded."""
+        """``n`` new images in [0, 1] (on the model's device): z ~ N(0, I), decoded.
+
+        ``generator`` is a CPU generator: every device decodes the same latents."""
         z = torch.randn(n, self.z_dim, generator=generator)
-        return torch.sigmoid(self.decode(z, y))
+        return torch.sigmoid(self.decode(*on_device(self.device, z, y)))
 
     def latent(self, x: Tensor, y: Tensor | None = None) -> Tensor:
         """What the t-SNE stage embeds: the posterior mean."""

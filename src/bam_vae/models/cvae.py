@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from bam_vae.models.base import VAE, Generator
+from bam_vae.models.base import VAE, Generator, on_device
 from bam_vae.models.cnn import conv_features, deconv_decoder
 
 N_CLASSES = 10
@@ -53,7 +53,7 @@ class CVAE(VAE):
         z = torch.randn(n, self.z_dim, generator=generator)
         if y is None:
             y = torch.arange(n) % N_CLASSES
-        return torch.sigmoid(self.decode(z, y))
+        return torch.sigmoid(self.decode(*on_device(self.device, z, y)))
 
     def export_module(self) -> tuple[nn.Module, tuple[np.ndarray, ...]]:
         """The decoder as generator of one input, ``generator_input(z, y)`` (N x (z_dim + 10)).

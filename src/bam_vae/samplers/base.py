@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from bam_vae.errors import BamError, reason
+from bam_vae.models.base import on_device
 from bam_vae.paths import atomic_path
 
 if TYPE_CHECKING:
@@ -82,8 +83,10 @@ class LatentSampler:
         return z.float()
 
     def draw(self, vae: VAE, n: int, generator: torch.Generator, labels: Tensor | None) -> Tensor:
-        """``n`` images in [0, 1] from ``vae``'s decoder at latents drawn from this sampler."""
-        return torch.sigmoid(vae.decode(self.sample(n, generator, labels), labels))
+        """``n`` images in [0, 1] (on ``vae``'s device) from its decoder at latents drawn from
+        this sampler (on the CPU, with ``generator``)."""
+        z = self.sample(n, generator, labels)
+        return torch.sigmoid(vae.decode(*on_device(vae.device, z, labels)))
 
     def save(self, path: Path, model_sha256: str) -> None:
         meta = {
