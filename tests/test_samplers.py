@@ -32,8 +32,9 @@ def config(sampler: str, **section) -> GenerateConfig:
     return GenerateConfig.model_validate(raw)
 
 
-def test_gmm_recovers_the_means_and_weights_of_a_known_mixture():
-    sampler = build_sampler(config("gmm", components=3), "cnn", 2, False)
+@pytest.mark.parametrize("max_points", [30_000, 1500], ids=["all", "subset"])
+def test_gmm_recovers_the_means_and_weights_of_a_known_mixture(max_points):
+    sampler = build_sampler(config("gmm", components=3, max_points=max_points), "cnn", 2, False)
     sampler.fit(mixture_draws(6000))
     order = np.argsort(sampler.means[0][:, 0] + 0.1 * sampler.means[0][:, 1])
     np.testing.assert_allclose(sampler.means[0][order], MEANS[[0, 2, 1]], atol=0.1)
@@ -173,6 +174,12 @@ def test_more_components_than_latents_is_refused():
     labels = torch.tensor([0] * 30 + [1] * 5 + list(range(2, 10)) * 20)
     with pytest.raises(BamError, match="components: 10 is more than the 5 latents of digit 1"):
         sampler.fit(torch.randn(len(labels), 2), labels)
+
+
+def test_more_components_than_max_points_is_refused():
+    sampler = build_sampler(config("gmm", components=10, max_points=5), "cnn", 2, False)
+    with pytest.raises(BamError, match=r"components: 10 is more than generate.gmm.max_points"):
+        sampler.fit(mixture_draws(200))
 
 
 def test_meta_records_kind_model_and_config(tmp_path):

@@ -112,9 +112,12 @@ class EvaluatorConfig(_Fit):
 class GmmConfig(_Section):
     """Gaussian mixture on the posterior means (Ghosh et al. 2020, ex-post density estimation)."""
 
-    components: int = Field(50, ge=1, le=1000)
+    components: int = Field(100, ge=1, le=1000)
     covariance: Literal["full", "diag"] = "full"
     max_iter: int = Field(200, ge=1)
+    # EM sees a seeded random subset of at most this many latents (per digit for cvae): with
+    # the PCA cap on dimensions, this keeps a fit under a minute whatever z_dim is.
+    max_points: int = Field(30_000, ge=1)
     seed: int = Field(0, ge=0)
 
 

@@ -34,8 +34,15 @@ class GmmSampler(LatentSampler):
         return self.cfg.model_dump()
 
     def _fit(self, latents: Tensor, labels: Tensor | None) -> dict[str, float]:
+        if self.cfg.components > self.cfg.max_points:
+            raise BamError(
+                f"generate.gmm.components: {self.cfg.components} is more than"
+                f" generate.gmm.max_points ({self.cfg.max_points}); expected at most"
+                f" {self.cfg.max_points}"
+            )
         x = latents.numpy()
         groups = [x] if labels is None else [x[labels.numpy() == d] for d in range(N_CLASSES)]
+        rng = np.random.default_rng(self.cfg.seed)
         fitted, loglik, converged = [], 0.0, True
         for g, points in enumerate(groups):
             if len(points) < self.cfg.components:
@@ -44,12 +51,15 @@ class GmmSampler(LatentSampler):
                     f"generate.gmm.components: {self.cfg.components} is more than the"
                     f" {len(points)} {what}; expected at most {len(points)}"
                 )
+            subset = points
+            if len(points) > self.cfg.max_points:
+                subset = points[np.sort(rng.choice(len(points), self.cfg.max_points, False))]
             gm = GaussianMixture(
                 self.cfg.components, covariance_type=self.cfg.covariance,
                 max_iter=self.cfg.max_iter, reg_covar=1e-6, random_state=self.cfg.seed,
-            ).fit(points)  # fmt: skip
+            ).fit(subset)  # fmt: skip
             fitted.append(gm)
-            loglik += gm.score(points) * len(points) / len(x)
+            loglik += gm.score(points) * len(points) / len(x)  # on every latent, not the subset
             converged &= bool(gm.converged_)
         self.weights = np.stack([gm.weights_ for gm in fitted])
         self.means = np.stack([gm.means_ for gm in fitted])
