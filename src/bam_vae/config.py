@@ -88,7 +88,7 @@ class _Fit(_Section):
     device: Device = "auto"
     threads: int = Field(0, ge=0, description="torch threads; 0 = cores / parallel workers")
     # fp32: the reference numerics. bf16: autocast to bfloat16 (weights, optimiser and loss
-    # stay fp32) with channels-last convolutions: ~1.9x faster on AVX-512 bf16 CPUs.
+    # stay fp32) with channels-last convolutions: 1.5-1.7x faster on AVX-512 bf16 CPUs.
     precision: Literal["fp32", "bf16"] = "fp32"
 
 
