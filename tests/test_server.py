@@ -137,6 +137,42 @@ def test_parallel_writers_give_one_finished_run_and_one_version_each(server, tmp
     assert len(versions) == 4 and len({v.version for v in versions}) == 4
 
 
+def test_runs_starting_together_share_one_dataset_row(server, tmp_path):
+    """The server looks a dataset up, then inserts it: runs that start together used to fail
+    on PostgreSQL's unique key (found by CI with four parallel `bam train`)."""
+    from concurrent.futures import ThreadPoolExecutor
+    from threading import Barrier
+
+    from bam_vae import tracking
+
+    assert server["proc"].poll() is None, "runs before the test that stops the server"
+    client = mlflow.MlflowClient(server["uri"])
+    experiment = client.create_experiment(f"race-{uuid.uuid4().hex[:6]}")
+    data = tmp_path / "train.pt"
+    data.write_bytes(b"x")
+    writers, previous = 8, mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(server["uri"])  # the fluent API, as `bam train` uses it
+    try:
+        for round_ in range(3):  # a new dataset each round: every round races for its insert
+            sha = uuid.uuid4().hex * 2
+            barrier = Barrier(writers)
+
+            def start_and_log(_: int, sha=sha, barrier=barrier) -> str:
+                with mlflow.start_run(experiment_id=experiment) as run:
+                    barrier.wait(timeout=DEADLINE)
+                    tracking.log_dataset(data, sha, "training", 1)
+                    return run.info.run_id
+
+            with ThreadPoolExecutor(writers) as pool:
+                run_ids = list(pool.map(start_and_log, range(writers)))
+            inputs = [client.get_run(r).inputs.dataset_inputs for r in run_ids]
+            assert [[i.dataset.digest for i in found] for found in inputs] == [[sha[:32]]] * 8, (
+                f"round {round_}"
+            )
+    finally:
+        mlflow.set_tracking_uri(previous)
+
+
 def test_two_clones_share_runs_models_data_and_experiments(server, tmp_path):
     uri = server["uri"]
     origin, remote = tmp_path / "origin.git", tmp_path / "dvc-remote"
@@ -196,38 +232,3 @@ def test_two_clones_share_runs_models_data_and_experiments(server, tmp_path):
     assert len(lines) == 1 and uri in lines[0] and "unreachable" in lines[0], down.stderr
     assert time.monotonic() - start < 60  # interpreter start included
     assert (b / "gen/images.npy").read_bytes() == before
-
-
-def test_runs_starting_together_share_one_dataset_row(server, tmp_path, monkeypatch):
-    """The server looks a dataset up, then inserts it: runs that start together used to fail
-    on PostgreSQL's unique key (found by CI with four parallel `bam train`)."""
-    from concurrent.futures import ThreadPoolExecutor
-    from threading import Barrier
-
-    from bam_vae import tracking
-
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", server["uri"])
-    mlflow.set_tracking_uri(server["uri"])
-    experiment = mlflow.set_experiment(f"race-{uuid.uuid4().hex[:6]}").experiment_id
-    data = tmp_path / "train.pt"
-    data.write_bytes(b"x")
-    writers = 8
-    for round_ in range(3):  # a new dataset each round, so every round races for its insert
-        sha = uuid.uuid4().hex * 2
-        barrier = Barrier(writers)
-
-        def start_and_log(_: int, sha=sha, barrier=barrier) -> str:
-            with mlflow.start_run(experiment_id=experiment) as run:
-                barrier.wait(timeout=DEADLINE)
-                tracking.log_dataset(data, sha, "training", 1)
-                return run.info.run_id
-
-        with ThreadPoolExecutor(writers) as pool:
-            run_ids = list(pool.map(start_and_log, range(writers)))
-        client = mlflow.MlflowClient(server["uri"])
-        digests = {
-            inp.dataset.digest
-            for run_id in run_ids
-            for inp in client.get_run(run_id).inputs.dataset_inputs
-        }
-        assert digests == {sha[:32]}, f"round {round_}: runs without their dataset"
