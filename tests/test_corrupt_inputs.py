@@ -147,15 +147,19 @@ def snapshot(root: Path) -> dict[str, str]:
     return files
 
 
-@pytest.mark.parametrize(("stage", "name", "kind"), CASES)
-def test_corrupt_input_is_one_line_and_changes_nothing(
-    stage, name, kind, template, tmp_path, monkeypatch
-):
+@pytest.fixture
+def root(template, tmp_path, monkeypatch) -> Path:
+    """A copy of the template project, as the working directory."""
     root = tmp_path / "project"
     shutil.copytree(template, root)
     monkeypatch.chdir(root)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.delenv("DVC_ROOT", raising=False)
+    return root
+
+
+@pytest.mark.parametrize(("stage", "name", "kind"), CASES)
+def test_corrupt_input_is_one_line_and_changes_nothing(stage, name, kind, root):
     CORRUPTIONS[kind](root / name)
     before = snapshot(root)
     run, _ = STAGES[stage]
@@ -169,23 +173,20 @@ def test_corrupt_input_is_one_line_and_changes_nothing(
 
 
 DEVICE_KEYS = {
-    "train": ("train", "train.device"),
-    "train-evaluator": ("evaluator", "evaluator.device"),
-    "fid-reference": ("fid", "fid.device"),
-    "fit-sampler": ("generate", "generate.device"),
-    "generate-1024": ("generate", "generate.device"),
-    "compute-fid": ("fid", "fid.device"),
+    "train": "train.device",
+    "train-evaluator": "evaluator.device",
+    "fid-reference": "fid.device",
+    "fit-sampler": "generate.device",
+    "generate-1024": "generate.device",
+    "compute-fid": "fid.device",
 }
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA device")
 @pytest.mark.parametrize("stage", DEVICE_KEYS)
-def test_cuda_asked_on_a_machine_without_one_is_one_line(stage, template, tmp_path, monkeypatch):
-    root = tmp_path / "project"
-    shutil.copytree(template, root)
-    monkeypatch.chdir(root)
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    section, key = DEVICE_KEYS[stage]
+def test_cuda_asked_on_a_machine_without_one_is_one_line(stage, root):
+    key = DEVICE_KEYS[stage]
+    section = key.split(".")[0]
     params = parse_params(RAW | {section: RAW.get(section, {}) | {"device": "cuda"}})
     before = snapshot(root)
     with pytest.raises(BamError, match=rf"^{key}: 'cuda' requested but no CUDA device"):
