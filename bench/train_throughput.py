@@ -1,15 +1,18 @@
 """Training throughput (images/s): the textbook torchvision loop, ours in fp32, ours in bf16.
 
-All train the same model with the same batch size, loss and optimiser, in this one process,
-interleaved; the ratios are what matters (absolute numbers depend on the machine). A large
+All train the same model with the same batch size and loss, in this one process, interleaved;
+the ratios are what matters (absolute numbers depend on the machine). The textbook loop uses
+Adam as ``torch.optim.Adam`` defaults it, ours the fused Adam that training uses. A large
 matmul measured in the same run gives the machine's peak, and each loop's share of it.
+``--compile`` adds our loops with the step compiled by torch.compile, and its compile time.
 
-    python bench/train_throughput.py [--batches 150] [--arch cnn]
+    python bench/train_throughput.py [--batches 150] [--arch cnn] [--compile]
 """
 
 from __future__ import annotations
 
 import argparse
+import platform
 import time
 
 import torch
@@ -18,28 +21,42 @@ from torchvision import datasets, transforms
 
 from bam_vae.config import ModelConfig, load_params
 from bam_vae.data import load_split, write_idx
-from bam_vae.models import build_model, vae_loss
+from bam_vae.models import adam, build_model, vae_loss
 from bam_vae.train import configure_threads, epoch_order, fast_path
 
 
-def step(model, optimizer, xb, k1=0.5, k2=0.5):
-    loss = vae_loss(model(xb), xb, k1, k2, "mse").total
+def loss_of(model, xb, k1=0.5, k2=0.5):
+    return vae_loss(model(xb), xb, k1, k2, "mse").total
+
+
+def step(model, optimizer, xb, loss=loss_of):
+    total = loss(model, xb)
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    total.backward()
     optimizer.step()
 
 
-def ours(model_cfg, images, batch, n_batches, precision="fp32"):
-    """Our loop: batches sliced from one in-memory tensor; ``bf16`` as ``train.precision``."""
+COMPILE_TIMES: dict[str, float] = {}
+
+
+def ours(model_cfg, images, batch, n_batches, precision="fp32", compiled=False):
+    """Our loop: batches sliced from one in-memory tensor; ``bf16`` as ``train.precision``;
+    ``compiled``: forward and loss through torch.compile (backward through AOTAutograd)."""
     model = build_model(model_cfg)
     autocast = fast_path(model, precision, torch.device("cpu"))
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    optimizer = adam(model.parameters(), 1e-3)
+    loss = torch.compile(loss_of) if compiled else loss_of
     x = images.float().div_(255.0).unsqueeze(1)
     order = epoch_order(len(x), 0, 0)
+    if compiled and precision not in COMPILE_TIMES:  # the first step compiles
+        start = time.perf_counter()
+        with autocast():
+            step(model, optimizer, x[:batch], loss)
+        COMPILE_TIMES[precision] = time.perf_counter() - start
     start = time.perf_counter()
     for b in range(n_batches):
         with autocast():
-            step(model, optimizer, x[order[b * batch : (b + 1) * batch]])
+            step(model, optimizer, x[order[b * batch : (b + 1) * batch]], loss)
     return n_batches * batch / (time.perf_counter() - start)
 
 
@@ -80,6 +97,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--batches", type=int, default=150)
     parser.add_argument("--arch", default=None, help="dense or cnn (default: params.yaml)")
+    parser.add_argument("--compile", action="store_true", help="add torch.compile'd loops")
     args = parser.parse_args()
     params = load_params("params.yaml")
     model_cfg = params.model if args.arch is None else ModelConfig(arch=args.arch)
@@ -106,12 +124,18 @@ def main() -> None:
         "bam-vae bf16 (train.precision=bf16)": lambda: ours(
             model_cfg, images, batch, args.batches, "bf16"),
     }  # fmt: skip
+    if args.compile:
+        for precision in ("fp32", "bf16"):
+            loops[f"bam-vae {precision}, torch.compile"] = lambda p=precision: ours(
+                model_cfg, images, batch, args.batches, p, compiled=True
+            )
     results: dict[str, list[float]] = {name: [] for name in loops}
     for _ in range(2):  # interleave so a noisy neighbour hurts all alike
         for name, loop in loops.items():
             results[name].append(loop())
     peak = {"fp32": matmul_peak(torch.float32), "bf16": matmul_peak(torch.bfloat16)}
     flops = flops_per_image(model_cfg)
+    print(f"cpu: {cpu_name()}; torch {torch.__version__}")
     print(
         f"arch={model_cfg.arch} z_dim={model_cfg.z_dim} batch={batch} threads={threads}"
         f" batches={args.batches}; {flops / 1e6:.1f} MFLOP per training image; matmul peak"
@@ -122,7 +146,17 @@ def main() -> None:
         rate = max(rates)
         share = rate * flops / peak["bf16" if "bf16" in name else "fp32"]
         print(f"{name:54s} {rate:8.0f} images/s  {rate / base:5.2f}x  {100 * share:4.1f} % of peak")
-    # fmt: skip
+    for precision, seconds in COMPILE_TIMES.items():
+        print(f"torch.compile, {precision}: the first (compiling) step took {seconds:.1f} s")
+
+
+def cpu_name() -> str:
+    """The processor's model name: ratios differ between the machines CI and sessions get."""
+    try:
+        with open("/proc/cpuinfo") as info:
+            return next(ln.split(":", 1)[1].strip() for ln in info if ln.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or "unknown"
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ from tqdm import tqdm
 from bam_vae.checkpoints import Checkpoint, checkpoint_path, config_key, stop_on_signals
 from bam_vae.config import EvaluatorConfig
 from bam_vae.data import data_sha256, load_split
-from bam_vae.models import n_parameters
+from bam_vae.models import adam, n_parameters
 from bam_vae.paths import load_saved_model, save_torch, staged_outputs, write_json
 from bam_vae.train import (
     configure_threads,
@@ -115,7 +115,7 @@ def train_evaluator(
     seed_everything(cfg.seed)
     model = Evaluator(cfg.feature_dim).to(device)
     autocast = fast_path(model, cfg.precision, device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    optimizer = adam(model.parameters(), cfg.lr)
     n_batches = -(-len(x_train) // cfg.batch_size)
     # Decaying the rate to zero over the run lets the last epoch settle instead of bouncing.
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs * n_batches)

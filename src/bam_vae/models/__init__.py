@@ -8,12 +8,21 @@ import torch
 
 from bam_vae.config import ModelConfig
 from bam_vae.errors import BamError
-from bam_vae.models.base import VAE, Generator, LossParts, VAEOutput, vae_loss
+from bam_vae.models.base import VAE, Generator, LossParts, VAEOutput, adam, vae_loss
 from bam_vae.models.cnn import CNNVAE
 from bam_vae.models.dense import DenseVAE
 from bam_vae.paths import load_saved_model, save_torch
 
-__all__ = ["VAE", "Generator", "LossParts", "VAEOutput", "vae_loss", "build_model", "load_model"]
+__all__ = [
+    "VAE",
+    "Generator",
+    "LossParts",
+    "VAEOutput",
+    "adam",
+    "vae_loss",
+    "build_model",
+    "load_model",
+]
 
 
 def build_model(cfg: ModelConfig) -> VAE:

@@ -55,6 +55,12 @@ class LossParts:
         return base | {k: float(v) for k, v in self.extra.items()}
 
 
+def adam(params, lr: float) -> torch.optim.Adam:
+    """Adam with its fused kernel: one pass per parameter instead of a dozen small ops. The
+    same update rule; 1.6x the dense model's training throughput here (README, Speed)."""
+    return torch.optim.Adam(params, lr=lr, fused=True)
+
+
 def on_device(device: torch.device, *tensors: Tensor | None) -> tuple[Tensor | None, ...]:
     """Each tensor moved to ``device`` (``None`` stays ``None``)."""
     return tuple(None if t is None else t.to(device) for t in tensors)
@@ -151,7 +157,7 @@ class VAE(nn.Module):
         )  # fmt: skip
 
     def configure_optimizers(self, cfg: TrainConfig) -> list[torch.optim.Optimizer]:
-        return [torch.optim.Adam(self.parameters(), lr=cfg.lr)]
+        return [adam(self.parameters(), cfg.lr)]
 
     def train_step(
         self, x: Tensor, y: Tensor, optimizers: list[torch.optim.Optimizer], cfg: TrainConfig,

@@ -34,6 +34,7 @@ from torch import Tensor, nn
 from bam_vae.models.base import (
     LossParts,
     VAEOutput,
+    adam,
     kl_per_image,
     recon_per_image,
     reparameterize,
@@ -56,8 +57,8 @@ class SoftIntroVAE(CNNVAE):
     def configure_optimizers(self, cfg: TrainConfig) -> list[torch.optim.Optimizer]:
         """[encoder, decoder]: the two players step separately."""
         return [
-            torch.optim.Adam(self.encoder.parameters(), lr=cfg.lr),
-            torch.optim.Adam(self.decoder.parameters(), lr=cfg.lr),
+            adam(self.encoder.parameters(), cfg.lr),
+            adam(self.decoder.parameters(), cfg.lr),
         ]
 
     def train_step(

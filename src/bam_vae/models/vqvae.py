@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from bam_vae.models.base import VAE, LossParts, VAEOutput, recon_per_image
+from bam_vae.models.base import VAE, LossParts, VAEOutput, adam, recon_per_image
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -206,7 +206,7 @@ class VQVAE(VAE):
     def configure_optimizers(self, cfg: TrainConfig) -> list[torch.optim.Optimizer]:
         # The prior is fitted on its own afterwards, on the codes of the trained encoder.
         params = [p for name, p in self.named_parameters() if not name.startswith("prior.")]
-        return [torch.optim.Adam(params, lr=cfg.lr)]
+        return [adam(params, cfg.lr)]
 
     def on_epoch_end(self) -> dict[str, float]:
         return self.quantizer.epoch_stats()
@@ -219,7 +219,7 @@ class VQVAE(VAE):
         self.eval()
         with torch.no_grad():
             codes = torch.cat([self.codes(x[i : i + 1000]) for i in range(0, len(x), 1000)])
-        optimizer = torch.optim.Adam(self.prior.parameters(), lr=self.cfg.prior_lr)
+        optimizer = adam(self.prior.parameters(), self.cfg.prior_lr)
         phase = ckpt.phase("prior", self, [optimizer])
         state = phase.resume()
         gen = torch.Generator().manual_seed(cfg.seed)

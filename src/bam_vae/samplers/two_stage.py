@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from bam_vae.config import TwoStageConfig
-from bam_vae.models.base import kl_per_image, reparameterize
+from bam_vae.models.base import adam, kl_per_image, reparameterize
 from bam_vae.samplers.base import LatentSampler
 
 N_CLASSES = 10
@@ -76,7 +76,7 @@ class TwoStageSampler(LatentSampler):
         z = ((latents - latents.mean(0)) / torch.from_numpy(self.scale)).float()
         torch.manual_seed(self.cfg.seed)
         net = self._build(z.shape[1])
-        optimizer = torch.optim.Adam(net.parameters(), lr=self.cfg.lr)
+        optimizer = adam(net.parameters(), self.cfg.lr)
         gen = torch.Generator().manual_seed(self.cfg.seed)
         loss = torch.zeros(())
         for _ in range(self.cfg.epochs):
