@@ -9,7 +9,7 @@ import math
 import torch
 
 from bam_vae.config import ModelConfig, TrainConfig
-from bam_vae.models import build_model, load_model
+from bam_vae.models import adam, build_model, load_model
 from bam_vae.models.base import VAE
 from bam_vae.models.introvae import SoftIntroVAE
 
@@ -59,7 +59,7 @@ def test_warmup_epoch_is_a_plain_vae_step():
     parts = model.train_step(x, y, model.configure_optimizers(CFG), CFG, epoch=0)
     torch.manual_seed(2)
     # One Adam over all weights equals one per half (Adam is per-parameter).
-    expected = VAE.train_step(plain, x, y, [torch.optim.Adam(plain.parameters(), lr=1e-3)], CFG, 0)
+    expected = VAE.train_step(plain, x, y, [adam(plain.parameters(), 1e-3)], CFG, 0)
     assert parts.extra == {}
     torch.testing.assert_close(parts.total, expected.total)
     for p, q in zip(model.parameters(), plain.parameters(), strict=True):

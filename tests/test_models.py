@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import copy
 import pickle
 
 import pytest
@@ -11,7 +12,7 @@ import torch
 from bam_vae.config import ModelConfig
 from bam_vae.errors import BamError
 from bam_vae.evaluator import Evaluator, load_evaluator
-from bam_vae.models import Generator, build_model, load_model, n_parameters, save_model
+from bam_vae.models import Generator, adam, build_model, load_model, n_parameters, save_model
 from bam_vae.models.base import VAEOutput, kl_per_image, vae_loss
 
 
@@ -102,6 +103,29 @@ def test_shapes(arch, z_dim):
 def test_dense_default_size_matches_report_range():
     n = n_parameters(build_model(ModelConfig(arch="dense", z_dim=16)))
     assert 400_000 <= n <= 800_000
+
+
+@pytest.mark.parametrize("arch", ["dense", "cnn"])
+def test_the_fused_optimiser_applies_textbook_adam(arch):
+    """Training uses Adam's fused kernel for speed; given the same gradients for 20 steps, it
+    must move every weight as torch's reference (for-loop) Adam does, to float rounding."""
+    torch.manual_seed(0)
+    ours = build_model(ModelConfig(arch=arch))
+    textbook = copy.deepcopy(ours)
+    init = [p.detach().clone() for p in ours.parameters()]
+    reference = torch.optim.Adam(textbook.parameters(), lr=1e-3, foreach=False)
+    optimisers = ((ours, adam(ours.parameters(), 1e-3)), (textbook, reference))
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(20):
+        grads = [torch.randn(p.shape, generator=gen) for p in init]
+        for model, opt in optimisers:
+            assert bool(opt.defaults["fused"]) == (model is ours)
+            for p, g in zip(model.parameters(), grads, strict=True):
+                p.grad = g.clone()
+            opt.step()
+    for p, q, p0 in zip(ours.parameters(), textbook.parameters(), init, strict=True):
+        assert not torch.equal(p, p0)  # trained, so the comparison means something
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
 
 
 # ---------------------------------------------------------------- corrupt saved models
