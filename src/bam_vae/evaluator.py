@@ -114,7 +114,9 @@ def train_evaluator(
 
     seed_everything(cfg.seed)
     model = Evaluator(cfg.feature_dim).to(device)
-    autocast = fast_path(model, cfg.precision, device)
+    # fp32 keeps the layout its weights were first trained in: the FID feature space is
+    # this network, and a new layout's rounding would move it (and every FID) a little.
+    autocast = fast_path(model, cfg.precision, device, channels_last=False)
     optimizer = adam(model.parameters(), cfg.lr)
     n_batches = -(-len(x_train) // cfg.batch_size)
     # Decaying the rate to zero over the run lets the last epoch settle instead of bouncing.
