@@ -21,7 +21,7 @@ from tqdm import tqdm
 from bam_vae.checkpoints import Checkpoint, checkpoint_path, config_key, stop_on_signals
 from bam_vae.config import EvaluatorConfig
 from bam_vae.data import data_sha256, load_split
-from bam_vae.models import adam, n_parameters
+from bam_vae.models import adam, n_parameters, on_device
 from bam_vae.paths import load_saved_model, save_torch, staged_outputs, write_json
 from bam_vae.train import (
     configure_threads,
@@ -109,8 +109,9 @@ def train_evaluator(
     train_images, train_labels = load_split(data_dir, "train")
     test_images, test_labels = load_split(data_dir, "test")
     key = config_key(cfg.model_dump(), data_sha256(train_images, test_images))
-    x_train, y_train = _as_images(train_images).to(device), train_labels.to(device)
-    x_test, y_test = _as_images(test_images).to(device), test_labels.to(device)
+    x_train, y_train, x_test, y_test = on_device(
+        device, _as_images(train_images), train_labels, _as_images(test_images), test_labels
+    )
 
     seed_everything(cfg.seed)
     model = Evaluator(cfg.feature_dim).to(device)
@@ -190,7 +191,7 @@ def predict(
     """
     model.eval()
     device = next(model.parameters()).device
-    x = _as_images(images).to(device)  # moved once, not per batch
+    (x,) = on_device(device, _as_images(images))  # moved once, not per batch
     feats, probs = [], []
     for start in range(0, len(x), batch_size):
         f = model.features(x[start : start + batch_size])

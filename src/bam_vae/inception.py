@@ -29,6 +29,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 from tqdm import tqdm
 
 from bam_vae.errors import BamError, reason
+from bam_vae.models.base import on_device
 from bam_vae.paths import atomic_path, user_cache
 
 FID_WEIGHTS_NAME = "pt_inception-2015-12-05-6726825d.pth"
@@ -187,7 +188,7 @@ def inception_features(
     ``bf16`` autocasts the convolutions (~2x faster); fp32 is the reference protocol.
     """
     device = next(model.parameters()).device
-    images = images.to(device)  # moved once, not per batch
+    (images,) = on_device(device, images)  # moved once, not per batch
     starts = range(0, len(images), batch_size)
     out = [np.zeros((0, 2048))]
     bf16 = precision == "bf16"

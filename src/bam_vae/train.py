@@ -24,7 +24,7 @@ from bam_vae.checkpoints import Checkpoint, checkpoint_path, config_key, stop_on
 from bam_vae.config import Params, TrainConfig
 from bam_vae.data import data_sha256, load_split
 from bam_vae.errors import BamError, Interrupted
-from bam_vae.models import build_model, n_parameters, save_model
+from bam_vae.models import build_model, n_parameters, on_device, save_model
 from bam_vae.paths import staged_outputs, write_json
 
 MODEL_PATH = Path("models/vae.pt")
@@ -151,9 +151,9 @@ def fit(
 
     seed_everything(cfg.seed)
     x_train, y_train = training_images(cfg, train_images, train_labels)
-    x_train, y_train = x_train.to(device), y_train.to(device)
-    x_test = test_images.float().div_(255.0).unsqueeze(1).to(device)
-    y_test = test_labels.to(device)
+    x_test = test_images.float().div_(255.0).unsqueeze(1)
+    # Moved once: batches are sliced on the device, no per-batch host copies.
+    x_train, y_train, x_test, y_test = on_device(device, x_train, y_train, x_test, test_labels)
     model = build_model(params.model).to(device)
     autocast = fast_path(model, cfg.precision, device)
     optimizers = model.configure_optimizers(cfg)

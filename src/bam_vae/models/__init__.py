@@ -8,7 +8,7 @@ import torch
 
 from bam_vae.config import ModelConfig
 from bam_vae.errors import BamError
-from bam_vae.models.base import VAE, Generator, LossParts, VAEOutput, adam, vae_loss
+from bam_vae.models.base import VAE, Generator, LossParts, VAEOutput, adam, on_device, vae_loss
 from bam_vae.models.cnn import CNNVAE
 from bam_vae.models.dense import DenseVAE
 from bam_vae.paths import load_saved_model, save_torch
@@ -19,6 +19,7 @@ __all__ = [
     "LossParts",
     "VAEOutput",
     "adam",
+    "on_device",
     "vae_loss",
     "build_model",
     "load_model",
