@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import threading
+import time
 
 import mlflow
 import numpy as np
@@ -16,6 +18,7 @@ from bam_vae.evaluator import train_evaluator
 from bam_vae.fid import compute, reference
 from bam_vae.fit_sampler import fit_sampler
 from bam_vae.generate import compare_samplers, generate
+from bam_vae.paths import exclusive
 from bam_vae.robustness import robustness
 from bam_vae.train import fit
 from bam_vae.tsne import tsne
@@ -109,6 +112,47 @@ def test_digit_option_is_refused_for_unconditional_models(project, tiny):
     with pytest.raises(BamError, match="--digit 3: model CNNVAE is not conditional"):
         generate(params, digit=3)
     assert not (project / "data/generated/images.npy").exists()
+
+
+def test_workers_starting_together_compute_the_reference_once(
+    project, tiny, evaluator_file, monkeypatch, tmp_path, capsys
+):
+    """Two queue workers reaching fid-reference at once: the second waits for the first
+    (it used to write the same chunks and fail when the first removed them), then reads the
+    machine's cache and computes nothing."""
+    monkeypatch.setenv("BAM_VAE_CACHE", str(tmp_path / "machine-cache"))
+    params = tiny()
+    (project / "models").mkdir()
+    shutil.copy(evaluator_file, project / "models/evaluator.pt")
+    expected = np.load(reference(params, "classifier", chunk=64))
+    (cached,) = (tmp_path / "machine-cache/fid-reference").glob("classifier-*.npy")
+    features = cached.read_bytes()
+    cached.unlink()
+    calls: list[int] = []
+    real = fid.feature_extractor
+
+    def counted_extractor(space, cfg):
+        extract, weights = real(space, cfg)
+        return (lambda images: calls.append(len(images)) or extract(images)), weights
+
+    monkeypatch.setattr(fid, "feature_extractor", counted_extractor)
+    capsys.readouterr()
+    lock = cached.parent / f".{cached.stem}.lock"
+    with exclusive(lock, "the first worker"):  # the first worker, computing
+        second = threading.Thread(
+            target=reference, args=(params, "classifier"), kwargs={"chunk": 64}
+        )
+        second.start()
+        said = ""
+        deadline = time.monotonic() + 60
+        while "waiting for it" not in said and time.monotonic() < deadline and not calls:
+            time.sleep(0.05)
+            said += capsys.readouterr().out
+        assert "is being written by pid" in said and calls == [], said
+        cached.write_bytes(features)  # the first worker finishes
+    second.join(timeout=60)
+    assert not second.is_alive() and calls == []
+    np.testing.assert_array_equal(np.load(project / "data/fid_ref/classifier.npy"), expected)
 
 
 def test_reference_is_cached_per_machine_and_resumes_from_its_saved_chunks(

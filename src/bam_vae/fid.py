@@ -30,7 +30,7 @@ from bam_vae.data import load_split, sha256
 from bam_vae.errors import BamError, Interrupted, reason
 from bam_vae.evaluator import MODEL_PATH as EVALUATOR_PATH
 from bam_vae.evaluator import digit_metrics, label_accuracy, load_evaluator, predict
-from bam_vae.paths import atomic_path, file_sha256, user_cache, write_json
+from bam_vae.paths import atomic_path, exclusive, file_sha256, user_cache, write_json
 from bam_vae.train import resolve_device
 
 REF_DIR = Path("data/fid_ref")
@@ -110,15 +110,18 @@ def reference(params: Params, space: str, ref_dir: Path = REF_DIR, chunk: int = 
     cache = user_cache() / "fid-reference"
     cached, parts = cache / f"{space}-{key}.npy", cache / f"{space}-{key}.parts"
     out = ref_dir / f"{space}.npy"
-    if cached.is_file():
-        feats = load_array(cached, "cached FID reference", "(N, D)", lambda a: a.ndim == 2,
-                           "delete it to recompute it")  # fmt: skip
-        print(f"fid-reference: {space} features from this machine's cache {cached}")
-    else:
-        feats = _compute_in_chunks(extract, images, chunk, parts, space)
-        with atomic_path(cached) as tmp, tmp.open("wb") as fh:
-            np.save(fh, feats)
-        shutil.rmtree(parts, ignore_errors=True)
+    # Workers that start together (a queue, a sweep) compute it once: the others wait, then
+    # read the cache, instead of writing the same chunks and removing each other's.
+    with exclusive(cache / f".{space}-{key}.lock", f"fid-reference: {cached}", wait=True):
+        if cached.is_file():
+            feats = load_array(cached, "cached FID reference", "(N, D)", lambda a: a.ndim == 2,
+                               "delete it to recompute it")  # fmt: skip
+            print(f"fid-reference: {space} features from this machine's cache {cached}")
+        else:
+            feats = _compute_in_chunks(extract, images, chunk, parts, space)
+            with atomic_path(cached) as tmp, tmp.open("wb") as fh:
+                np.save(fh, feats)
+            shutil.rmtree(parts, ignore_errors=True)
     with atomic_path(out) as tmp, tmp.open("wb") as fh:
         np.save(fh, feats)
     print(f"fid-reference: {space} features of {len(feats)} test images -> {out}")

@@ -129,8 +129,9 @@ def staged_outputs() -> Iterator[StagedOutputs]:
 
 
 @contextmanager
-def exclusive(lock_file: Path, what: str) -> Iterator[None]:
-    """Hold ``lock_file`` for this process, or fail at once naming the process that holds it.
+def exclusive(lock_file: Path, what: str, wait: bool = False) -> Iterator[None]:
+    """Hold ``lock_file`` for this process, or fail at once naming the process that holds it
+    (``wait``: say so and wait for it instead).
 
     An OS lock (``flock``): it dies with its process, so a crash or SIGKILL never leaves a
     stale lock behind. The file is removed on release; whoever locked a file that was removed
@@ -142,9 +143,16 @@ def exclusive(lock_file: Path, what: str) -> Iterator[None]:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "another process"
-            os.close(fd)
-            message = f"{what} is in use by {holder}; wait for it to finish or stop it"
-            raise BamError(message) from None
+            if not wait:
+                os.close(fd)
+                message = f"{what} is in use by {holder}; wait for it to finish or stop it"
+                raise BamError(message) from None
+            print(f"{what} is being written by {holder}; waiting for it", flush=True)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)  # Ctrl-C still interrupts the wait
+            except BaseException:
+                os.close(fd)
+                raise
         try:
             same = os.fstat(fd).st_ino == os.stat(lock_file).st_ino
         except FileNotFoundError:
