@@ -20,7 +20,7 @@ from bam_vae.data import load_split
 from bam_vae.fid import fid, load_generated
 from bam_vae.inception import FeatureNet, inception_features, load_inception
 from bam_vae.inception import resolve_inception_weights as weights_path
-from bam_vae.train import configure_threads
+from bam_vae.train import configure_threads, cpu_name
 
 BATCH = 64  # inception_features' batch size
 GFLOP_PER_IMAGE = 11.5  # InceptionV3 at 299 x 299: ~5.7 G multiply-adds
@@ -48,7 +48,7 @@ def main() -> None:
     parser.add_argument("--fid-images", type=int, default=500)
     args = parser.parse_args()
     params = load_params("params.yaml")
-    print(f"torch threads: {configure_threads(params.train.threads)}")
+    print(f"cpu: {cpu_name()}; torch threads: {configure_threads(params.train.threads)}")
     peak = {"fp32": matmul_gflops(torch.float32), "bf16": matmul_gflops(torch.bfloat16)}
     print(f"matmul 2048^2 peak: fp32 {peak['fp32']:.0f} GFLOP/s, bf16 {peak['bf16']:.0f} GFLOP/s")
 

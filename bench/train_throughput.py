@@ -12,7 +12,6 @@ matmul measured in the same run gives the machine's peak, and each loop's share 
 from __future__ import annotations
 
 import argparse
-import platform
 import time
 
 import torch
@@ -22,7 +21,7 @@ from torchvision import datasets, transforms
 from bam_vae.config import ModelConfig, load_params
 from bam_vae.data import load_split, write_idx
 from bam_vae.models import adam, build_model, vae_loss
-from bam_vae.train import configure_threads, epoch_order, fast_path
+from bam_vae.train import configure_threads, cpu_name, epoch_order, fast_path
 
 
 def loss_of(model, xb, k1=0.5, k2=0.5):
@@ -148,15 +147,6 @@ def main() -> None:
         print(f"{name:54s} {rate:8.0f} images/s  {rate / base:5.2f}x  {100 * share:4.1f} % of peak")
     for precision, seconds in COMPILE_TIMES.items():
         print(f"torch.compile, {precision}: the first (compiling) step took {seconds:.1f} s")
-
-
-def cpu_name() -> str:
-    """The processor's model name: ratios differ between the machines CI and sessions get."""
-    try:
-        with open("/proc/cpuinfo") as info:
-            return next(ln.split(":", 1)[1].strip() for ln in info if ln.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or "unknown"
 
 
 if __name__ == "__main__":

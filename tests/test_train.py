@@ -14,7 +14,7 @@ from bam_vae import tracking
 from bam_vae.checkpoints import checkpoint_path
 from bam_vae.errors import BamError, Interrupted
 from bam_vae.models import Generator, load_model
-from bam_vae.train import fit, run_key, training_images
+from bam_vae.train import cpu_name, fit, run_key, training_images
 
 
 def weights(path="models/vae.pt"):
@@ -76,6 +76,7 @@ def test_mlflow_run_holds_params_curves_tags_and_a_registered_version(project, t
     run = tracking.client().get_run(ref["run_id"])
     assert run.data.params["model.z_dim"] == "4"
     assert run.data.params["train.k1"] == "0.5"
+    assert run.data.params["cpu"] == cpu_name() != ""  # speeds compare only on one processor
     assert run.data.tags["dvc_exp_name"] == "tidy-fish"
     assert run.data.tags["sweep"] == "unit"
     assert len(run.data.tags["data_sha256"]) == 64

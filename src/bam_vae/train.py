@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import os
+import platform
 from collections.abc import Callable
 from pathlib import Path
 
@@ -44,6 +45,16 @@ def resolve_device(name: str, key: str = "train.device") -> torch.device:
 
 def available_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def cpu_name() -> str:
+    """The processor's model name: speeds (and bf16's gain) differ between the machines a
+    sweep or CI lands on, so runs and benchmarks record it."""
+    try:
+        with open("/proc/cpuinfo") as info:
+            return next(ln.split(":", 1)[1].strip() for ln in info if ln.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or "unknown"
 
 
 def configure_threads(requested: int) -> int:
@@ -179,7 +190,7 @@ def fit(
                 mlflow.log_params(tracking.flat_params(params.model_dump(mode="json")))
                 mlflow.log_params({"n_parameters": n_parameters(model),
                                    "n_train_images": len(x_train), "torch_threads": threads,
-                                   "device": str(device)})  # fmt: skip
+                                   "device": str(device), "cpu": cpu_name()})  # fmt: skip
                 mlflow.set_tags(tracking.run_tags(digest, cfg.sweep, key))
             try:
                 with stop_on_signals() as stopped:
