@@ -115,8 +115,9 @@ def train_evaluator(
 
     seed_everything(cfg.seed)
     model = Evaluator(cfg.feature_dim).to(device)
-    # fp32 keeps the layout its weights were first trained in: the FID feature space is
-    # this network, and a new layout's rounding would move it (and every FID) a little.
+    # Row-major in fp32, as it always was: its weights are the FID feature space, which no
+    # speed setting should move, and it trains once per machine (~1 min), so a faster layout
+    # would buy little.
     autocast = fast_path(model, cfg.precision, device, channels_last=False)
     optimizer = adam(model.parameters(), cfg.lr)
     n_batches = -(-len(x_train) // cfg.batch_size)
