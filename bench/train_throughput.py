@@ -1,9 +1,11 @@
 """Training throughput (images/s): the textbook torchvision loop, ours in fp32, ours in bf16.
 
-All train the same model with the same batch size and loss, in this one process, interleaved;
-the ratios are what matters (absolute numbers depend on the machine). The textbook loop uses
-Adam as ``torch.optim.Adam`` defaults it, ours the fused Adam that training uses. A large
-matmul measured in the same run gives the machine's peak, and each loop's share of it.
+All train the same model with the same batch size and loss, each loop in a fresh process of
+its own (as a stage runs), interleaved over rounds; the ratios are what matters (absolute
+numbers depend on the machine). ``fp32-plain`` is our fp32 loop with glibc's malloc defaults,
+to show what keeping freed memory in the process (``retain_freed_memory``) buys. The
+textbook loop uses Adam as ``torch.optim.Adam`` defaults it, ours the fused Adam that training
+uses. A large matmul measured in the same run gives the machine's peak, and each loop's share of it.
 ``--compile`` adds our loops with the step compiled by torch.compile, and its compile time.
 
     python bench/train_throughput.py [--batches 150] [--arch cnn] [--compile] [--rounds 4]
@@ -12,8 +14,12 @@ matmul measured in the same run gives the machine's peak, and each loop's share 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader
@@ -22,7 +28,7 @@ from torchvision import datasets, transforms
 from bam_vae.config import ModelConfig, load_params
 from bam_vae.data import load_split, write_idx
 from bam_vae.models import adam, build_model, vae_loss
-from bam_vae.train import configure_threads, cpu_name, epoch_order, fast_path
+from bam_vae.train import available_cores, configure_threads, cpu_name, epoch_order, fast_path
 
 
 def loss_of(model, xb, k1=0.5, k2=0.5):
@@ -93,50 +99,76 @@ def reference(model_cfg, root, batch, n_batches):
     return n_batches * batch / (time.perf_counter() - start)
 
 
+LOOPS = {
+    "textbook": "textbook (torchvision MNIST + ToTensor + DataLoader)",
+    "fp32-plain": "bam-vae fp32, glibc's malloc defaults",
+    "fp32": "bam-vae fp32 (in-memory tensor slices)",
+    "bf16": "bam-vae bf16 (train.precision=bf16)",
+    "fp32-compile": "bam-vae fp32, torch.compile",
+    "bf16-compile": "bam-vae bf16, torch.compile",
+}
+
+
+def child(loop: str, model_cfg, root: str, batch: int, n_batches: int, threads: int) -> None:
+    """One loop in this fresh process, warmed up, then timed; prints its images/s as JSON.
+
+    Our loops set the process up as every stage does (``configure_threads``, which also keeps
+    freed memory in the process); the textbook loop and ``fp32-plain`` only set the threads."""
+    if loop in ("textbook", "fp32-plain"):
+        torch.set_num_threads(threads)
+    else:
+        configure_threads(threads)
+    torch.manual_seed(0)
+    if loop == "textbook":
+        run = lambda n: reference(model_cfg, root, batch, n)  # noqa: E731
+    else:
+        images, _ = load_split(load_params("params.yaml").data.out_dir, "train")
+        precision, compiled = loop.split("-")[0], loop.endswith("-compile")
+        run = lambda n: ours(model_cfg, images, batch, n, precision, compiled)  # noqa: E731
+    run(10)  # warm-up: oneDNN's kernels, the allocator, torch.compile's first compile
+    print(json.dumps({"rate": run(n_batches), "compile_s": COMPILE_TIMES.get(loop[:4])}))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--batches", type=int, default=150)
     parser.add_argument("--arch", default=None, help="dense or cnn (default: params.yaml)")
     parser.add_argument("--compile", action="store_true", help="add torch.compile'd loops")
     parser.add_argument("--rounds", type=int, default=4, help="interleaved rounds (median)")
+    parser.add_argument("--child", choices=LOOPS, help=argparse.SUPPRESS)
     args = parser.parse_args()
     params = load_params("params.yaml")
     model_cfg = params.model if args.arch is None else ModelConfig(arch=args.arch)
-    threads = configure_threads(params.train.threads)
-    images, labels = load_split(params.data.out_dir, "train")
+    threads = params.train.threads or max(1, available_cores())
+    root, batch = ".cache/bench-torchvision", params.train.batch_size
+    if args.child:
+        return child(args.child, model_cfg, root, batch, args.batches, threads)
 
     # torchvision's MNIST class reads the raw IDX files: write them from the prepared data.
-    root = ".cache/bench-torchvision"
-    raw = __import__("pathlib").Path(root, "MNIST", "raw")
+    images, labels = load_split(params.data.out_dir, "train")
+    raw = Path(root, "MNIST", "raw")
     raw.mkdir(parents=True, exist_ok=True)
     write_idx(raw / "train-images-idx3-ubyte", images.numpy())
     write_idx(raw / "train-labels-idx1-ubyte", labels.numpy().astype("uint8"))
     write_idx(raw / "t10k-images-idx3-ubyte", images[:10].numpy())
     write_idx(raw / "t10k-labels-idx1-ubyte", labels[:10].numpy().astype("uint8"))
 
-    batch = params.train.batch_size
-    torch.manual_seed(0)
-    ours(model_cfg, images, batch, 10)  # warm-up
-    loops = {
-        "textbook (torchvision MNIST + ToTensor + DataLoader)": lambda: reference(
-            model_cfg, root, batch, args.batches),
-        "bam-vae fp32 (in-memory tensor slices)": lambda: ours(
-            model_cfg, images, batch, args.batches),
-        "bam-vae bf16 (train.precision=bf16)": lambda: ours(
-            model_cfg, images, batch, args.batches, "bf16"),
-    }  # fmt: skip
-    if args.compile:
-        for precision in ("fp32", "bf16"):
-            loops[f"bam-vae {precision}, torch.compile"] = lambda p=precision: ours(
-                model_cfg, images, batch, args.batches, p, compiled=True
-            )
+    torch.set_num_threads(threads)  # for the matmul peak
+    loops = [k for k in LOOPS if args.compile or not k.endswith("-compile")]
+    # Each loop runs in a process of its own, as a stage does: process-wide settings (threads,
+    # the allocator) and a heap warmed by another loop would otherwise leak between loops.
     # Interleaved rounds; each loop's ratio is taken against the textbook loop of its own
     # round, then the median over rounds: these VMs' speed drifts by 2x within minutes, which
     # a best-of or a mean over the whole run would turn into a ratio.
-    results: dict[str, list[float]] = {name: [] for name in loops}
+    results: dict[str, list[float]] = {LOOPS[k]: [] for k in loops}
     for _ in range(args.rounds):
-        for name, loop in loops.items():
-            results[name].append(loop())
+        for loop in loops:
+            command = [sys.executable, __file__, "--child", loop, "--batches", str(args.batches)]
+            command += ["--arch", args.arch] if args.arch else []
+            out = json.loads(subprocess.run(command, check=True, capture_output=True).stdout)
+            results[LOOPS[loop]].append(out["rate"])
+            if out["compile_s"] is not None:
+                COMPILE_TIMES[loop[:4]] = out["compile_s"]
     peak = {"fp32": matmul_peak(torch.float32), "bf16": matmul_peak(torch.bfloat16)}
     flops = flops_per_image(model_cfg)
     print(f"cpu: {cpu_name()}; torch {torch.__version__}")
