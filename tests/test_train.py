@@ -213,6 +213,17 @@ def test_training_steps_stop_faulting_memory_in_once_threads_are_configured():
     assert retained * 10 < plain  # seen here: ~2 300-5 800 against 0-80
 
 
+@pytest.mark.parametrize(
+    "env", [{"MALLOC_TRIM_THRESHOLD_": "0"}, {"GLIBC_TUNABLES": "glibc.malloc.trim_threshold=0"}]
+)
+def test_a_users_own_malloc_settings_win(env, monkeypatch):
+    from bam_vae import train
+
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    assert train.retain_freed_memory() is False
+
+
 def test_bf16_training_is_deterministic_and_tracks_fp32(project, tiny):
     fp32 = fit(tiny(train={"epochs": 2}))
     params = tiny(train={"epochs": 2, "precision": "bf16"})
