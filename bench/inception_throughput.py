@@ -14,11 +14,10 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
-import sys
 import time
 
 import torch
+from interleaved import matmul_peak, run_rounds, set_up_process
 
 from bam_vae.config import load_params
 from bam_vae.data import load_split
@@ -38,21 +37,9 @@ ROWS = {  # name: (label, precision)
 }
 
 
-def matmul_gflops(dtype: torch.dtype, n: int = 2048, repeats: int = 10) -> float:
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    a @ b  # warm-up
-    start = time.perf_counter()
-    for _ in range(repeats):
-        a @ b
-    return 2 * n**3 * repeats / (time.perf_counter() - start) / 1e9
-
-
 def child(row: str, n_images: int, threads: int) -> None:
     """One row in this fresh process: warmed up (compiled) on one batch, then timed."""
-    if row in ("shipped", "eager-plain"):
-        torch.set_num_threads(threads)
-    else:
-        configure_threads(threads)  # as every stage: also keeps freed memory in the process
+    set_up_process(threads, as_stage=row not in ("shipped", "eager-plain"))
     params = load_params("params.yaml")
     test, _ = load_split(params.data.out_dir, "test")
     x = test[:n_images].float().div(255.0).unsqueeze(1)
@@ -87,16 +74,8 @@ def main() -> None:
     configure_threads(threads)
     print(f"cpu: {cpu_name()}; torch threads: {threads}")
     # Each ratio is against the shipped row of its own round (the VMs' speed drifts), median.
-    rates: dict[str, list[float]] = {row: [] for row in ROWS}
-    compile_s: dict[str, float] = {}
-    for _ in range(args.rounds):
-        for row in ROWS:
-            command = [sys.executable, __file__, "--child", row, "--images", str(args.images)]
-            out = json.loads(subprocess.run(command, check=True, capture_output=True).stdout)
-            rates[row].append(out["rate"])
-            if out["compile_s"] is not None:
-                compile_s[row] = out["compile_s"]
-    peak = {"fp32": matmul_gflops(torch.float32), "bf16": matmul_gflops(torch.bfloat16)}
+    rates, compile_s = run_rounds(__file__, list(ROWS), ["--images", str(args.images)], args.rounds)
+    peak = {"fp32": matmul_peak(torch.float32) / 1e9, "bf16": matmul_peak(torch.bfloat16) / 1e9}
     print(f"matmul 2048^2 peak: fp32 {peak['fp32']:.0f} GFLOP/s, bf16 {peak['bf16']:.0f} GFLOP/s")
     for row, (label, precision) in ROWS.items():
         rate = statistics.median(rates[row])

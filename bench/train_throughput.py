@@ -16,19 +16,18 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import torch
+from interleaved import matmul_peak, run_rounds, set_up_process
 from torch.utils.data import DataLoader
 from torchvision import datasets, transforms
 
 from bam_vae.config import ModelConfig, load_params
 from bam_vae.data import load_split, write_idx
 from bam_vae.models import adam, build_model, vae_loss
-from bam_vae.train import available_cores, configure_threads, cpu_name, epoch_order, fast_path
+from bam_vae.train import available_cores, cpu_name, epoch_order, fast_path
 
 
 def loss_of(model, xb, k1=0.5, k2=0.5):
@@ -76,15 +75,6 @@ def flops_per_image(model_cfg) -> float:
     return 3.0 * counter.get_total_flops()
 
 
-def matmul_peak(dtype: torch.dtype, n: int = 2048, repeats: int = 10) -> float:
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    a @ b
-    start = time.perf_counter()
-    for _ in range(repeats):
-        a @ b
-    return 2 * n**3 * repeats / (time.perf_counter() - start)
-
-
 def reference(model_cfg, root, batch, n_batches):
     """torchvision MNIST + ToTensor + DataLoader, as in pytorch/examples' vae/main.py."""
     model = build_model(model_cfg)
@@ -111,13 +101,8 @@ LOOPS = {
 
 def child(loop: str, model_cfg, root: str, batch: int, n_batches: int, threads: int) -> None:
     """One loop in this fresh process, warmed up, then timed; prints its images/s as JSON.
-
-    Our loops set the process up as every stage does (``configure_threads``, which also keeps
-    freed memory in the process); the textbook loop and ``fp32-plain`` only set the threads."""
-    if loop in ("textbook", "fp32-plain"):
-        torch.set_num_threads(threads)
-    else:
-        configure_threads(threads)
+    Ours run as a stage does; the textbook loop and ``fp32-plain`` with glibc's defaults."""
+    set_up_process(threads, as_stage=loop not in ("textbook", "fp32-plain"))
     torch.manual_seed(0)
     if loop == "textbook":
         run = lambda n: reference(model_cfg, root, batch, n)  # noqa: E731
@@ -155,20 +140,11 @@ def main() -> None:
 
     torch.set_num_threads(threads)  # for the matmul peak
     loops = [k for k in LOOPS if args.compile or not k.endswith("-compile")]
-    # Each loop runs in a process of its own, as a stage does: process-wide settings (threads,
-    # the allocator) and a heap warmed by another loop would otherwise leak between loops.
-    # Interleaved rounds; each loop's ratio is taken against the textbook loop of its own
-    # round, then the median over rounds: these VMs' speed drifts by 2x within minutes, which
-    # a best-of or a mean over the whole run would turn into a ratio.
-    results: dict[str, list[float]] = {LOOPS[k]: [] for k in loops}
-    for _ in range(args.rounds):
-        for loop in loops:
-            command = [sys.executable, __file__, "--child", loop, "--batches", str(args.batches)]
-            command += ["--arch", args.arch] if args.arch else []
-            out = json.loads(subprocess.run(command, check=True, capture_output=True).stdout)
-            results[LOOPS[loop]].append(out["rate"])
-            if out["compile_s"] is not None:
-                COMPILE_TIMES[loop[:4]] = out["compile_s"]
+    # Each loop in a process of its own: process-wide settings (threads, the allocator) and a
+    # heap warmed by another loop would otherwise leak between loops. The ratios are per round.
+    child_args = ["--batches", str(args.batches)] + (["--arch", args.arch] if args.arch else [])
+    rates, compile_s = run_rounds(__file__, loops, child_args, args.rounds)
+    results = {LOOPS[k]: rates[k] for k in loops}
     peak = {"fp32": matmul_peak(torch.float32), "bf16": matmul_peak(torch.bfloat16)}
     flops = flops_per_image(model_cfg)
     print(f"cpu: {cpu_name()}; torch {torch.__version__}")
@@ -188,8 +164,8 @@ def main() -> None:
             f"{name:54s} {rate:8.0f}  {statistics.median(ratios):5.2f}x  [{spread}]"
             f"  {100 * share:4.1f} %"
         )
-    for precision, seconds in COMPILE_TIMES.items():
-        print(f"torch.compile, {precision}: the first (compiling) step took {seconds:.1f} s")
+    for loop, seconds in compile_s.items():
+        print(f"{LOOPS[loop]}: the first (compiling) step took {seconds:.1f} s")
 
 
 if __name__ == "__main__":
