@@ -14,10 +14,10 @@ from pathlib import Path
 
 import torch
 
-from bam_vae.checkpoints import Checkpoint, State, save_interval
 from bam_vae.config import load_params
 from bam_vae.models import build_model
-from bam_vae.train import configure_threads
+from bam_vae.training.checkpoints import Checkpoint, State, save_interval
+from bam_vae.training.runtime import configure_threads
 
 
 def mean_seconds(fn, repeats: int = 20) -> float:

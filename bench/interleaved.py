@@ -10,7 +10,7 @@ import time
 
 import torch
 
-from bam_vae.train import configure_threads
+from bam_vae.training.runtime import configure_threads
 
 
 def set_up_process(threads: int, as_stage: bool) -> None:

@@ -14,11 +14,11 @@ import time
 import torch
 
 from bam_vae.config import load_params
-from bam_vae.fit_sampler import posterior_means
-from bam_vae.generate import resolve_model
-from bam_vae.models import load_model
-from bam_vae.samplers import build_sampler
-from bam_vae.train import configure_threads
+from bam_vae.data import load_split
+from bam_vae.files import load_model
+from bam_vae.samplers import sampler_for
+from bam_vae.tracking.store import resolve_model
+from bam_vae.training.runtime import configure_threads
 
 
 def timed(fn, *args):
@@ -36,16 +36,16 @@ def main() -> None:
     threads = configure_threads(params.train.threads)
     print(f"torch threads: {threads}")
     for uri in args.model or [None]:
-        vae, model_cfg = load_model(resolve_model(uri)[0])
-        (latents, labels), encode_s = timed(posterior_means, vae, params.data.out_dir)
-        prior = build_sampler(params.generate.model_copy(update={"sampler": "prior"}),
-                              model_cfg.arch, vae.z_dim, vae.conditional)  # fmt: skip
+        vae, _ = load_model(resolve_model(uri)[0])
+        prior = sampler_for(params.generate.model_copy(update={"sampler": "prior"}), vae)
+        images, labels = load_split(params.data.out_dir, "train")
+        latents, encode_s = timed(prior.encode, vae, images, labels)
         _, draw_s = timed(prior.draw, vae, 10_000, torch.Generator(), None)
         print(f"{uri or 'models/vae.pt'} (z = {vae.z_dim}): encode 60 000 images {encode_s:.1f} s,"
               f" decode 10 000 prior samples {draw_s:.1f} s")  # fmt: skip
         for kind in args.kinds:
             cfg = params.generate.model_copy(update={"sampler": kind})
-            sampler = build_sampler(cfg, model_cfg.arch, vae.z_dim, vae.conditional)
+            sampler = sampler_for(cfg, vae)
             info, fit_s = timed(sampler.fit, latents, labels)
             extra = ", ".join(f"{k} {v:.4g}" for k, v in info.items())
             print(f"  {kind}: fit {fit_s:.1f} s ({fit_s / draw_s:.1f}x the prior draw); {extra}")

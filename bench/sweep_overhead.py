@@ -116,7 +116,7 @@ class Cluster:
 
 def sweep(root: Path, grid: list[str], name: str, cluster: Cluster):
     """``run_sweep`` in this process, as ``bam sweep`` would, against ``cluster``."""
-    from bam_vae.cluster import run_sweep
+    from bam_vae.sweep.driver import run_sweep
 
     saved = dict(os.environ)
     os.environ.update(cluster.env)

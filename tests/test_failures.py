@@ -17,13 +17,13 @@ import torch
 import yaml
 from conftest import env_with_venv
 
-from bam_vae import tracking
-from bam_vae.checkpoints import checkpoint_path
 from bam_vae.data import data_sha256, load_split
 from bam_vae.errors import BamError
-from bam_vae.generate import generate
-from bam_vae.paths import exclusive
-from bam_vae.train import fit, run_key
+from bam_vae.files import exclusive
+from bam_vae.stages.generate import generate
+from bam_vae.stages.train import fit, run_key
+from bam_vae.tracking import store as tracking
+from bam_vae.training.checkpoints import checkpoint_path
 
 DEADLINE = 300  # seconds; only catches hangs
 

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from bam_vae import inception as inc
 from bam_vae.errors import BamError
+from bam_vae.scoring import inception as inc
 
 
 @pytest.fixture(scope="session")

@@ -9,7 +9,8 @@ import math
 import torch
 
 from bam_vae.config import ModelConfig, TrainConfig
-from bam_vae.models import adam, build_model, load_model
+from bam_vae.files import load_model
+from bam_vae.models import adam, build_model
 from bam_vae.models.base import VAE
 from bam_vae.models.introvae import SoftIntroVAE
 
@@ -109,7 +110,7 @@ def test_bce_reconstruction_also_trains():
 
 
 def test_fit_runs_the_introspective_step_and_registers(project, tiny):
-    from bam_vae.train import fit
+    from bam_vae.stages.train import fit
 
     params = tiny(
         model={"arch": "introvae", "z_dim": 4, "channels": [8, 16], "intro": {"warmup_epochs": 0}},

@@ -11,9 +11,10 @@ import torch
 
 from bam_vae.config import ModelConfig
 from bam_vae.errors import BamError
-from bam_vae.evaluator import Evaluator, load_evaluator
-from bam_vae.models import Generator, adam, build_model, load_model, n_parameters, save_model
+from bam_vae.files import load_model, save_model
+from bam_vae.models import Generator, adam, build_model, n_parameters
 from bam_vae.models.base import VAEOutput, kl_per_image, vae_loss
+from bam_vae.scoring.evaluator import Evaluator, load_evaluator
 
 
 def test_loss_matches_hand_computation():

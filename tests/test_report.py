@@ -9,11 +9,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from bam_vae import tracking
 from bam_vae.errors import BamError
-from bam_vae.generate import generate
-from bam_vae.report import promote, report
-from bam_vae.train import fit
+from bam_vae.stages.generate import generate
+from bam_vae.stages.report import promote, report
+from bam_vae.stages.train import fit
+from bam_vae.tracking import store as tracking
 
 
 def fake_run(arch: str, z_dim: int, k1: float, fid: float, sweep: str, epochs: int = 3) -> None:

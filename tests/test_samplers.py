@@ -34,7 +34,7 @@ def config(sampler: str, **section) -> GenerateConfig:
 
 @pytest.mark.parametrize("max_points", [30_000, 1500], ids=["all", "subset"])
 def test_gmm_recovers_the_means_and_weights_of_a_known_mixture(max_points):
-    sampler = build_sampler(config("gmm", components=3, max_points=max_points), "cnn", 2, False)
+    sampler = build_sampler(config("gmm", components=3, max_points=max_points), 2, False)
     sampler.fit(mixture_draws(6000))
     order = np.argsort(sampler.means[0][:, 0] + 0.1 * sampler.means[0][:, 1])
     np.testing.assert_allclose(sampler.means[0][order], MEANS[[0, 2, 1]], atol=0.1)
@@ -51,7 +51,7 @@ def test_conditional_gmm_draws_from_the_mixture_of_the_asked_digit():
     latents = centres[labels] + 0.1 * torch.randn(
         2000, 2, generator=torch.Generator().manual_seed(0)
     )
-    sampler = build_sampler(config("gmm", components=2), "cvae", 2, True)
+    sampler = build_sampler(config("gmm", components=2), 2, True)
     sampler.fit(latents, labels)
     asked = torch.full((500,), 7)
     z = sampler.sample(500, torch.Generator().manual_seed(0), asked)
@@ -65,7 +65,7 @@ def test_same_seed_same_fit_and_same_samples(kind):
     section = {"epochs": 3, "hidden": 16} if kind == "two-stage" else {"components": 3}
     draws = []
     for _ in range(2):
-        sampler = build_sampler(config(kind, **section), "cnn", 2, False)
+        sampler = build_sampler(config(kind, **section), 2, False)
         sampler.fit(mixture_draws(1000))
         draws.append(sampler.sample(64, torch.Generator().manual_seed(5)))
     assert draws[0].shape == (64, 2) and draws[0].dtype == torch.float32
@@ -76,7 +76,7 @@ def test_same_seed_same_fit_and_same_samples(kind):
 
 def test_two_stage_learns_the_latent_distribution_better_than_the_prior():
     latents = mixture_draws(4000)
-    sampler = build_sampler(config("two-stage", epochs=40, hidden=64), "cnn", 2, False)
+    sampler = build_sampler(config("two-stage", epochs=40, hidden=64), 2, False)
     info = sampler.fit(latents)
     z = sampler.sample(4000, torch.Generator().manual_seed(0)).numpy()
     nearest = np.min(((z[:, None, :] - MEANS[None]) ** 2).sum(-1), axis=1)
@@ -91,7 +91,7 @@ def test_big_latents_are_fitted_in_a_pca_subspace():
     latents = torch.from_numpy(mixture_draws(3000).numpy() @ basis.T).float()
     sampler = build_sampler(
         GenerateConfig.model_validate({"sampler": "gmm", "max_dim": 4, "gmm": {"components": 3}}),
-        "cnn", 300, False,
+        300, False,
     )  # fmt: skip
     info = sampler.fit(latents)
     assert info["pca_explained_variance"] > 0.999
@@ -104,7 +104,7 @@ def test_big_latents_are_fitted_in_a_pca_subspace():
 @pytest.mark.parametrize("kind", ["gmm", "two-stage"])
 def test_a_saved_sampler_loads_without_pickle_and_draws_the_same(kind, tmp_path, monkeypatch):
     section = {"epochs": 2, "hidden": 16} if kind == "two-stage" else {"components": 3}
-    sampler = build_sampler(config(kind, **section), "cnn", 2, False)
+    sampler = build_sampler(config(kind, **section), 2, False)
     sampler.fit(mixture_draws(500))
     path = tmp_path / "sampler.npz"
     sampler.save(path, model_sha256="ab" * 32)
@@ -120,7 +120,7 @@ def test_a_saved_sampler_loads_without_pickle_and_draws_the_same(kind, tmp_path,
 
 
 def test_sampler_file_of_another_model_or_kind_is_refused(tmp_path):
-    sampler = build_sampler(config("gmm", components=2), "cnn", 2, False)
+    sampler = build_sampler(config("gmm", components=2), 2, False)
     sampler.fit(mixture_draws(200))
     path = tmp_path / "sampler.npz"
     sampler.save(path, model_sha256="ab" * 32)
@@ -164,26 +164,34 @@ def test_bad_sampler_params_are_one_line_errors(override, message):
     assert "\n" not in str(info.value)
 
 
-def test_vqvae_says_its_prior_is_the_pixelcnn():
-    with pytest.raises(BamError, match="'gmm' is not available for vqvae.*generate.sampler=prior"):
-        build_sampler(config("gmm"), "vqvae", 784, False)
+def test_a_sampler_refuses_latents_it_cannot_fit():
+    with pytest.raises(BamError, match="'gmm' fits continuous latents.*codes; expected auto or"
+                       " one of prior, pixelcnn"):  # fmt: skip
+        build_sampler(config("gmm"), 784, False, "codes")
+    with pytest.raises(BamError, match="'pixelcnn' fits codes latents"):
+        build_sampler(config("pixelcnn"), 2, False)
+
+
+@pytest.mark.parametrize(("latent_kind", "kind"), [("continuous", "gmm"), ("codes", "pixelcnn")])
+def test_auto_resolves_to_the_default_of_the_models_latents(latent_kind, kind):
+    assert build_sampler(config("auto"), 784, False, latent_kind).kind == kind
 
 
 def test_more_components_than_latents_is_refused():
-    sampler = build_sampler(config("gmm", components=10), "cvae", 2, True)
+    sampler = build_sampler(config("gmm", components=10), 2, True)
     labels = torch.tensor([0] * 30 + [1] * 5 + list(range(2, 10)) * 20)
     with pytest.raises(BamError, match="components: 10 is more than the 5 latents of digit 1"):
         sampler.fit(torch.randn(len(labels), 2), labels)
 
 
 def test_more_components_than_max_points_is_refused():
-    sampler = build_sampler(config("gmm", components=10, max_points=5), "cnn", 2, False)
+    sampler = build_sampler(config("gmm", components=10, max_points=5), 2, False)
     with pytest.raises(BamError, match=r"components: 10 is more than generate.gmm.max_points"):
         sampler.fit(mixture_draws(200))
 
 
 def test_meta_records_kind_model_and_config(tmp_path):
-    sampler = build_sampler(config("gmm", components=2, covariance="diag"), "cnn", 2, False)
+    sampler = build_sampler(config("gmm", components=2, covariance="diag"), 2, False)
     sampler.fit(mixture_draws(200))
     sampler.save(tmp_path / "s.npz", model_sha256="ef" * 32)
     meta, arrays = read_file(tmp_path / "s.npz")

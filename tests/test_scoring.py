@@ -8,8 +8,8 @@ import torch
 
 from bam_vae.config import FidConfig
 from bam_vae.errors import BamError
-from bam_vae.fid import fid, kid, load_generated, load_reference
-from bam_vae.tsne import embed
+from bam_vae.scoring.fid import fid, kid, load_generated, load_reference
+from bam_vae.stages.tsne import embed
 
 
 @pytest.fixture(scope="module")
@@ -74,12 +74,11 @@ def test_unknown_feature_space_is_rejected_by_params():
 
 def test_generation_is_seeded_and_labels_are_balanced():
     from bam_vae.config import GenerateConfig, ModelConfig
-    from bam_vae.generate import sample, sample_labels
     from bam_vae.models import build_model
-    from bam_vae.samplers import build_sampler
+    from bam_vae.samplers import build_sampler, sample, sample_labels
 
     vae = build_model(ModelConfig(arch="dense", z_dim=3, hidden=[16, 8])).eval()
-    prior = build_sampler(GenerateConfig(sampler="prior"), "dense", 3, False)
+    prior = build_sampler(GenerateConfig(sampler="prior"), 3, False)
     assert torch.equal(sample(vae, prior, 6, 5, None), sample(vae, prior, 6, 5, None))
     assert not torch.equal(sample(vae, prior, 6, 5, None), sample(vae, prior, 6, 6, None))
     labels = sample_labels(1024, seed=0, digit=None)

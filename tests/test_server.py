@@ -143,7 +143,7 @@ def test_runs_starting_together_share_one_dataset_row(server, tmp_path):
     from concurrent.futures import ThreadPoolExecutor
     from threading import Barrier
 
-    from bam_vae import tracking
+    from bam_vae.tracking import store as tracking
 
     assert server["proc"].poll() is None, "runs before the test that stops the server"
     client = mlflow.MlflowClient(server["uri"])

@@ -11,31 +11,26 @@ import mlflow
 import numpy as np
 import pytest
 
-from bam_vae import fid, tracking
 from bam_vae.config import EvaluatorConfig
 from bam_vae.errors import BamError, Interrupted
-from bam_vae.evaluator import train_evaluator
-from bam_vae.fid import compute, reference
-from bam_vae.fit_sampler import fit_sampler
-from bam_vae.generate import compare_samplers, generate
-from bam_vae.paths import exclusive
-from bam_vae.robustness import robustness
-from bam_vae.train import fit
-from bam_vae.tsne import tsne
+from bam_vae.files import exclusive
+from bam_vae.stages import fid_reference as fid
+from bam_vae.stages.compare_samplers import compare_samplers
+from bam_vae.stages.compute_fid import compute
+from bam_vae.stages.fid_reference import reference
+from bam_vae.stages.fit_sampler import fit_sampler
+from bam_vae.stages.generate import generate
+from bam_vae.stages.robustness import robustness
+from bam_vae.stages.train import fit
+from bam_vae.stages.train_evaluator import train_evaluator
+from bam_vae.stages.tsne import tsne
+from bam_vae.tracking import store as tracking
 
 MODELS = {
     "dense": {"hidden": [32, 16]},
     "cnn": {},
     "cvae": {},
-    "vqvae": {
-        "vq": {
-            "codebook_size": 16,
-            "code_dim": 4,
-            "prior_epochs": 1,
-            "prior_channels": 16,
-            "prior_layers": 2,
-        }
-    },  # fmt: skip
+    "vqvae": {"vq": {"codebook_size": 16, "code_dim": 4}},
     "introvae": {"intro": {"warmup_epochs": 0}},
 }
 SCORING = {
@@ -54,10 +49,12 @@ def evaluator_file(tiny_mnist, tmp_path_factory):
     return out / "evaluator.pt"
 
 
-# Every sampler is exercised by some arch; vqvae's prior is its PixelCNN.
-SAMPLER = {"dense": "gmm", "cnn": "two-stage", "cvae": "gmm", "vqvae": "prior",
+# Every sampler is exercised by some arch; vqvae's default (auto) is its PixelCNN code prior.
+SAMPLER = {"dense": "gmm", "cnn": "two-stage", "cvae": "gmm", "vqvae": "auto",
            "introvae": "two-stage"}  # fmt: skip
-FAST_SAMPLERS = {"gmm": {"components": 3}, "two_stage": {"epochs": 2, "hidden": 16}}
+FITTED = SAMPLER | {"vqvae": "pixelcnn"}
+FAST_SAMPLERS = {"gmm": {"components": 3}, "two_stage": {"epochs": 2, "hidden": 16},
+                 "pixelcnn": {"epochs": 1, "channels": 16, "layers": 2}}  # fmt: skip
 
 
 @pytest.mark.parametrize("arch", list(MODELS))
@@ -80,7 +77,7 @@ def test_every_arch_runs_every_stage(arch, project, tiny, evaluator_file):
     images = np.load(project / "data/generated/images.npy")
     assert images.shape == (60, 28, 28) and images.min() >= 0 and images.max() <= 1
     assert np.isfinite(metrics["fid_classifier"]) and metrics["fid_floor_classifier"] >= 0
-    assert metrics["sampler"] == SAMPLER[arch]
+    assert metrics["sampler"] == FITTED[arch]
     assert ("label_accuracy" in metrics) == (arch == "cvae")
     assert 0 <= robust["auroc_neg_elbo_gaussian"] <= 1
     for fig in ("samples", "reconstructions", "tsne", "robustness"):
@@ -88,13 +85,13 @@ def test_every_arch_runs_every_stage(arch, project, tiny, evaluator_file):
     ref = json.loads((project / "models/mlflow_run.json").read_text())
     assert ref["model_name"] == f"bam-vae-{arch}"
     run = mlflow.get_run(ref["run_id"])
-    assert f"{SAMPLER[arch]}/fid_classifier" in run.data.metrics
+    assert f"{FITTED[arch]}/fid_classifier" in run.data.metrics
     assert "auroc_neg_elbo_uniform" in run.data.metrics
     artifacts = {a.path for a in tracking.client().list_artifacts(ref["run_id"], "figures")}
-    assert artifacts == {f"figures/{SAMPLER[arch]}", "figures/reconstructions.png",
+    assert artifacts == {f"figures/{FITTED[arch]}", "figures/reconstructions.png",
                          "figures/tsne.png", "figures/robustness.png"}  # fmt: skip
     version = tracking.client().get_model_version(ref["model_name"], ref["model_version"])
-    assert f"{SAMPLER[arch]}/fid_classifier" in version.tags
+    assert f"{FITTED[arch]}/fid_classifier" in version.tags
 
 
 def test_digit_option_draws_one_digit_from_a_conditional_model(project, tiny):

@@ -13,6 +13,7 @@ import signal
 import socket
 import sqlite3
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -22,8 +23,14 @@ import pytest
 import yaml
 from conftest import REPO, copy_checkout, env_with_venv
 
-from bam_vae.cluster import dirty_files, parse_grid, plan, split_values
 from bam_vae.errors import BamError
+from bam_vae.sweep import guard
+from bam_vae.sweep.driver import _Progress, _Queue, _run
+from bam_vae.sweep.git import dirty_files
+from bam_vae.sweep.grid import label, parse_grid, split_values
+from bam_vae.sweep.plan import plan
+from bam_vae.sweep.settle import table
+from bam_vae.sweep.trial import Trial, run_guarded
 
 # Tiny trials on tiny data: the first 512/256 MNIST images (conftest's `tiny_mnist`) tracked
 # with `dvc add` in place of the prepare-mnist stage (which insists on the full MNIST), one
@@ -117,6 +124,146 @@ def test_bad_values_and_names_fail_before_any_trial(tmp_path):
         plan(["model.z_dim=2"], num_cpus=0, cwd=root)
     checked = plan(["model.z_dim=2,4", "train.lr=0.01"], name="s", cwd=root)
     assert checked.exp_names == ["s-1", "s-2"] and checked.source == str(root)
+
+
+def test_the_guard_runs_its_command_whatever_pythonpath_it_gets(tmp_path):
+    """The command's output goes to the log and its exit status comes back. The guard is the
+    sweep's own code: a ``bam_vae`` first on the command's PYTHONPATH (the clone's ``src``,
+    maybe of a commit without this guard) does not replace it."""
+    clone_src = tmp_path / "src" / "bam_vae"
+    clone_src.mkdir(parents=True)
+    (clone_src / "__init__.py").write_text("raise ImportError('the clone, not the guard')\n")
+    env = env_with_venv() | {"PYTHONPATH": str(clone_src.parent)}
+    log, work = tmp_path / "trial.log", tmp_path / "work"
+    work.mkdir()
+    cmd = ["sh", "-c", 'echo out; echo err >&2; echo "$PYTHONPATH"; exit 3']
+    assert run_guarded(cmd, tmp_path, env, log, work) == 3
+    assert log.read_text() == f"\n$ {' '.join(cmd)}\nout\nerr\n{clone_src.parent}\n"
+    assert work.is_dir()  # removed only if the guard's parent dies
+
+    usage = subprocess.run([sys.executable, "-m", "bam_vae.sweep.guard", str(work)],
+                           capture_output=True, text=True)  # fmt: skip
+    assert usage.returncode == 2 and usage.stderr.startswith("usage: ")
+
+
+# The guarded command: a process and a child of its own (the pipeline and what it starts).
+# On SIGTERM it writes a marker and exits, or ("ignore") it and its child ignore SIGTERM.
+GUARDED = """
+import signal, subprocess, sys, time
+from pathlib import Path
+if sys.argv[2] == "ignore":
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+else:
+    signal.signal(signal.SIGTERM, lambda *_: (Path(sys.argv[1]).write_text("TERM"), sys.exit(0)))
+subprocess.Popen(["sleep", "300"])
+time.sleep(300)
+"""
+# The Ray worker: starts the guard as run_guarded does, says its pid, waits.
+WORKER = """
+import subprocess, sys
+guard = subprocess.Popen([sys.executable, "-P", *sys.argv[1:]], start_new_session=True)
+print(guard.pid, flush=True)
+guard.wait()
+"""
+
+
+@pytest.mark.parametrize(("on_term", "grace"), [("exit", 60.0), ("ignore", 1.0)])
+def test_the_guard_stops_its_group_and_removes_the_work_folder_when_its_parent_dies(
+    tmp_path, on_term, grace
+):
+    """SIGKILL the guard's parent: the guard SIGTERMs its process group, waits for it (not the
+    whole grace once the group has exited), removes the work folder, and SIGKILLs what is left
+    once the grace is over."""
+    work, marker = tmp_path / "work", tmp_path / "terminated"
+    (work / "repo").mkdir(parents=True)
+    cmd = [sys.executable, "-c", GUARDED, str(marker), on_term]
+    worker = subprocess.Popen([sys.executable, "-c", WORKER, guard.__file__, str(work),
+                               str(grace), *cmd], stdout=subprocess.PIPE, text=True)  # fmt: skip
+    group = int(worker.stdout.readline())
+    try:
+        deadline = time.monotonic() + 60
+        while len(guard.members(group)) < 3:  # the guard, the command, its child
+            assert time.monotonic() < deadline, "the guarded command did not start"
+            time.sleep(0.1)
+        time.sleep(1.5)  # the guard keeps running while its parent lives
+        assert len(guard.members(group)) == 3 and work.is_dir()
+
+        worker.kill()
+        worker.wait()
+        deadline = time.monotonic() + 30  # < the grace of "exit": it did not wait that long
+        while guard.members(group) or work.exists():
+            assert time.monotonic() < deadline, f"left: {guard.members(group)}, {work.exists()}"
+            time.sleep(0.1)
+        assert marker.exists() == (on_term == "exit")
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(group, signal.SIGKILL)
+        worker.kill()
+        worker.wait()
+
+
+def test_the_driver_chains_points_that_train_the_same_model_and_says_what_happens(capsys):
+    """The driver's loop with a stand-in for Ray: the first trial of each chain starts at
+    once, the next when it ends; a trial lost with every retry fails alone; the table and
+    the records have every point."""
+    points = parse_grid(["model.z_dim=1,2", "generate.n=8,16"])
+    trials = [Trial(index=i, point=pt, sweep="s", exp_name=f"s-{i}", source="", commit="",
+                    tracking_uri="", parent_run_id="", num_cpus=1, driver_ip="", root="",
+                    cache_dir="") for i, pt in enumerate(points, 1)]  # fmt: skip
+
+    submitted: list[int] = []
+    events: list[tuple] = []  # on the board: trials that started
+
+    class Task:  # ray.remote(run_trial)
+        def remote(self, t: Trial, board: object) -> int:
+            submitted.append(t.index)
+            events.append((t.index, "nodeid-0123456789", "host", 0.0))
+            return t.index  # its "object ref"
+
+    class Board:  # the Board actor: board.drain.remote()
+        class drain:  # noqa: N801
+            @staticmethod
+            def remote() -> list[tuple]:
+                drained = events[:]
+                events.clear()
+                return drained
+
+    class Ray:
+        def wait(self, refs: list, num_returns: int, timeout: float) -> tuple[list, list]:
+            return refs, []  # all of them ready
+
+        def get(self, ref: int | list, timeout: float | None = None) -> object:
+            if isinstance(ref, list):  # the board's events
+                return ref
+            if ref == 3:
+                raise RuntimeError("node lost")
+            t = trials[ref - 1]
+            return {"index": t.index, "point": label(t.point), "exp_name": t.exp_name,
+                    "status": "done", "host": "host", "node_id": "nodeid-0123456789",
+                    "seconds": 2.0, "fid": 1.5, "run_id": "", "reason": ""}  # fmt: skip
+
+    ray = Ray()
+    queue, progress = _Queue(trials, Task(), Board()), _Progress(trials, time.monotonic())
+    _run(ray, queue, progress)
+    assert submitted == [1, 3, 2, 4]  # z_dim=1: 1 then 2; z_dim=2: 3 then 4
+    said = [line.split("] ", 1)[1] for line in capsys.readouterr().out.splitlines()]
+    node = "running on node nodeid-0 (host)"
+    assert said == [
+        f"s-1 model.z_dim=1 generate.n=8: {node}  [3 pending, 1 running]",
+        f"s-3 model.z_dim=2 generate.n=8: {node}  [2 pending, 2 running]",
+        "s-1 model.z_dim=1 generate.n=8: done in 2 s, FID 1.5  [2 pending, 1 running, 1 done]",
+        "s-3 model.z_dim=2 generate.n=8: FAILED: RuntimeError: node lost"
+        "  [2 pending, 1 done, 1 failed]",
+        f"s-2 model.z_dim=1 generate.n=16: {node}  [1 pending, 1 running, 1 done, 1 failed]",
+        f"s-4 model.z_dim=2 generate.n=16: {node}  [2 running, 1 done, 1 failed]",
+        "s-2 model.z_dim=1 generate.n=16: done in 2 s, FID 1.5  [1 running, 2 done, 1 failed]",
+        "s-4 model.z_dim=2 generate.n=16: done in 2 s, FID 1.5  [3 done, 1 failed]",
+    ]
+    results = progress.ordered()
+    assert [(r["exp_name"], r["status"], r.get("attempts")) for r in results] == [
+        ("s-1", "done", 1), ("s-2", "done", 1), ("s-3", "failed", 1), ("s-4", "done", 1)
+    ]  # fmt: skip
+    assert len(table(results).splitlines()) == 2 + 4
 
 
 # ------------------------------------------------------------------------------ slow

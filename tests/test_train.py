@@ -10,11 +10,13 @@ import mlflow
 import pytest
 import torch
 
-from bam_vae import tracking
-from bam_vae.checkpoints import checkpoint_path
 from bam_vae.errors import BamError, Interrupted
-from bam_vae.models import Generator, load_model
-from bam_vae.train import cpu_name, fit, run_key, training_images
+from bam_vae.files import load_model
+from bam_vae.models import Generator
+from bam_vae.stages.train import fit, run_key, training_images
+from bam_vae.tracking import store as tracking
+from bam_vae.training.checkpoints import checkpoint_path
+from bam_vae.training.runtime import cpu_name
 
 
 def weights(path="models/vae.pt"):
@@ -159,7 +161,7 @@ def test_diverging_training_fails_clearly_and_marks_the_run_failed(project, tiny
 
 
 def test_threads_split_the_cores_between_parallel_workers(monkeypatch):
-    from bam_vae import train
+    from bam_vae.training import runtime as train
 
     before = torch.get_num_threads()
     monkeypatch.setattr(train, "available_cores", lambda: 8)
@@ -177,7 +179,7 @@ FAULTS_PER_STEP = """
 import resource, sys, torch
 from bam_vae.config import ModelConfig
 from bam_vae.models import adam, build_model, vae_loss
-from bam_vae.train import configure_threads, fast_path
+from bam_vae.training.runtime import configure_threads, fast_path
 if sys.argv[1] == "retain":
     configure_threads(1)
 else:
@@ -217,7 +219,7 @@ def test_training_steps_stop_faulting_memory_in_once_threads_are_configured():
     "env", [{"MALLOC_TRIM_THRESHOLD_": "0"}, {"GLIBC_TUNABLES": "glibc.malloc.trim_threshold=0"}]
 )
 def test_a_users_own_malloc_settings_win(env, monkeypatch):
-    from bam_vae import train
+    from bam_vae.training import runtime as train
 
     for key, value in env.items():
         monkeypatch.setenv(key, value)
@@ -241,7 +243,6 @@ def test_bf16_training_is_deterministic_and_tracks_fp32(project, tiny):
 def test_bf16_trains_every_arch(arch, project, tiny):
     model = {"arch": arch, "hidden": [32, 16]}
     if arch == "vqvae":
-        model["vq"] = {"codebook_size": 16, "code_dim": 4, "prior_epochs": 1,
-                       "prior_channels": 16, "prior_layers": 2}  # fmt: skip
+        model["vq"] = {"codebook_size": 16, "code_dim": 4}
     final = fit(tiny(model=model, train={"epochs": 1, "precision": "bf16"}))
     assert math.isfinite(final["test_loss"])

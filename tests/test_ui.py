@@ -12,7 +12,7 @@ import mlflow
 import pytest
 from conftest import env_with_venv
 
-from bam_vae import tracking
+from bam_vae.tracking import store as tracking
 
 pytestmark = pytest.mark.slow
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

@@ -1,5 +1,5 @@
-"""VQ-VAE: shapes and loss parts, the EMA codebook, straight-through gradients, the causal
-PixelCNN prior, and one tiny run through the real training loop."""
+"""VQ-VAE: shapes and loss parts, the EMA codebook, straight-through gradients, its causal
+PixelCNN code prior (a sampler), and one tiny run through the real stages."""
 
 from __future__ import annotations
 
@@ -10,11 +10,12 @@ import mlflow
 import pytest
 import torch
 
-from bam_vae import tracking
 from bam_vae.config import TrainConfig, VQConfig
-from bam_vae.models.vqvae import EPS, VQVAE, PixelCNN, VectorQuantizerEMA
+from bam_vae.models.vqvae import EPS, VQVAE, VectorQuantizerEMA
+from bam_vae.samplers.pixelcnn import PixelCNN
+from bam_vae.tracking import store as tracking
 
-VQ = VQConfig(codebook_size=8, code_dim=3, prior_channels=8, prior_layers=2)
+VQ = VQConfig(codebook_size=8, code_dim=3)
 
 
 def tiny_model() -> VQVAE:
@@ -100,14 +101,12 @@ def test_straight_through_gradient_reaches_the_encoder():
     assert not any(b.requires_grad for b in model.quantizer.buffers())
 
 
-def test_prior_is_saved_but_not_optimised():
+def test_every_weight_is_optimised_and_no_prior_is_inside_the_model():
     model = tiny_model()
-    assert any(k.startswith("prior.") for k in model.state_dict())
+    assert not any(k.startswith("prior.") for k in model.state_dict())
     (optimizer,) = model.configure_optimizers(TrainConfig())
     in_opt = {id(p) for group in optimizer.param_groups for p in group["params"]}
-    prior = {id(p) for p in model.prior.parameters()}
-    assert not in_opt & prior
-    assert in_opt | prior == {id(p) for p in model.parameters()}
+    assert in_opt == {id(p) for p in model.parameters()}
 
 
 def test_prior_is_causal_in_raster_order():
@@ -135,7 +134,9 @@ def test_sampling_is_valid_and_seeded():
     assert 0.0 <= images.min().item() <= images.max().item() <= 1.0
     again = model.sample(3, torch.Generator().manual_seed(1))
     assert torch.equal(images, again)
-    codes = model.prior.sample(4, torch.Generator().manual_seed(2), torch.device("cpu"))
+    torch.manual_seed(0)
+    prior = PixelCNN(VQ.codebook_size, channels=8, layers=2)
+    codes = prior.sample(4, torch.Generator().manual_seed(2), torch.device("cpu"))
     assert codes.shape == (4, 7, 7) and codes.dtype == torch.int64
     assert 0 <= codes.min().item() <= codes.max().item() < VQ.codebook_size
 
@@ -148,34 +149,52 @@ def test_export_module_maps_codes_to_images():
     assert torch.allclose(module(model.codes(x)), model.reconstruct(x), atol=1e-6)
 
 
-def test_one_epoch_through_the_real_loop(project, tiny):
-    from bam_vae.train import fit
+VQ_TINY = {"codebook_size": 16, "code_dim": 4}
+PIXELCNN_TINY = {"channels": 16, "layers": 2, "epochs": 1}
 
-    vq = {"codebook_size": 16, "code_dim": 4, "prior_epochs": 1, "prior_channels": 16,
-          "prior_layers": 2}  # fmt: skip
-    final = fit(tiny(model={"arch": "vqvae", "channels": [8, 16], "vq": vq}, train={"epochs": 1}))
-    assert final["prior_nll"] > 0
+
+def test_one_epoch_through_the_real_stages(project, tiny):
+    from bam_vae.stages.fit_sampler import fit_sampler
+    from bam_vae.stages.generate import generate
+    from bam_vae.stages.train import fit
+
+    params = tiny(
+        model={"arch": "vqvae", "channels": [8, 16], "vq": VQ_TINY}, train={"epochs": 1},
+        generate={"n": 20, "pixelcnn": PIXELCNN_TINY},
+    )  # fmt: skip
+    final = fit(params)
     assert 0 < final["codebook_usage"] <= 1 and 1 <= final["perplexity"] <= 16
     ref = json.loads((project / "models/mlflow_run.json").read_text())
     assert ref["model_name"] == "bam-vae-vqvae"
     history = tracking.client().get_metric_history(ref["run_id"], "perplexity")
     assert [m.step for m in history] == [1]
-    assert tracking.client().get_run(ref["run_id"]).data.metrics["prior_nll"] > 0
     # The registered generator is the pt2 code decoder: int64 code grids in, images out.
     generator = mlflow.pytorch.load_model(ref["model_uri"])
     images = generator(torch.zeros(3, 7, 7, dtype=torch.int64))
     assert images.shape == (3, 1, 28, 28)
 
+    # The default sampler (auto) of a VQ-VAE is its PixelCNN code prior, fitted by fit-sampler.
+    metrics = fit_sampler(params)
+    assert metrics["sampler"] == "pixelcnn" and metrics["sampler_param"] == "auto"
+    assert 0 < metrics["pixelcnn_nll"] < torch.log(torch.tensor(16.0)).item() + 1
+    assert tracking.client().get_run(ref["run_id"]).data.metrics["pixelcnn/pixelcnn_nll"] > 0
+    assert generate(params)["sampler"] == "pixelcnn"
+    images = __import__("numpy").load(project / "data/generated/images.npy")
+    assert images.shape == (20, 28, 28) and 0 <= images.min() <= images.max() <= 1
 
-def test_interrupted_prior_resumes_to_the_same_model(project, tiny, monkeypatch):
+
+def test_interrupted_code_prior_resumes_to_the_same_sampler(project, tiny, monkeypatch):
     from bam_vae.errors import Interrupted
-    from bam_vae.train import fit
+    from bam_vae.stages.fit_sampler import fit_sampler
+    from bam_vae.stages.train import fit
 
-    vq = {"codebook_size": 16, "code_dim": 4, "prior_epochs": 2, "prior_channels": 16,
-          "prior_layers": 2}  # fmt: skip
-    params = tiny(model={"arch": "vqvae", "channels": [8, 16], "vq": vq}, train={"epochs": 1})
-    expected = fit(params)
-    weights = torch.load(project / "models/vae.pt", weights_only=True)["state_dict"]
+    params = tiny(
+        model={"arch": "vqvae", "channels": [8, 16], "vq": VQ_TINY}, train={"epochs": 1},
+        generate={"pixelcnn": {**PIXELCNN_TINY, "epochs": 2}},
+    )  # fmt: skip
+    fit(params)
+    expected = {k: v for k, v in fit_sampler(params).items() if k != "fit_seconds"}
+    fitted = (project / "models/sampler.npz").read_bytes()
 
     calls = []
     forward = PixelCNN.forward
@@ -187,16 +206,13 @@ def test_interrupted_prior_resumes_to_the_same_model(project, tiny, monkeypatch)
         return forward(self, codes)
 
     monkeypatch.setattr(PixelCNN, "forward", signalled_forward)
-    with pytest.raises(Interrupted, match=r"train \(prior\): interrupted at epoch 1, batch 3"):
-        fit(params)
+    with pytest.raises(Interrupted, match=r"pixelcnn: interrupted at epoch 1, batch 3"):
+        fit_sampler(params)
     monkeypatch.setattr(PixelCNN, "forward", forward)
-    # Two checkpoints: the finished main loop, and the prior part-way.
-    (main,) = (project / ".cache/checkpoints").glob("train-*[0-9a-f].pt")
-    assert (project / ".cache/checkpoints" / f"{main.stem}-prior.pt").is_file()
+    (checkpoint,) = (project / ".cache/checkpoints").glob("pixelcnn-*.pt")
+    assert (project / "models/sampler.npz").read_bytes() == fitted  # untouched by the stop
 
-    assert fit(params) == expected
-    for key, value in torch.load(project / "models/vae.pt", weights_only=True)[
-        "state_dict"
-    ].items():
-        assert torch.equal(value, weights[key]), key
-    assert not any((project / ".cache/checkpoints").iterdir())
+    again = {k: v for k, v in fit_sampler(params).items() if k != "fit_seconds"}
+    assert again == expected
+    assert (project / "models/sampler.npz").read_bytes() == fitted
+    assert not checkpoint.exists()

@@ -88,13 +88,14 @@ def command(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 def _params(params: Path, overrides: list[str] | None) -> Params:
     """Validated params; also caps torch threads so parallel queue workers share the cores."""
-    from bam_vae.train import configure_threads
+    from bam_vae.training.runtime import configure_threads
 
     loaded = load_params(params, overrides or [])
     if _locks is not None:  # taken once the params are valid, so bad ones touch nothing
-        from bam_vae.paths import exclusive
+        from bam_vae.files import exclusive
+        from bam_vae.paths import lock_file
 
-        _locks.enter_context(exclusive(Path(".cache/bam.lock"), f"this checkout ({Path.cwd()})"))
+        _locks.enter_context(exclusive(lock_file(), f"this checkout ({Path.cwd()})"))
     configure_threads(loaded.train.threads)
     return loaded
 
@@ -103,7 +104,7 @@ def _params(params: Path, overrides: list[str] | None) -> Params:
 @stage
 def prepare(params: ParamsFile = Path("params.yaml"), set_: Overrides = None) -> None:
     """Stage prepare-mnist: fetch real MNIST and write data/mnist/{train,test}.pt."""
-    from bam_vae.data import prepare as run
+    from bam_vae.stages.prepare import prepare as run
 
     run(_params(params, set_).data)
 
@@ -112,7 +113,7 @@ def prepare(params: ParamsFile = Path("params.yaml"), set_: Overrides = None) ->
 @stage
 def train(params: ParamsFile = Path("params.yaml"), set_: Overrides = None) -> None:
     """Stage train: fit the VAE, log it to MLflow and register a new model version."""
-    from bam_vae.train import fit
+    from bam_vae.stages.train import fit
 
     fit(_params(params, set_))
 
@@ -121,7 +122,7 @@ def train(params: ParamsFile = Path("params.yaml"), set_: Overrides = None) -> N
 @stage
 def train_evaluator(params: ParamsFile = Path("params.yaml"), set_: Overrides = None) -> None:
     """Stage train-evaluator: the MNIST classifier behind FID features and digit metrics."""
-    from bam_vae.evaluator import train_evaluator as run
+    from bam_vae.stages.train_evaluator import train_evaluator as run
 
     loaded = _params(params, set_)
     run(loaded.evaluator, loaded.data.out_dir)
@@ -130,8 +131,8 @@ def train_evaluator(params: ParamsFile = Path("params.yaml"), set_: Overrides = 
 @app.command("fit-sampler")
 @stage
 def fit_sampler(params: ParamsFile = Path("params.yaml"), set_: Overrides = None) -> None:
-    """Stage fit-sampler: fit generate.sampler (gmm, two-stage) to the training latents."""
-    from bam_vae.fit_sampler import fit_sampler as run
+    """Stage fit-sampler: fit generate.sampler (auto, gmm, two-stage, pixelcnn) to the data."""
+    from bam_vae.stages.fit_sampler import fit_sampler as run
 
     run(_params(params, set_))
 
@@ -149,7 +150,7 @@ def generate(
     figures: Annotated[Path, typer.Option(help="folder for the PNG figures")] = Path("figures"),
 ) -> None:
     """Stage generate-1024: draw latents (generate.sampler), decode, draw samples and recons."""
-    from bam_vae.generate import generate as run
+    from bam_vae.stages.generate import generate as run
 
     run(_params(params, set_), model_uri=model, digit=digit, out_dir=out, fig_dir=figures)
 
@@ -162,8 +163,8 @@ def compare_samplers(
     model: ModelUri = None,
     out: Annotated[Path, typer.Option(help="PNG to write")] = Path("figures/samplers.png"),
 ) -> None:
-    """One model's samples from each sampler (prior, gmm, two-stage), side by side."""
-    from bam_vae.generate import compare_samplers as run
+    """One model's samples from each sampler that fits it, side by side."""
+    from bam_vae.stages.compare_samplers import compare_samplers as run
 
     run(_params(params, set_), model_uri=model, out=out)
 
@@ -178,7 +179,7 @@ def fid_reference(
     ] = "classifier",
 ) -> None:
     """Stage fid-reference: test-set features of one FID feature space (computed once)."""
-    from bam_vae.fid import reference
+    from bam_vae.stages.fid_reference import reference
 
     reference(_params(params, set_), space)
 
@@ -187,7 +188,7 @@ def fid_reference(
 @stage
 def compute_fid(params: ParamsFile = Path("params.yaml"), set_: Overrides = None) -> None:
     """Stage compute-fid: FID, floor, KID and digit metrics of the generated images."""
-    from bam_vae.fid import compute
+    from bam_vae.stages.compute_fid import compute
 
     compute(_params(params, set_))
 
@@ -196,7 +197,7 @@ def compute_fid(params: ParamsFile = Path("params.yaml"), set_: Overrides = None
 @stage
 def tsne(params: ParamsFile = Path("params.yaml"), set_: Overrides = None) -> None:
     """Stage tsne: latent means of unseen test images, projected to 2-D and coloured by digit."""
-    from bam_vae.tsne import tsne as run
+    from bam_vae.stages.tsne import tsne as run
 
     run(_params(params, set_))
 
@@ -205,7 +206,7 @@ def tsne(params: ParamsFile = Path("params.yaml"), set_: Overrides = None) -> No
 @stage
 def robustness(params: ParamsFile = Path("params.yaml"), set_: Overrides = None) -> None:
     """Stage robustness: reconstructions of pure noise and out-of-distribution metrics."""
-    from bam_vae.robustness import robustness as run
+    from bam_vae.stages.robustness import robustness as run
 
     run(_params(params, set_))
 
@@ -223,7 +224,7 @@ def report(
     out: Annotated[Path, typer.Option(help="output folder")] = Path("reports"),
 ) -> None:
     """Compare runs from the MLflow store: table (CSV, Markdown) and Figures 2, 5, 6a, 6b."""
-    from bam_vae.report import report as run
+    from bam_vae.stages.report import report as run
 
     run(sweep=sweep, exp_names=exp, query=query, out_dir=out)
 
@@ -238,7 +239,7 @@ def promote(
     ] = "gmm",
 ) -> None:
     """Set the alias `champion` on the lowest-FID registered version of each architecture."""
-    from bam_vae.report import promote as run
+    from bam_vae.stages.report import promote as run
 
     run(space, alias, sampler)
 
@@ -249,7 +250,7 @@ def ui(
     port: Annotated[int, typer.Option(help="port on 127.0.0.1")] = 5000,
 ) -> None:
     """Start the MLflow UI on the project's store, bound to 127.0.0.1."""
-    from bam_vae.server import serve_ui
+    from bam_vae.tracking.server import serve_ui
 
     serve_ui(port)
 
@@ -271,7 +272,7 @@ def server(
     workers: Annotated[int, typer.Option(min=1, help="server worker processes")] = 2,
 ) -> None:
     """Start a team's MLflow tracking server: PostgreSQL backend, proxied artifacts."""
-    from bam_vae.server import serve
+    from bam_vae.tracking.server import serve
 
     serve(db, artifacts, host, port, workers)
 
@@ -298,7 +299,7 @@ def sweep(
     ] = None,
 ) -> None:  # fmt: skip
     """Run a grid of DVC experiments (committed code) on a Ray cluster, one trial per point."""
-    from bam_vae.cluster import sweep as run
+    from bam_vae.sweep.driver import sweep as run
 
     run(grid, address=address, num_cpus=num_cpus, num_gpus=num_gpus, name=name)
 

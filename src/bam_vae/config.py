@@ -41,16 +41,12 @@ class DataConfig(_Section):
 
 
 class VQConfig(_Section):
-    """VQ-VAE (van den Oord et al. 2017): EMA codebook and the PixelCNN prior over codes."""
+    """VQ-VAE (van den Oord et al. 2017): EMA codebook (its code prior is a sampler)."""
 
     codebook_size: int = Field(128, ge=2)
     code_dim: int = Field(16, ge=1)
     decay: float = Field(0.99, gt=0, lt=1)
     commitment: float = Field(0.25, ge=0)
-    prior_epochs: int = Field(10, ge=0)
-    prior_channels: int = Field(64, ge=1)
-    prior_layers: int = Field(5, ge=1)
-    prior_lr: float = Field(1e-3, gt=0)
 
 
 class IntroConfig(_Section):
@@ -131,17 +127,31 @@ class TwoStageConfig(_Section):
     seed: int = Field(0, ge=0)
 
 
-Sampler = Literal["prior", "gmm", "two-stage"]
+class PixelCnnConfig(_Section):
+    """The VQ-VAE's autoregressive code prior (van den Oord et al. 2016, 2017), fitted to the
+    codes of the training images."""
+
+    channels: int = Field(64, ge=1)
+    layers: int = Field(5, ge=1)
+    epochs: int = Field(10, ge=1)
+    batch_size: int = Field(128, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    seed: int = Field(0, ge=0)
+
+
+# auto: the arch's own default (gmm for continuous latents, pixelcnn for the VQ-VAE's codes)
+Sampler = Literal["auto", "prior", "gmm", "two-stage", "pixelcnn"]
 
 
 class GenerateConfig(_Section):
     n: int = Field(1024, ge=1)
     seed: int = Field(0, ge=0)
     per_digit: int = Field(2, ge=1, le=20, description="test images per digit in the recon figure")
-    sampler: Sampler = "gmm"
+    sampler: Sampler = "auto"
     max_dim: int = Field(32, ge=1, le=2048, description="above this z_dim, fit in a PCA of it")
     gmm: GmmConfig = Field(default_factory=GmmConfig)
     two_stage: TwoStageConfig = Field(default_factory=TwoStageConfig)
+    pixelcnn: PixelCnnConfig = Field(default_factory=PixelCnnConfig)
     # fit-sampler and generate-1024 encode and decode here; latents are drawn on the CPU with
     # the seeded generator either way, so both devices decode the same latents.
     device: Device = "auto"

@@ -1,4 +1,5 @@
-"""Stage ``prepare-mnist``: real MNIST from the first source that works, as uint8 tensors.
+"""MNIST: real images from the first source that works, as uint8 tensors (stage
+``prepare-mnist``), and loading them back.
 
 Sources, tried in ``data.sources`` order (the winner is recorded in ``metrics/data.json``):
 
@@ -27,7 +28,8 @@ from rich.console import Console
 
 from bam_vae.config import DataConfig
 from bam_vae.errors import BamError
-from bam_vae.paths import load_tensors, save_torch, staged_outputs, user_cache, write_json
+from bam_vae.files import load_tensors, save_torch
+from bam_vae.paths import user_cache
 
 console = Console(stderr=True)
 
@@ -266,24 +268,6 @@ def save_split(split: Split, path: Path) -> None:
     save_torch(blob, path)
 
 
-def prepare(cfg: DataConfig, metrics_path: Path = Path("metrics/data.json")) -> dict:
-    """Run the stage: write ``{out_dir}/{train,test}.pt`` and ``metrics/data.json``."""
-    mnist, tried = acquire(cfg)
-    out = Path(cfg.out_dir)
-    summary = {
-        "source": mnist.source,
-        "skipped_sources": tried,
-        "train": split_summary(mnist.train),
-        "test": split_summary(mnist.test),
-    }
-    with staged_outputs() as staged:
-        save_split(mnist.train, staged.path(out / "train.pt"))
-        save_split(mnist.test, staged.path(out / "test.pt"))
-        write_json(staged.path(metrics_path), summary)
-    console.print(f"prepare: MNIST from {mnist.source} -> {out}")
-    return summary
-
-
 def split_summary(split: Split) -> dict:
     return {
         "count": int(len(split.labels)),
@@ -323,3 +307,10 @@ def data_sha256(*tensors: torch.Tensor) -> str:
     for tensor in tensors:
         digest.update(tensor.contiguous().numpy().tobytes())
     return digest.hexdigest()
+
+
+def reconstruction_set(data_dir: str, per_digit: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first ``per_digit`` test images of each digit, digits in order 0..9."""
+    images, labels = load_split(data_dir, "test")
+    idx = torch.cat([torch.nonzero(labels == d).flatten()[:per_digit] for d in range(10)])
+    return images[idx].float().div(255.0).unsqueeze(1), labels[idx]

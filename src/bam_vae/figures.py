@@ -12,7 +12,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 from torchvision.utils import make_grid, save_image  # noqa: E402
 
-from bam_vae.paths import atomic_path  # noqa: E402
+from bam_vae.files import atomic_path  # noqa: E402
 
 
 def save_figure(fig: plt.Figure, path: Path) -> None:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 
 from bam_vae.config import ModelConfig
@@ -11,7 +9,6 @@ from bam_vae.errors import BamError
 from bam_vae.models.base import VAE, Generator, LossParts, VAEOutput, adam, on_device, vae_loss
 from bam_vae.models.cnn import CNNVAE
 from bam_vae.models.dense import DenseVAE
-from bam_vae.paths import load_saved_model, save_torch
 
 __all__ = [
     "VAE",
@@ -22,7 +19,7 @@ __all__ = [
     "on_device",
     "vae_loss",
     "build_model",
-    "load_model",
+    "n_parameters",
 ]
 
 
@@ -51,14 +48,3 @@ def build_model(cfg: ModelConfig) -> VAE:
 
 def n_parameters(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
-
-
-def save_model(model: VAE, cfg: ModelConfig, path: Path) -> None:
-    save_torch({"config": cfg.model_dump(), "state_dict": model.state_dict()}, path)
-
-
-def load_model(path: str | Path) -> tuple[VAE, ModelConfig]:
-    """Load ``models/vae.pt`` (plain tensors + config: safe with ``weights_only=True``)."""
-    build = lambda config: build_model(ModelConfig.model_validate(config))  # noqa: E731
-    model, config = load_saved_model(path, "model", "run `bam train` (or `dvc repro`)", build)
-    return model, ModelConfig.model_validate(config)

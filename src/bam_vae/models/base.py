@@ -32,9 +32,6 @@ class VAEOutput:
 
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
-
-    from bam_vae.checkpoints import Checkpoint
     from bam_vae.config import TrainConfig
 
 
@@ -122,11 +119,13 @@ class VAE(nn.Module):
     """Gaussian VAE: subclasses provide ``encoder`` (x -> 2*z_dim) and ``decoder`` (z -> logits).
 
     Hooks (override in variants): ``loss``, ``configure_optimizers``, ``train_step``,
-    ``on_epoch_end``, ``after_training``, ``sample``, ``latent``, ``export_module``.
+    ``on_epoch_end``, ``sample``, ``latent``, ``export_module``.
     Labels ``y`` (int64 digits) are passed everywhere; unconditional models ignore them.
     """
 
     conditional: ClassVar[bool] = False  # True: encoder and decoder see the label
+    # What samplers are fitted to: "continuous" posterior means, or discrete "codes".
+    latent_kind: ClassVar[str] = "continuous"
     encoder: nn.Module
     decoder: nn.Module
 
@@ -181,15 +180,6 @@ class VAE(nn.Module):
 
     def on_epoch_end(self) -> dict[str, float]:
         """Extra per-epoch metrics (e.g. codebook usage), logged with the losses."""
-        return {}
-
-    def after_training(
-        self, x: Tensor, y: Tensor, cfg: TrainConfig, ckpt: Checkpoint, stopped: Callable
-    ) -> dict[str, float]:
-        """Work after the last epoch (e.g. fitting a prior); returns metrics to log.
-
-        A long phase makes itself resumable with ``ckpt.phase(...)`` and ``stopped``, like
-        the main loop."""
         return {}
 
     # -- scoring hooks

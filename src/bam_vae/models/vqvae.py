@@ -1,5 +1,7 @@
-"""VQ-VAE (van den Oord et al. 2017): a 7 x 7 grid of codes from an EMA codebook, and a
-PixelCNN prior over the grid fitted after the VQ-VAE itself.
+"""VQ-VAE (van den Oord et al. 2017): a 7 x 7 grid of codes from an EMA codebook.
+
+Its learned code prior, a PixelCNN over the grid, is a sampler (``samplers/pixelcnn.py``),
+fitted by stage ``fit-sampler`` to the codes of the trained model.
 
 How the model fills the shared :class:`VAEOutput` record (the loop and the scoring stages read
 it): ``mu`` is the flattened encoder output z_e (continuous, what the commitment term pulls
@@ -18,14 +20,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from tqdm import tqdm
 
-from bam_vae.models.base import VAE, LossParts, VAEOutput, adam, recon_per_image
+from bam_vae.models.base import VAE, LossParts, VAEOutput, recon_per_image
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
-
-    from bam_vae.checkpoints import Checkpoint
     from bam_vae.config import TrainConfig, VQConfig
 
 GRID = 7  # 28 -> 14 -> 7
@@ -108,53 +106,9 @@ class VectorQuantizerEMA(nn.Module):
         return stats
 
 
-class MaskedConv2d(nn.Conv2d):
-    """Convolution that sees only earlier positions in raster order (type A) or also the
-    current one (type B, for layers after the first, whose input at a position already
-    summarises only earlier positions)."""
-
-    def __init__(self, c_in: int, c_out: int, kernel: int, kind: str):
-        super().__init__(c_in, c_out, kernel, padding=kernel // 2)
-        mask = torch.ones_like(self.weight)
-        c = kernel // 2
-        mask[:, :, c, c + (kind == "B") :] = 0
-        mask[:, :, c + 1 :] = 0
-        self.register_buffer("mask", mask, persistent=False)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self._conv_forward(x, self.weight * self.mask, self.bias)
-
-
-class PixelCNN(nn.Module):
-    """Autoregressive prior over a grid of codes: (N, 7, 7) int64 -> logits (N, K, 7, 7)."""
-
-    def __init__(self, n_codes: int, channels: int, layers: int):
-        super().__init__()
-        self.embed = nn.Embedding(n_codes, channels)
-        self.first = MaskedConv2d(channels, channels, 5, "A")
-        self.blocks = nn.ModuleList(
-            MaskedConv2d(channels, channels, 3, "B") for _ in range(layers - 1)
-        )
-        self.head = nn.Conv2d(channels, n_codes, 1)
-
-    def forward(self, codes: Tensor) -> Tensor:
-        h = self.first(self.embed(codes).permute(0, 3, 1, 2))
-        for block in self.blocks:
-            h = h + block(F.relu(h))  # residual: keeps a deep stack easy to train
-        return self.head(F.relu(h))
-
-    @torch.no_grad()
-    def sample(self, n: int, generator: torch.Generator, device: torch.device) -> Tensor:
-        codes = torch.zeros(n, GRID, GRID, dtype=torch.int64, device=device)
-        for r in range(GRID):
-            for c in range(GRID):
-                probs = torch.softmax(self(codes)[:, :, r, c], dim=1)
-                drawn = torch.multinomial(probs.to(generator.device), 1, generator=generator)
-                codes[:, r, c] = drawn.squeeze(1).to(device)
-        return codes
-
-
 class VQVAE(VAE):
+    latent_kind = "codes"  # samplers fit code grids (``codes``), not posterior means
+
     def __init__(self, channels: list[int], cfg: VQConfig):
         super().__init__(GRID * GRID * cfg.code_dim)
         self.cfg = cfg
@@ -176,7 +130,6 @@ class VQVAE(VAE):
             nn.ReLU(),
             nn.ConvTranspose2d(c1, 1, 4, stride=2, padding=1),  # 14 -> 28
         )
-        self.prior = PixelCNN(cfg.codebook_size, cfg.prior_channels, cfg.prior_layers)
 
     def encode(self, x: Tensor, y: Tensor | None = None) -> tuple[Tensor, Tensor]:
         z_e = self.encoder(x).flatten(1)
@@ -203,65 +156,24 @@ class VQVAE(VAE):
         # does not convert a tensor that requires grad.
         return LossParts(rec + commit, rec, torch.zeros_like(rec), {"commit": commit.detach()})
 
-    def configure_optimizers(self, cfg: TrainConfig) -> list[torch.optim.Optimizer]:
-        # The prior is fitted on its own afterwards, on the codes of the trained encoder.
-        params = [p for name, p in self.named_parameters() if not name.startswith("prior.")]
-        return [adam(params, cfg.lr)]
-
     def on_epoch_end(self) -> dict[str, float]:
         return self.quantizer.epoch_stats()
-
-    def after_training(
-        self, x: Tensor, y: Tensor, cfg: TrainConfig, ckpt: Checkpoint, stopped: Callable
-    ) -> dict[str, float]:
-        """Fit the PixelCNN prior on the codes of all training images (resumable)."""
-        was_training = self.training
-        self.eval()
-        with torch.no_grad():
-            codes = torch.cat([self.codes(x[i : i + 1000]) for i in range(0, len(x), 1000)])
-        optimizer = adam(self.prior.parameters(), self.cfg.prior_lr)
-        phase = ckpt.phase("prior", self, [optimizer])
-        state = phase.resume()
-        gen = torch.Generator().manual_seed(cfg.seed)
-        n_batches = -(-len(codes) // cfg.batch_size)
-        bar = tqdm(total=self.cfg.prior_epochs * n_batches, desc="prior", unit="batch",
-                   initial=state.epoch * n_batches + state.batch, leave=False,
-                   dynamic_ncols=True, mininterval=1.0)  # fmt: skip
-        for epoch in range(self.cfg.prior_epochs):
-            # Drawn every epoch, also those a resumed run skips, so the orders stay the same.
-            order = torch.randperm(len(codes), generator=gen).to(codes.device)
-            if epoch < state.epoch:
-                continue
-            for b in range(state.batch, n_batches):
-                batch = codes[order[b * cfg.batch_size : (b + 1) * cfg.batch_size]]
-                loss = F.cross_entropy(self.prior(batch), batch)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                state.batch = b + 1
-                bar.set_postfix(nll=f"{loss.item():.3f}", refresh=False)
-                phase.end_batch(state, bar, epoch * n_batches + b + 1, None, stopped)
-            state.epoch, state.batch = epoch + 1, 0
-            phase.save(state)
-        bar.close()
-        phase.remove()
-        self.train(was_training)
-        return {"prior_nll": self.prior_nll(codes)}
-
-    @torch.no_grad()
-    def prior_nll(self, codes: Tensor, batch: int = 1000) -> float:
-        """Mean negative log-likelihood per code, in nats, of code grids (N, 7, 7)."""
-        total = sum(
-            F.cross_entropy(self.prior(c), c, reduction="sum").item() for c in codes.split(batch)
-        )
-        return total / codes.numel()
 
     # -- scoring hooks
     @torch.no_grad()
     def sample(self, n: int, generator: torch.Generator, y: Tensor | None = None) -> Tensor:
-        """Codes drawn from the prior one position at a time, decoded: (n, 1, 28, 28)."""
-        codes = self.prior.sample(n, generator, self.quantizer.codebook.device)
-        return torch.sigmoid(self.decoder(self.quantizer.embed(codes).flatten(1)))
+        """Codes drawn from the prior the VQ-VAE is trained under, uniform and independent
+        per position, decoded: (n, 1, 28, 28) in [0, 1]. ``generator`` is a CPU generator.
+
+        Sampler ``pixelcnn`` (the default for this model) draws from a learned prior instead."""
+        shape = (n, GRID, GRID)
+        codes = torch.randint(len(self.quantizer.codebook), shape, generator=generator)
+        return torch.sigmoid(self.decode(self.embed_codes(codes)))
+
+    def embed_codes(self, codes: Tensor) -> Tensor:
+        """Code grids (N, 7, 7) int64 -> flat quantised latents (N, z_dim), what ``decode``
+        takes, on the model's device."""
+        return self.quantizer.embed(codes.to(self.quantizer.codebook.device)).flatten(1)
 
     def latent(self, x: Tensor, y: Tensor | None = None) -> Tensor:
         """The quantised grid, flattened (base ``reconstruct`` decodes exactly this)."""
@@ -274,7 +186,7 @@ class VQVAE(VAE):
 class CodeDecoder(nn.Module):
     """Exported generator: code indices (N, 7, 7) int64 -> images (N, 1, 28, 28) in [0, 1].
 
-    Holds a copy of the codebook, so it needs no project code (or prior) to load.
+    Holds a copy of the codebook, so it needs no project code to load.
     """
 
     def __init__(self, vae: VQVAE):

@@ -9,6 +9,7 @@ file it was fitted to.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -18,8 +19,8 @@ import torch
 from torch import Tensor
 
 from bam_vae.errors import BamError, reason
+from bam_vae.files import atomic_path
 from bam_vae.models.base import on_device
-from bam_vae.paths import atomic_path
 
 if TYPE_CHECKING:
     from bam_vae.models import VAE
@@ -35,6 +36,9 @@ class LatentSampler:
     """
 
     kind: ClassVar[str]
+    # The latents it can be fitted to (``VAE.latent_kind``): continuous means or codes.
+    fits: ClassVar[tuple[str, ...]] = ("continuous",)
+    config_type: ClassVar[type | None] = None  # its params section (pydantic), if any
 
     def __init__(self, z_dim: int, conditional: bool, max_dim: int) -> None:
         self.z_dim = z_dim
@@ -60,6 +64,18 @@ class LatentSampler:
         return {}
 
     # -- shared
+    @torch.no_grad()
+    def encode(self, vae: VAE, images: Tensor, labels: Tensor, batch: int = 1000) -> Tensor:
+        """What this sampler is fitted to, for training images (uint8, N x 28 x 28) on the
+        CPU: the posterior means (N x z_dim), encoded on ``vae``'s device (the images moved
+        there once, as bytes)."""
+        x, y = images.to(vae.device), labels.to(vae.device)
+        means = [
+            vae.latent(x[i : i + batch].float().div(255.0).unsqueeze(1), y[i : i + batch])
+            for i in range(0, len(x), batch)
+        ]
+        return torch.cat(means).cpu()
+
     def fit(self, latents: Tensor, labels: Tensor | None = None) -> dict[str, float]:
         """Fit to ``latents``; above ``max_dim`` dims, in the span of their top principal axes.
 
@@ -97,6 +113,15 @@ class LatentSampler:
         arrays = self.arrays() | ({} if self.pca is None else self.pca.arrays())
         with atomic_path(path) as tmp, tmp.open("wb") as fh:
             np.savez(fh, meta=np.array(json.dumps(meta)), **arrays)
+
+
+def tensor_digest(*tensors: Tensor | None) -> str:
+    """SHA-256 of tensors' bytes: part of a sampler fit's resume key (same inputs, same key)."""
+    digest = hashlib.sha256()
+    for t in tensors:
+        if t is not None:
+            digest.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
 
 
 class Pca:

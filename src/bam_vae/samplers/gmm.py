@@ -22,6 +22,7 @@ N_CLASSES = 10
 
 
 class GmmSampler(LatentSampler):
+    config_type = GmmConfig
     kind = "gmm"
 
     def __init__(self, z_dim: int, conditional: bool, max_dim: int, cfg: GmmConfig) -> None:

@@ -1,5 +1,5 @@
-"""``prior``: the model's own prior -- z ~ N(0, I), the report's setting; for ``vqvae``, its
-PixelCNN over codes. Nothing to fit."""
+"""``prior``: the prior the model was trained under -- z ~ N(0, I), the report's setting;
+uniform independent codes for ``vqvae``. Nothing to fit."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ if TYPE_CHECKING:
 
 class PriorSampler(LatentSampler):
     kind = "prior"
+    fits = ("continuous", "codes")
 
     def fit(self, latents: Tensor, labels: Tensor | None = None) -> dict[str, float]:
         return {}

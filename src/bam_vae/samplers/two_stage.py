@@ -17,7 +17,9 @@ from torch import Tensor, nn
 
 from bam_vae.config import TwoStageConfig
 from bam_vae.models.base import adam, kl_per_image, reparameterize
-from bam_vae.samplers.base import LatentSampler
+from bam_vae.samplers.base import LatentSampler, tensor_digest
+from bam_vae.training.checkpoints import Checkpoint, checkpoint_path, config_key
+from bam_vae.training.loop import Loop, fit
 
 N_CLASSES = 10
 
@@ -42,7 +44,7 @@ class SecondStage(nn.Module):
             return v
         return torch.cat([v, F.one_hot(labels, self.n_labels).to(v)], dim=1)
 
-    def loss(self, z: Tensor, labels: Tensor | None, generator: torch.Generator) -> Tensor:
+    def loss(self, z: Tensor, labels: Tensor | None, generator: torch.Generator | None) -> Tensor:
         """Negative ELBO per latent, averaged: Gaussian NLL with variance gamma, plus KL."""
         mu, logvar = self.encoder(self._with(z, labels)).chunk(2, dim=1)
         u = reparameterize(mu, logvar, generator)
@@ -55,6 +57,7 @@ class SecondStage(nn.Module):
 
 
 class TwoStageSampler(LatentSampler):
+    config_type = TwoStageConfig
     kind = "two-stage"
 
     def __init__(self, z_dim: int, conditional: bool, max_dim: int, cfg: TwoStageConfig) -> None:
@@ -74,22 +77,27 @@ class TwoStageSampler(LatentSampler):
         self.shift = latents.mean(0).numpy()
         self.scale = latents.std(0).clamp_min(1e-6).numpy()
         z = ((latents - latents.mean(0)) / torch.from_numpy(self.scale)).float()
-        torch.manual_seed(self.cfg.seed)
+        torch.manual_seed(self.cfg.seed)  # the net's initial weights and the posterior noise
         net = self._build(z.shape[1])
         optimizer = adam(net.parameters(), self.cfg.lr)
-        gen = torch.Generator().manual_seed(self.cfg.seed)
-        loss = torch.zeros(())
-        for _ in range(self.cfg.epochs):
-            order = torch.randperm(len(z), generator=gen)
-            total = 0.0
-            for idx in order.split(self.cfg.batch_size):
-                loss = net.loss(z[idx], None if labels is None else labels[idx], gen)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                total += loss.item() * len(idx)
+
+        def step(idx: Tensor, epoch: int) -> dict[str, float]:
+            loss = net.loss(z[idx], None if labels is None else labels[idx], None)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            return {"loss": loss.item()}
+
+        key = config_key(self.config(), tensor_digest(z, labels))
+        ckpt = Checkpoint(checkpoint_path(key, "two-stage"), net, [optimizer], "two-stage")
+        loop = Loop("two-stage", len(z), self.cfg.batch_size, self.cfg.epochs, step, ckpt,
+                    self.cfg.seed, lr_key=f"generate.two_stage.lr={self.cfg.lr}")  # fmt: skip
+        with ckpt.owned():
+            state = fit(loop)
+            ckpt.remove()
         self.net = net.eval()
-        return {"two_stage_loss": total / len(z), "two_stage_gamma": float(net.log_gamma.exp())}
+        gamma = net.log_gamma.detach().exp().item()
+        return {"two_stage_loss": state.history[-1]["train_loss"], "two_stage_gamma": gamma}
 
     def _sample(self, n: int, generator: torch.Generator, labels: Tensor | None) -> Tensor:
         assert self.net is not None, "fit or load the sampler first"

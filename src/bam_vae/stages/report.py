@@ -17,13 +17,13 @@ import mlflow
 import numpy as np
 import pandas as pd
 
-from bam_vae import tracking
+from bam_vae import paths
 from bam_vae.errors import BamError, reason
 from bam_vae.figures import plt, save_figure
-from bam_vae.paths import staged_outputs
+from bam_vae.files import staged_outputs
 from bam_vae.samplers import KINDS
+from bam_vae.tracking import store as tracking
 
-OUT_DIR = Path("reports")
 SPACES = ("classifier", "inception")
 # Columns of the table: (name in the report, column of mlflow.search_runs).
 COLUMNS = {
@@ -215,7 +215,7 @@ def report(
     sweep: str | None = None,
     exp_names: list[str] | None = None,
     query: str | None = None,
-    out_dir: Path = OUT_DIR,
+    out_dir: Path = paths.REPORTS,
 ) -> dict[str, str]:
     table = collect(sweep, exp_names, query)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -17,17 +17,14 @@ import numpy as np
 import torch
 from sklearn.metrics import roc_auc_score
 
-from bam_vae import tracking
+from bam_vae import paths
 from bam_vae.config import Params
 from bam_vae.data import load_split
-from bam_vae.evaluator import MODEL_PATH as EVALUATOR_PATH
-from bam_vae.evaluator import load_evaluator, predict
 from bam_vae.figures import image_rows
-from bam_vae.models import VAE, load_model
-from bam_vae.paths import staged_outputs, write_json
-
-FIGURE = Path("figures/robustness.png")
-METRICS_PATH = Path("metrics/robustness.json")
+from bam_vae.files import load_model, staged_outputs, write_json
+from bam_vae.models import VAE
+from bam_vae.scoring.evaluator import load_evaluator, predict
+from bam_vae.tracking import store as tracking
 
 
 def noise_images(kind: str, n: int, params: Params) -> torch.Tensor:
@@ -48,12 +45,16 @@ def respond(vae: VAE, x: torch.Tensor, y: torch.Tensor, params: Params) -> dict[
     return {"mu_norm": out.mu.norm(dim=1), "neg_elbo": neg_elbo, "recon": vae.reconstruct(x, y)}
 
 
-def robustness(params: Params, figure: Path = FIGURE, metrics_path: Path = METRICS_PATH) -> dict:
+def robustness(
+    params: Params,
+    figure: Path = paths.ROBUSTNESS_FIGURE,
+    metrics_path: Path = paths.ROBUSTNESS_METRICS,
+) -> dict:
     cfg = params.robustness
     run_id = tracking.read_run_ref()["run_id"]
     tracking.init()  # an unreachable tracking server fails here, before any work
     vae, _ = load_model("models/vae.pt")
-    evaluator = load_evaluator(EVALUATOR_PATH)
+    evaluator = load_evaluator(paths.EVALUATOR)
     images, labels = load_split(params.data.out_dir, "test")
     digits = respond(vae, images[: cfg.n].float().div(255.0).unsqueeze(1), labels[: cfg.n], params)
     # A conditional model needs a label even for noise: any digit, drawn at random.

@@ -24,11 +24,13 @@ import torch
 from filelock import FileLock
 from mlflow.tracking import MlflowClient
 
+from bam_vae import paths
 from bam_vae.errors import BamError
-from bam_vae.paths import project_root, write_json
+from bam_vae.files import write_json
+from bam_vae.paths import project_root
 
 EXPERIMENT = "bam-vae"
-RUN_REF = Path("models/mlflow_run.json")
+RUN_REF = paths.RUN_REF
 
 # MLflow logs every alembic migration and registry step at INFO; keep stage output readable.
 logging.getLogger("mlflow").setLevel(logging.WARNING)
@@ -306,3 +308,17 @@ def download_artifact(run_id: str, artifact_path: str) -> Path:
         raise BamError(
             f"run {run_id} has no {artifact_path} artifact: {exc}".splitlines()[0]
         ) from None
+
+
+def resolve_model(model_uri: str | None) -> tuple[Path, str]:
+    """(model file, MLflow run id): the pipeline's model, or the one behind any model URI.
+
+    A URI (``models:/bam-vae-cnn/3``, ``models:/bam-vae-cnn@champion``, ``runs:/...``) is
+    resolved to the run that logged it, whose ``checkpoint/vae.pt`` holds the same weights as
+    the registered generator plus the encoder (needed for reconstructions).
+    """
+    if not model_uri:
+        return paths.MODEL, read_run_ref()["run_id"]
+    init()
+    run_id = model_run_id(model_uri)
+    return download_artifact(run_id, "checkpoint/vae.pt"), run_id

@@ -17,16 +17,14 @@ import torch
 from sklearn.decomposition import PCA
 from sklearn.manifold import TSNE
 
-from bam_vae import tracking
+from bam_vae import paths
 from bam_vae.config import Params
 from bam_vae.data import load_split
 from bam_vae.figures import plt, save_figure
-from bam_vae.models import VAE, load_model
-from bam_vae.paths import staged_outputs
-from bam_vae.train import configure_threads
-
-FIGURE = Path("figures/tsne.png")
-COORDS = Path("metrics/tsne.csv")
+from bam_vae.files import load_model, staged_outputs
+from bam_vae.models import VAE
+from bam_vae.tracking import store as tracking
+from bam_vae.training.runtime import configure_threads
 
 
 @torch.no_grad()
@@ -81,7 +79,9 @@ def plot(xy: np.ndarray, labels: np.ndarray, z_dim: int, method: str, path: Path
     save_figure(fig, path)
 
 
-def tsne(params: Params, figure: Path = FIGURE, coords: Path = COORDS) -> dict:
+def tsne(
+    params: Params, figure: Path = paths.TSNE_FIGURE, coords: Path = paths.TSNE_COORDS
+) -> dict:
     cfg = params.tsne
     run_id = tracking.read_run_ref()["run_id"]
     tracking.init()  # an unreachable tracking server fails here, before any work

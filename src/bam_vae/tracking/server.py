@@ -16,9 +16,9 @@ import sys
 import time
 from pathlib import Path
 
-from bam_vae import tracking
-from bam_vae.checkpoints import stop_on_signals
 from bam_vae.errors import BamError, reason
+from bam_vae.tracking import store as tracking
+from bam_vae.training.checkpoints import stop_on_signals
 
 DB_ENV = "BAM_SERVER_DB"
 

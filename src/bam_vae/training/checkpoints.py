@@ -24,7 +24,8 @@ from typing import Any
 import torch
 
 from bam_vae.errors import Interrupted, reason
-from bam_vae.paths import atomic_path, exclusive, project_root
+from bam_vae.files import atomic_path, exclusive
+from bam_vae.paths import checkpoint_dir
 
 SAVE_EVERY_S = 30.0  # default bound on the work a SIGKILL loses; BAM_CHECKPOINT_SECONDS sets it
 
@@ -40,8 +41,7 @@ def config_key(*parts: Any) -> str:
 
 
 def checkpoint_path(key: str, kind: str = "train") -> Path:
-    # Under the real project root, so checkpoints outlive `dvc exp run --temp` copies.
-    return project_root() / ".cache" / "checkpoints" / f"{kind}-{key}.pt"
+    return checkpoint_dir() / f"{kind}-{key}.pt"
 
 
 @dataclass
@@ -131,32 +131,41 @@ class Checkpoint:
     def remove(self) -> None:
         self.path.unlink(missing_ok=True)
 
-    def phase(self, name: str, model: torch.nn.Module, stateful: list) -> Checkpoint:
-        """The checkpoint of a later phase of the same run (e.g. a prior fitted afterwards)."""
-        path = self.path.with_name(f"{self.path.stem}-{name}{self.path.suffix}")
-        return Checkpoint(path, model, stateful, f"{self.name} ({name})")
-
-    def end_batch(self, state: State, bar, step: int, on_batch, stopped) -> None:
-        """Per batch: advance the progress bar, call the test hook ``on_batch(step)``, and
-        stop with a checkpoint if a signal came."""
-        bar.update()
-        if on_batch is not None:
-            on_batch(step)
+    def after_batch(self, state: State, stopped: Callable[[], bool], close: Callable) -> None:
+        """Per batch: stop with a checkpoint if a signal came (``close`` the progress bar
+        first), and save every ``save_interval()`` seconds (what a SIGKILL can cost, since
+        no handler runs then)."""
         if stopped():
-            bar.close()
+            close()
             raise self.interrupted(state)
         if time.monotonic() - self.last_save >= save_interval():
-            self.save(state)  # what a SIGKILL can cost, since no handler runs then
+            self.save(state)
 
 
 @contextmanager
 def stop_on_signals() -> Iterator[Callable[[], bool]]:
-    """Turn SIGINT/SIGTERM into a flag the loop checks between batches."""
+    """Turn SIGINT/SIGTERM into a flag the loop checks between batches.
+
+    Nested uses share the outermost flag: a stage that stops between its loop and its export
+    sees a signal that came during the loop."""
+    if _caught is not None:
+        yield lambda: bool(_caught)
+        return
     caught: list[int] = []
     handler = lambda signum, _frame: caught.append(signum)  # noqa: E731
     previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    _set_caught(caught)
     try:
         yield lambda: bool(caught)
     finally:
+        _set_caught(None)
         for s, h in previous.items():
             signal.signal(s, h)
+
+
+_caught: list[int] | None = None  # the signals the active ``stop_on_signals`` caught
+
+
+def _set_caught(caught: list[int] | None) -> None:
+    global _caught
+    _caught = caught

@@ -29,8 +29,9 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 from tqdm import tqdm
 
 from bam_vae.errors import BamError, reason
+from bam_vae.files import atomic_path
 from bam_vae.models.base import on_device
-from bam_vae.paths import atomic_path, user_cache
+from bam_vae.paths import user_cache
 
 FID_WEIGHTS_NAME = "pt_inception-2015-12-05-6726825d.pth"
 

@@ -1,0 +1,133 @@
+"""FID, its floor, KID and the feature spaces they are computed in.
+
+Feature spaces (``fid.features``):
+- ``classifier``: the evaluator's penultimate layer (fast; the default);
+- ``inception``: pytorch-fid's InceptionV3 pool3 (2048-d), as the report used.
+
+The test-set features of each space are computed once (stage ``fid-reference@<space>``) and
+reused by every model (stage ``compute-fid``). FID uses pytorch-fid's
+``calculate_frechet_distance``. Because N = 1024 samples bias FID upwards, the same space also
+gives the *floor* (1024 real test images against the whole test set) and KID, which is
+unbiased.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from bam_vae import paths
+from bam_vae.config import FidConfig
+from bam_vae.errors import BamError, reason
+from bam_vae.scoring.evaluator import load_evaluator, predict
+from bam_vae.training.runtime import resolve_device
+
+
+# ---------------------------------------------------------------------------- statistics
+def stats(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    return features.mean(axis=0), np.cov(features, rowvar=False)
+
+
+def fid(a: np.ndarray, b: np.ndarray) -> float:
+    """Fréchet distance between the Gaussians fitted to two feature sets."""
+    from pytorch_fid.fid_score import calculate_frechet_distance  # imports torchvision: ~1 s
+
+    return float(calculate_frechet_distance(*stats(a), *stats(b)))
+
+
+def kid(real: np.ndarray, fake: np.ndarray, subsets: int, subset_size: int, seed: int):
+    """Kernel Inception Distance: unbiased MMD^2 with the cubic polynomial kernel.
+
+    Averaged over ``subsets`` random subsets of ``subset_size`` from each set (Bińkowski et
+    al. 2018, as in torch-fidelity). Returns (mean, std).
+    """
+    rng = np.random.default_rng(seed)
+    m = min(subset_size, len(real), len(fake))
+    dim = real.shape[1]
+    values = []
+    for _ in range(subsets):
+        x = real[rng.choice(len(real), m, replace=False)]
+        y = fake[rng.choice(len(fake), m, replace=False)]
+        kxx = (x @ x.T / dim + 1) ** 3
+        kyy = (y @ y.T / dim + 1) ** 3
+        kxy = (x @ y.T / dim + 1) ** 3
+        off_diag = (kxx.sum() - np.trace(kxx) + kyy.sum() - np.trace(kyy)) / (m * (m - 1))
+        values.append(off_diag - 2 * kxy.mean())
+    return float(np.mean(values)), float(np.std(values))
+
+
+# ---------------------------------------------------------------------------- feature spaces
+def as_images(array: np.ndarray) -> torch.Tensor:
+    """N x 28 x 28 (or N x 1 x 28 x 28) floats in [0, 1] -> N x 1 x 28 x 28 tensor."""
+    x = torch.as_tensor(np.asarray(array, dtype=np.float32))
+    return x.unsqueeze(1) if x.ndim == 3 else x
+
+
+def feature_extractor(space: str, cfg: FidConfig) -> tuple[Callable, Path]:
+    """The feature function of a space, loaded once, and the weights file it comes from."""
+    device = resolve_device(cfg.device, "fid.device")
+    if space == "classifier":
+        evaluator = load_evaluator(paths.EVALUATOR).to(device)
+        return lambda images: predict(evaluator, images)[0], paths.EVALUATOR
+    from bam_vae.scoring.inception import FeatureNet, load_inception, resolve_inception_weights
+
+    weights = resolve_inception_weights(cfg.inception_weights)
+    return FeatureNet(load_inception(weights, device), cfg.precision), weights
+
+
+def load_array(path: Path, what: str, shape: str, ok: Callable[[np.ndarray], bool], hint: str):
+    """A float ``.npy`` array (no pickles) that passes ``ok``; else one line naming the file."""
+    if not path.is_file():
+        raise BamError(f"{what} {path} not found; {hint}")
+    try:
+        array = np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as exc:
+        raise BamError(f"corrupt {what} {path}: {reason(exc)}; {hint}") from None
+    if array.dtype.kind != "f" or not ok(array):
+        raise BamError(
+            f"corrupt {what} {path}: {array.dtype} array of shape {array.shape}, expected float"
+            f" {shape}; {hint}"
+        )
+    return array
+
+
+def load_reference(space: str, ref_dir: Path = paths.FID_REFERENCE_DIR) -> np.ndarray:
+    hint = f"run `bam fid-reference --space {space}`"
+    ok = lambda a: a.ndim == 2 and len(a) >= 2  # noqa: E731
+    return load_array(ref_dir / f"{space}.npy", "FID reference", "(N >= 2, D)", ok, hint)
+
+
+def load_generated(path: Path = paths.GENERATED) -> np.ndarray:
+    ok = lambda a: a.ndim == 3 and a.shape[1:] == (28, 28) and len(a) > 0  # noqa: E731
+    return load_array(path, "generated images", "(N, 28, 28)", ok, "run `bam generate`")
+
+
+# ---------------------------------------------------------------------------- stage
+def score_space(space: str, generated: torch.Tensor, cfg: FidConfig) -> dict[str, float]:
+    real = load_reference(space)
+    fake = feature_extractor(space, cfg)[0](generated)
+    # The floor: as many real test images as there are samples, against the full test set.
+    rng = np.random.default_rng(cfg.seed)
+    real_subset = real[rng.choice(len(real), min(len(fake), len(real)), replace=False)]
+    kid_mean, kid_std = kid(real, fake, cfg.kid_subsets, cfg.kid_subset_size, cfg.seed)
+    return {
+        f"fid_{space}": fid(real, fake),
+        f"fid_floor_{space}": fid(real, real_subset),
+        f"kid_{space}": kid_mean,
+        f"kid_std_{space}": kid_std,
+    }
+
+
+def generated_sampler(path: Path = paths.GENERATED) -> str:
+    """The sampler that drew the generated images (``meta.json`` beside them)."""
+    meta = path.with_name("meta.json")
+    if not meta.is_file():
+        return "prior"  # written before samplers existed: always z ~ N(0, I)
+    try:
+        return str(json.loads(meta.read_text())["sampler"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise BamError(f"corrupt {meta}: {exc}; run `bam generate` again") from None

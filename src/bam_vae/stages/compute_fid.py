@@ -1,0 +1,49 @@
+"""Stage ``compute-fid``: FID, its floor, KID and the digit metrics of the generated images."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import mlflow
+import numpy as np
+
+from bam_vae import paths
+from bam_vae.config import Params
+from bam_vae.files import write_json
+from bam_vae.scoring.evaluator import digit_metrics, label_accuracy, load_evaluator, predict
+from bam_vae.scoring.fid import as_images, generated_sampler, load_generated, score_space
+from bam_vae.tracking import store as tracking
+from bam_vae.training.runtime import resolve_device
+
+
+def compute(params: Params, metrics_path: Path = paths.FID_METRICS) -> dict:
+    """metrics/fid.json, logged into the model's run and version tags.
+
+    In MLflow every metric is named ``<sampler>/<metric>`` (``gmm/fid_classifier``), so one
+    run holds one set of scores per sampler it was scored with."""
+    cfg = params.fid
+    device = resolve_device(cfg.device, "fid.device")
+    ref = tracking.read_run_ref()
+    tracking.init()  # an unreachable tracking server fails here, before any work
+    generated = as_images(load_generated())
+    sampler = generated_sampler()
+    metrics: dict = {"sampler": sampler, "n_generated": len(generated)}
+    for space in cfg.features:
+        metrics |= score_space(space, generated, cfg)
+    _, probs = predict(load_evaluator(paths.EVALUATOR).to(device), generated)
+    metrics |= digit_metrics(probs, cfg.confidence)
+    labels_path = paths.GENERATED.with_name("labels.npy")
+    if labels_path.is_file():  # a conditional model: did it draw the digits it was asked for?
+        metrics["label_accuracy"] = label_accuracy(probs, np.load(labels_path))
+
+    scalars = {f"{sampler}/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}
+    with tracking.reopen_run(ref["run_id"]):
+        mlflow.log_metrics(scalars)
+        mlflow.log_dict(metrics, f"metrics/fid_{sampler}.json")
+    client = tracking.client()
+    for key, value in scalars.items():
+        client.set_model_version_tag(ref["model_name"], ref["model_version"], key, f"{value:.6g}")
+    write_json(metrics_path, metrics)
+    summary = ", ".join(f"{k} {v:.3f}" for k, v in metrics.items() if k.startswith(("fid", "kid")))
+    print(f"compute-fid ({sampler}): {summary}, digit entropy {metrics['digit_entropy']:.3f}")
+    return metrics

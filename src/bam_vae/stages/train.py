@@ -1,0 +1,204 @@
+"""Stage ``train``: fit a VAE on prepared MNIST, track it in MLflow, register its generator.
+
+Batches are sliced from one in-memory float tensor (no per-sample PIL or ``ToTensor``), in
+the one training loop (``training/loop.py``): SIGINT/SIGTERM stop after the current batch and
+leave a checkpoint; the next run with the same params resumes from it and ends with the same
+weights as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+import torch
+
+from bam_vae import paths
+from bam_vae.config import Params, TrainConfig
+from bam_vae.data import data_sha256, load_split
+from bam_vae.errors import Interrupted
+from bam_vae.files import save_model, staged_outputs, write_json
+from bam_vae.models import build_model, n_parameters, on_device
+from bam_vae.tracking import store as tracking
+from bam_vae.training.checkpoints import Checkpoint, checkpoint_path, config_key, stop_on_signals
+from bam_vae.training.loop import Callback, Loop, OnBatch, accumulate
+from bam_vae.training.loop import fit as fit_loop
+from bam_vae.training.runtime import (
+    configure_threads,
+    cpu_name,
+    fast_path,
+    resolve_device,
+    seed_everything,
+)
+
+EVAL_SEED = 12345  # fixed posterior noise for test losses, so epochs compare like with like
+
+
+def training_images(
+    cfg: TrainConfig, images: torch.Tensor, labels: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Float images in [0, 1] and their labels, subset to ``train_fraction``, with noise on
+    ``noise_fraction`` of the images.
+
+    Both choices are drawn from their own generator seeded by ``seed`` so they do not depend
+    on anything else in the run.
+    """
+    gen = torch.Generator().manual_seed(cfg.seed)
+    x = images.float().div_(255.0).unsqueeze(1)
+    if cfg.train_fraction < 1.0:
+        keep = max(1, round(cfg.train_fraction * len(x)))
+        idx = torch.randperm(len(x), generator=gen)[:keep].sort().values
+        x, labels = x[idx], labels[idx]
+    if cfg.noise_fraction > 0 and cfg.noise_std > 0:
+        n_noisy = round(cfg.noise_fraction * len(x))
+        idx = torch.randperm(len(x), generator=gen)[:n_noisy]
+        noise = torch.randn((n_noisy, *x.shape[1:]), generator=gen) * cfg.noise_std
+        x[idx] = (x[idx] + noise).clamp_(0.0, 1.0)
+    return x, labels
+
+
+def run_key(params: Params, data_digest: str) -> str:
+    return config_key(params.model.model_dump(), params.train.model_dump(), data_digest)
+
+
+class LogEpochs(Callback):
+    """Each epoch's history row as MLflow metrics of the active run, stepped by epoch."""
+
+    def on_epoch_end(self, row: dict[str, float]) -> None:
+        mlflow.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=int(row["epoch"]))
+
+
+@torch.no_grad()
+def evaluate(model, x, y, cfg: TrainConfig, device: torch.device) -> dict[str, float]:
+    """Test losses (``test_loss``, ``test_recon``, ``test_kl``...), per image, with fixed
+    posterior noise (``EVAL_SEED``)."""
+    model.eval()
+    gen = torch.Generator(device=device).manual_seed(EVAL_SEED)
+    sums: dict[str, float] = {}
+    for start in range(0, len(x), 1000):
+        xb, yb = x[start : start + 1000], y[start : start + 1000]
+        accumulate(sums, model.loss(model(xb, yb, generator=gen), xb, cfg).as_floats(), len(xb))
+    model.train()
+    return {f"test_{k}": v / len(x) for k, v in sums.items()}
+
+
+def fit(
+    params: Params,
+    model_path: Path = paths.MODEL,
+    metrics_path: Path = paths.TRAIN_METRICS,
+    history_path: Path = paths.TRAIN_HISTORY,
+    run_ref_path: Path = paths.RUN_REF,
+    on_batch: Callable[[int], None] | None = None,
+) -> dict:
+    """Run the stage. ``on_batch(step)`` is called after each optimiser step (tests use it).
+
+    All or nothing: the outputs are written aside and moved into place only after the model
+    is logged and registered, so a failure or a signal at any point leaves the previous
+    outputs as they were, the MLflow run KILLED (or FAILED) and a checkpoint to resume."""
+    cfg = params.train
+    tracking.init()  # an unreachable tracking server fails here, before any work
+    device = resolve_device(cfg.device)
+    threads = configure_threads(cfg.threads)
+    train_images, train_labels = load_split(params.data.out_dir, "train")
+    test_images, test_labels = load_split(params.data.out_dir, "test")
+    digest = data_sha256(train_images, test_images)
+
+    seed_everything(cfg.seed)
+    x_train, y_train = training_images(cfg, train_images, train_labels)
+    x_test = test_images.float().div_(255.0).unsqueeze(1)
+    # Moved once: batches are sliced on the device, no per-batch host copies.
+    x_train, y_train, x_test, y_test = on_device(device, x_train, y_train, x_test, test_labels)
+    model = build_model(params.model).to(device)
+    autocast = fast_path(model, cfg.precision, device)
+    optimizers = model.configure_optimizers(cfg)
+
+    key = run_key(params, digest)
+    ckpt = Checkpoint(checkpoint_path(key), model, optimizers, "train")
+    with ckpt.owned():
+        state = ckpt.resume()
+        if state.run_id and not tracking.run_exists(state.run_id):
+            print(f"train: the checkpoint's MLflow run {state.run_id} is gone; logging a new run")
+            state.run_id = ""
+        tracking.settle_orphans(key, keep=state.run_id)
+        # System metrics (CPU, memory; GPU with pynvml) are sampled while the run is open.
+        with mlflow.start_run(run_id=state.run_id or None, log_system_metrics=True) as run:
+            if not state.run_id:
+                state.run_id = run.info.run_id
+                splits = {"train": (train_images, train_labels, "training"),
+                          "test": (test_images, test_labels, "evaluation")}  # fmt: skip
+                for split, (images, labels, context) in splits.items():
+                    path = Path(params.data.out_dir) / f"{split}.pt"
+                    sha = data_sha256(images, labels)
+                    tracking.log_dataset(path, sha, context, len(images))
+                mlflow.log_params(tracking.flat_params(params.model_dump(mode="json")))
+                mlflow.log_params({"n_parameters": n_parameters(model),
+                                   "n_train_images": len(x_train), "torch_threads": threads,
+                                   "device": str(device), "cpu": cpu_name()})  # fmt: skip
+                mlflow.set_tags(tracking.run_tags(digest, cfg.sweep, key))
+
+            def step(idx: torch.Tensor, epoch: int) -> dict[str, float]:
+                with autocast():
+                    parts = model.train_step(x_train[idx], y_train[idx], optimizers, cfg, epoch)
+                return parts.as_floats()
+
+            callbacks: list[Callback] = [LogEpochs()] + ([OnBatch(on_batch)] if on_batch else [])
+
+            def end_epoch() -> dict[str, float]:
+                return evaluate(model, x_test, y_test, cfg, device) | model.on_epoch_end()
+
+            loop = Loop(
+                "train", len(x_train), cfg.batch_size, cfg.epochs, step, ckpt, cfg.seed,
+                evaluate=end_epoch, lr_key=f"train.lr={cfg.lr}", callbacks=callbacks,
+            )  # fmt: skip
+            try:
+                with stop_on_signals() as stopped:
+                    model.train()
+                    state = fit_loop(loop, state)
+                    outputs = (model_path, metrics_path, history_path, run_ref_path)
+                    final, version = _export(params, model, state, outputs, ckpt, stopped)
+            except (Interrupted, KeyboardInterrupt):
+                mlflow.end_run(status="KILLED")
+                raise
+        ckpt.remove()
+    print(f"train: registered {tracking.registered_name(params.model.arch)} version {version}")
+    return final
+
+
+def _export(params, model, state, outputs, ckpt, stopped) -> tuple[dict, str]:
+    """Log, register and write the trained model; checks for a signal between steps."""
+    model_path, metrics_path, history_path, run_ref_path = outputs
+    cfg, arch = params.train, params.model.arch
+
+    def check() -> None:
+        if stopped():
+            raise Interrupted(
+                f"train: interrupted while exporting the trained model; checkpoint {ckpt.path}"
+                " -- run again with the same params to finish (outputs are unchanged)"
+            )
+
+    check()
+    with staged_outputs() as out:
+        model.cpu().to(memory_format=torch.contiguous_format)  # one file format either way
+        save_model(model, params.model, out.path(model_path))
+        mlflow.log_artifact(str(out.path(model_path)), artifact_path="checkpoint")
+        check()
+        model_uri, version = tracking.log_generator(*model.export_module(), arch)
+        check()
+        final = {k: v for k, v in state.history[-1].items() if k != "epoch"}
+        final |= {"epochs": cfg.epochs, "n_parameters": n_parameters(model)}
+        write_json(out.path(metrics_path), final)
+        pd.DataFrame(state.history).to_csv(out.path(history_path), index=False)
+        mlflow.log_artifact(str(out.path(history_path)))
+        mlflow.set_tag("registered_model_version", f"{tracking.registered_name(arch)}/{version}")
+        tracking.write_run_ref(
+            out.path(run_ref_path),
+            run_id=state.run_id,
+            experiment_id=mlflow.active_run().info.experiment_id,
+            model_name=tracking.registered_name(arch),
+            model_version=version,
+            model_uri=model_uri,
+        )
+        check()
+    return final, version

@@ -1,0 +1,74 @@
+"""The guard of a trial's command: ``python guard.py WORK GRACE CMD [ARG...]``.
+
+Runs CMD as its child and exits with the child's status. It is started as the leader of a
+process group of its own (``start_new_session``), which CMD and all it starts inherit. If the
+process that started it dies (a Ray worker whose node was lost: the guard's parent process
+id changes), it stops the whole group: SIGTERM (``bam train`` marks its MLflow run KILLED),
+up to GRACE seconds for the group's processes to exit, then it removes the folder WORK and
+SIGKILLs what is left, itself included. So a dead trial never lives on beside its retry.
+
+Only the standard library: :func:`bam_vae.sweep.trial.run_guarded` runs this file by its
+path, so the guard is the code of the sweep, whatever ``PYTHONPATH`` its command gets (the
+clone's ``src``). ``python -m bam_vae.sweep.guard`` works too.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+POLL_S = 0.5  # how often the guard looks at its parent
+
+
+def members(group: int) -> list[int]:
+    """The live processes of process group ``group`` (zombies do not count), but this one."""
+    found = []
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{pid}/stat") as file:
+                # "pid (comm) state ppid pgrp ...": comm may hold spaces and parentheses.
+                state, _ppid, pgrp = file.read().rsplit(")", 1)[1].split()[:3]
+        except (OSError, ValueError):
+            continue
+        if state != "Z" and int(pgrp) == group:
+            found.append(int(pid))
+    return found
+
+
+def stop_and_exit(child: subprocess.Popen, work: str, grace: float) -> None:
+    """SIGTERM this process group, wait up to ``grace`` seconds for it to exit, remove
+    ``work``, then SIGKILL the group, this process included: it does not return."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    os.killpg(0, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    while members(os.getpid()) and time.monotonic() < deadline:
+        child.poll()  # reap it, so that it stops counting
+        time.sleep(0.2)
+    shutil.rmtree(work, ignore_errors=True)
+    pass
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) < 3:
+        print("usage: python -m bam_vae.sweep.guard WORK GRACE CMD [ARG...]", file=sys.stderr)
+        return 2
+    work, grace, cmd = argv[0], float(argv[1]), argv[2:]
+    parent = os.getppid()
+    child = subprocess.Popen(cmd)
+    while True:
+        try:
+            return child.wait(timeout=POLL_S)
+        except subprocess.TimeoutExpired:
+            pass
+        if os.getppid() != parent:
+            stop_and_exit(child, work, grace)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

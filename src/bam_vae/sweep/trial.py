@@ -1,0 +1,234 @@
+"""One grid point, run as a Ray task on whichever node Ray chose (:func:`run_trial`).
+
+It clones the repository at the sweep's commit into a fresh folder on its node, pulls what a
+DVC remote has, runs ``dvc exp run -S ... --name <sweep>-<i>`` there with the sweep's
+tracking store and parent run in its environment, pushes the results (DVC remote, git
+``origin``) and removes the clone. Trials on the sweep's own machine share its DVC cache (and
+so its run cache) instead.
+
+This module imports nothing heavy (no torch, no MLflow; Ray only inside the task): Ray
+workers import it to run the task. The pipeline runs as subprocesses of this interpreter's
+``bin`` folder, the clone's ``src`` first on ``PYTHONPATH`` so the code that runs is the code
+of the sweep's commit, each under the guard (:mod:`bam_vae.sweep.guard`) in a process group
+of its own.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bam_vae.errors import reason
+from bam_vae.sweep import guard
+from bam_vae.sweep.grid import Point, label
+
+LOG_TAIL = 20_000  # characters of a trial's log that come back to the driver
+STOP_GRACE_S = 15.0  # SIGTERM -> SIGKILL for a trial's process group
+
+
+@dataclass(frozen=True)
+class Trial:
+    """Everything a Ray task needs to run one grid point, on any node."""
+
+    index: int
+    point: Point
+    sweep: str
+    exp_name: str
+    source: str  # git URL or path to clone
+    commit: str
+    tracking_uri: str
+    parent_run_id: str
+    num_cpus: float
+    driver_ip: str  # nodes at this IP share the sweep's filesystem
+    root: str  # the sweep's checkout, on the driver's machine
+    cache_dir: str  # its DVC cache, shared by the trials on that machine
+    env: dict[str, str] = field(default_factory=dict)  # git identity
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def stop_group(proc: subprocess.Popen, grace: float = STOP_GRACE_S) -> None:
+    """SIGTERM a guarded command's whole group (``bam train`` marks its run KILLED), then
+    SIGKILL whatever is left after ``grace`` seconds."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline:
+        proc.poll()
+        if not _group_alive(proc.pid):
+            return
+        time.sleep(0.2)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+def run_guarded(cmd: list[str], cwd: Path, env: dict[str, str], log: Path, work: Path) -> int:
+    """Run ``cmd`` under the guard, output appended to ``log``; returns its exit status.
+
+    The guard runs by its file path (``-P``: its folder is not put on ``sys.path``), not as
+    ``-m bam_vae.sweep.guard``, which would import the clone's ``bam_vae`` (``env``'s
+    ``PYTHONPATH``) or none. A KeyboardInterrupt here (``ray.cancel`` of a running trial)
+    stops the whole group."""
+    with log.open("a") as out:
+        out.write(f"\n$ {' '.join(cmd)}\n")
+        out.flush()
+        guarded = [sys.executable, "-P", guard.__file__, str(work), str(STOP_GRACE_S), *cmd]
+        proc = subprocess.Popen(guarded, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
+        try:
+            while True:  # short waits: Ray delivers a cancel between two Python bytecodes
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    return proc.wait(timeout=0.5)
+        except BaseException:
+            stop_group(proc)
+            raise
+
+
+def _tail(path: Path, limit: int = LOG_TAIL) -> str:
+    try:
+        with path.open("rb") as file:
+            file.seek(max(0, file.seek(0, os.SEEK_END) - limit))
+            return file.read().decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _cores() -> int:
+    # As bam_vae.training.runtime.available_cores, which this module cannot import: that
+    # module imports torch (2 s and 500 MB in every Ray worker that runs a trial).
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def trial_env(trial: Trial, clone: Path) -> dict[str, str]:
+    # Not the Ray worker's own settings (nor its cluster token), nor a DVC run's.
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("DVC_", "RAY_"))}
+    env.pop("MLFLOW_RUN_ID", None)
+    env.update(trial.env)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    # The commit's code, not whatever this node has installed.
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(clone / "src"), env.get("PYTHONPATH")]))
+    env["MLFLOW_TRACKING_URI"] = trial.tracking_uri
+    env["BAM_PARENT_RUN_ID"] = trial.parent_run_id
+    env["BAM_PARALLEL_JOBS"] = str(max(1, int(_cores() // max(trial.num_cpus, 1e-9))))
+    return env
+
+
+class _Attempt:
+    """One attempt at a trial in a fresh work folder: its commands, each under the guard,
+    their seconds by phase and the outcome in ``result``."""
+
+    def __init__(self, trial: Trial, result: dict[str, Any]) -> None:
+        self.trial, self.result = trial, result
+        self.work = Path(tempfile.mkdtemp(prefix=f"bam-{trial.exp_name}-"))
+        self.log, self.clone = self.work / "trial.log", self.work / "repo"
+        self.env = trial_env(trial, self.clone)
+
+    def step(self, phase: str, cmd: list[str], cwd: Path, must: bool = True) -> bool:
+        """Run ``cmd``; True if it succeeded. A ``must`` step that fails gives the reason."""
+        t0 = time.monotonic()
+        rc = run_guarded(cmd, cwd, self.env, self.log, self.work)
+        phases = self.result["phases"]
+        phases[phase] = phases.get(phase, 0.0) + time.monotonic() - t0
+        if rc and must:
+            self.result["reason"] = f"{phase}: `{' '.join(cmd[:4])}` exited with status {rc}"
+        return rc == 0
+
+    def run(self, same_host: bool) -> None:
+        """Clone, pull, run the pipeline, push; ``result`` says how far it got."""
+        trial, clone, result = self.trial, self.clone, self.result
+        fetch = ["git", "clone", "--quiet", "--no-checkout", trial.source, str(clone)]
+        if not (
+            self.step("clone", fetch, self.work)
+            and self.step("clone", ["git", "checkout", "--quiet", trial.commit], clone)
+        ):
+            return
+        if same_host:  # trials on this machine share the checkout's cache and run cache
+            self.step("clone", ["dvc", "cache", "dir", "--local", trial.cache_dir], clone)
+        remote = self.step("remote", ["dvc", "remote", "default"], clone, must=False)
+        if remote:  # what it cannot pull it recomputes
+            self.step("pull", ["dvc", "pull", "--run-cache"], clone, must=False)
+        overrides = [arg for key, value in trial.point for arg in ("-S", f"{key}={value}")]
+        cmd = ["dvc", "exp", "run", *overrides, "-S", f"train.sweep={trial.sweep}"]
+        if not self.step("pipeline", [*cmd, "--name", trial.exp_name], clone):
+            # bam's own one-line error if there is one, else DVC's.
+            tail = _tail(self.log, 8000).splitlines()
+            errors = [line.removeprefix("error: ") for line in tail if line.startswith("error:")]
+            errors = errors or [line for line in tail if line.startswith("ERROR")]
+            if errors:
+                result["reason"] = errors[-1][:300]
+            return
+        run_ref = _read_json(clone / "models" / "mlflow_run.json")
+        fid = _read_json(clone / "metrics" / "fid.json")
+        result["run_id"] = run_ref.get("run_id", "")
+        result["model_version"] = run_ref.get("model_version", "")
+        result["fid"] = fid.get("fid_classifier", fid.get("fid_inception"))
+        if remote and not self.step("push", ["dvc", "push", "--run-cache"], clone):
+            return
+        push = ["dvc", "exp", "push", "--no-cache", "origin", trial.exp_name]
+        if not self.step("push", push, clone):
+            return
+        result["status"] = "done"
+
+
+def run_trial(trial: Trial, board: Any = None) -> dict[str, Any]:
+    """One grid point, on whichever node Ray chose (the body of the Ray task); ``board``, a
+    :class:`bam_vae.sweep.driver.Board` actor, hears when and where it starts."""
+    import ray  # already imported in a Ray worker
+
+    started = time.time()
+    node_id = ray.get_runtime_context().get_node_id()
+    host = socket.gethostname()
+    node_ip = ray.util.get_node_ip_address()
+    same_host = node_ip == trial.driver_ip and Path(trial.root, ".dvc").is_dir()
+    if board is not None:
+        board.started.remote(trial.index, node_id, host)
+    result: dict[str, Any] = {
+        "index": trial.index, "point": label(trial.point), "exp_name": trial.exp_name,
+        "status": "failed", "node_id": node_id, "host": host, "started": started,
+        "run_id": "", "fid": None, "reason": "", "phases": {}, "log": "",
+    }  # fmt: skip
+    attempt = _Attempt(trial, result)
+    try:
+        attempt.run(same_host)
+    except Exception as exc:  # a broken node (no git, full disk...): this point fails, not all
+        result["reason"] = f"{type(exc).__name__}: {reason(exc)}"
+    finally:
+        result["finished"] = time.time()
+        result["seconds"] = result["finished"] - started
+        result["log"] = _tail(attempt.log)
+        shutil.rmtree(attempt.work, ignore_errors=True)
+    return result
+
+
+def missing_result(trial: Trial, status: str, why: str) -> dict[str, Any]:
+    """The result of a trial that never returned one (cancelled, or lost with every retry)."""
+    return {"index": trial.index, "point": label(trial.point), "exp_name": trial.exp_name,
+            "status": status, "host": "", "node_id": "", "run_id": "", "fid": None,
+            "reason": why, "log": "", "phases": {}}  # fmt: skip
