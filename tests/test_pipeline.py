@@ -135,6 +135,18 @@ def test_repro_then_nothing_then_a_temp_experiment(tmp_path):
     exp_show = run(["dvc", "exp", "show", "--json"], root)
     assert "test_loss" in exp_show
 
+    # README: every arch runs with the default params (generate.sampler: auto).
+    for arch, sampler in (("vqvae", "pixelcnn"), ("cvae", "gmm"), ("dense", "gmm"),
+                          ("introvae", "gmm")):  # fmt: skip
+        ran = re.findall(
+            r"Running stage '([^']+)'",
+            run(["dvc", "exp", "run", "--temp", "-S", f"model.arch={arch}"], root),
+        )
+        assert "robustness" in ran, (arch, ran)
+        rows = mlflow_rows(root, "select key from metrics where key like '%/fid_classifier'")
+        assert (f"{sampler}/fid_classifier",) in rows, (arch, rows)
+        assert ("bam-vae-" + arch,) in mlflow_rows(root, "select name from registered_models")
+
 
 def worker_record(path: Path) -> dict:
     """A queue worker's process record (pid, returncode); empty while not yet written."""

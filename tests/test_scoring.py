@@ -85,3 +85,38 @@ def test_generation_is_seeded_and_labels_are_balanced():
     assert torch.bincount(labels, minlength=10).tolist() == [103] * 4 + [102] * 6
     assert torch.equal(labels, sample_labels(1024, seed=0, digit=None))
     assert set(sample_labels(8, seed=0, digit=7).tolist()) == {7}
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_auroc_equals_scikit_learns_with_and_without_ties(seed):
+    from sklearn.metrics import roc_auc_score
+
+    from bam_vae.scoring.ood import auroc
+
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 2, 300)
+    scores = rng.normal(size=300) + labels
+    if seed % 2:
+        scores = np.round(scores, 1)  # many ties
+    assert auroc(labels, scores) == pytest.approx(roc_auc_score(labels, scores), abs=1e-12)
+    assert auroc([0, 0, 1, 1], [1.0, 2.0, 3.0, 4.0]) == 1.0
+    with pytest.raises(ValueError, match="both classes"):
+        auroc([1, 1], [0.1, 0.2])
+
+
+@pytest.mark.parametrize("n", [1, 5, 12, 64])
+def test_image_grid_matches_torchvision(n, tmp_path):
+    from PIL import Image
+    from torchvision.utils import make_grid as tv_grid
+    from torchvision.utils import save_image
+
+    from bam_vae.figures import image_grid, make_grid
+
+    images = torch.rand(n, 1, 28, 28, generator=torch.Generator().manual_seed(n))
+    for nrow, padding, pad in ((8, 2, 1.0), (3, 1, 0.0)):
+        expected = tv_grid(images, nrow=nrow, padding=padding, pad_value=pad)
+        assert torch.equal(make_grid(images, nrow, padding, pad), expected)
+    image_grid(images, tmp_path / "ours.png", nrow=4)
+    save_image(images, tmp_path / "tv.png", nrow=4, padding=1, pad_value=1.0, format="png")
+    ours, theirs = (np.asarray(Image.open(tmp_path / f)) for f in ("ours.png", "tv.png"))
+    assert np.array_equal(ours, theirs)

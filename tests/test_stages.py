@@ -6,6 +6,7 @@ import json
 import shutil
 import threading
 import time
+from pathlib import Path
 
 import mlflow
 import numpy as np
@@ -234,3 +235,16 @@ def test_compare_samplers_draws_one_panel_per_sampler(project, tiny, capsys):
     out = compare_samplers(params, out=project / "samplers.png")
     assert out.stat().st_size > 5000
     assert "prior, gmm, two-stage" in capsys.readouterr().out
+
+
+def test_no_stage_imports_another_and_only_cli_imports_stages():
+    import ast
+
+    src = Path(__file__).resolve().parents[1] / "src" / "bam_vae"
+    for path in src.rglob("*.py"):
+        tree = ast.parse(path.read_text())
+        imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+        imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        stages = {m for m in imported if m.startswith("bam_vae.stages")}
+        if path.name != "cli.py":
+            assert not stages, f"{path.relative_to(src)} imports {sorted(stages)}"

@@ -19,7 +19,7 @@ import pandas as pd
 
 from bam_vae import paths
 from bam_vae.errors import BamError, reason
-from bam_vae.figures import plt, save_figure
+from bam_vae.figures import colormap, save_figure, subplots
 from bam_vae.files import staged_outputs
 from bam_vae.samplers import KINDS
 from bam_vae.tracking import store as tracking
@@ -124,7 +124,7 @@ def fig_fid_vs(table: pd.DataFrame, x: str, path: Path, title: str, logx: bool) 
     spaces = _fid_spaces(table)
     if not spaces or table[x].nunique() < 2:
         return f"needs runs with FID and at least two values of {x} (have {table[x].nunique()})"
-    fig, axes = plt.subplots(1, len(spaces), figsize=(6 * len(spaces), 4), squeeze=False)
+    fig, axes = subplots(1, len(spaces), figsize=(6 * len(spaces), 4), squeeze=False)
     for ax, space in zip(axes[0], spaces, strict=True):
         scored = table.dropna(subset=[f"fid_{space}"])
         for (arch, sampler), group in scored.groupby(["arch", "sampler"]):
@@ -146,7 +146,7 @@ def fig_loss_vs_zdim(table: pd.DataFrame, path: Path) -> str | None:
         return (
             f"needs finished runs with at least two z_dim values (have {table['z_dim'].nunique()})"
         )
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = subplots(figsize=(6, 4))
     for arch, group in table.drop_duplicates("run_id").groupby("arch"):
         g = group.groupby("z_dim")[["train_loss", "test_loss"]].mean().sort_index()
         ax.plot(g.index, g["train_loss"], marker="o", label=f"{arch} train")
@@ -167,8 +167,8 @@ def fig_curves(table: pd.DataFrame, path: Path) -> str | None:
     group = varying[0] if varying else "arch"
     client = tracking.client()
     table = table.drop_duplicates("run_id")  # a row per sampler; one curve per run
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
-    colours = plt.get_cmap("viridis")
+    fig, axes = subplots(1, 2, figsize=(11, 4), sharey=True)
+    colours = colormap("viridis")
     values = sorted(table[group].dropna().unique())
     for _, row in table.iterrows():
         shade = colours(values.index(row[group]) / max(1, len(values) - 1))

@@ -15,7 +15,6 @@ from pathlib import Path
 import mlflow
 import numpy as np
 import torch
-from sklearn.metrics import roc_auc_score
 
 from bam_vae import paths
 from bam_vae.config import Params
@@ -24,6 +23,7 @@ from bam_vae.figures import image_rows
 from bam_vae.files import load_model, staged_outputs, write_json
 from bam_vae.models import VAE
 from bam_vae.scoring.evaluator import load_evaluator, predict
+from bam_vae.scoring.ood import auroc
 from bam_vae.tracking import store as tracking
 
 
@@ -53,7 +53,7 @@ def robustness(
     cfg = params.robustness
     run_id = tracking.read_run_ref()["run_id"]
     tracking.init()  # an unreachable tracking server fails here, before any work
-    vae, _ = load_model("models/vae.pt")
+    vae, _ = load_model(paths.MODEL)
     evaluator = load_evaluator(paths.EVALUATOR)
     images, labels = load_split(params.data.out_dir, "test")
     digits = respond(vae, images[: cfg.n].float().div(255.0).unsqueeze(1), labels[: cfg.n], params)
@@ -70,7 +70,7 @@ def robustness(
         metrics |= {
             f"{kind}_confident_digit_share": float((probs.max(axis=1) >= cfg.confidence).mean()),
             f"mu_norm_{kind}": res["mu_norm"].mean().item(),
-            f"auroc_neg_elbo_{kind}": float(roc_auc_score(is_noise, scores)),
+            f"auroc_neg_elbo_{kind}": auroc(is_noise, scores),
         }
         rows += [x[:10], res["recon"][:10]]
         names += [f"{kind} noise", "recon"]

@@ -8,11 +8,11 @@ coordinates ``metrics/tsne.csv`` (a ``dvc plots`` scatter).
 
 from __future__ import annotations
 
+import csv
 from pathlib import Path
 
 import mlflow
 import numpy as np
-import pandas as pd
 import torch
 from sklearn.decomposition import PCA
 from sklearn.manifold import TSNE
@@ -20,7 +20,7 @@ from sklearn.manifold import TSNE
 from bam_vae import paths
 from bam_vae.config import Params
 from bam_vae.data import load_split
-from bam_vae.figures import plt, save_figure
+from bam_vae.figures import colormap, save_figure, subplots
 from bam_vae.files import load_model, staged_outputs
 from bam_vae.models import VAE
 from bam_vae.tracking import store as tracking
@@ -61,8 +61,8 @@ def embed(z: np.ndarray, perplexity: float, seed: int, threads: int = 1) -> tupl
 
 
 def plot(xy: np.ndarray, labels: np.ndarray, z_dim: int, method: str, path: Path) -> None:
-    colours = plt.get_cmap("tab10")
-    fig, ax = plt.subplots(figsize=(7, 6) if z_dim > 1 else (8, 4))
+    colours = colormap("tab10")
+    fig, ax = subplots(figsize=(7, 6) if z_dim > 1 else (8, 4))
     for d in range(10):
         pts = xy[labels == d]
         if z_dim == 1:  # one horizontal strip per digit, jittered so points do not overlap
@@ -85,15 +85,16 @@ def tsne(
     cfg = params.tsne
     run_id = tracking.read_run_ref()["run_id"]
     tracking.init()  # an unreachable tracking server fails here, before any work
-    vae, _ = load_model("models/vae.pt")
+    vae, _ = load_model(paths.MODEL)
     images, labels = load_split(params.data.out_dir, "test")
     z = encode(vae, images[: cfg.n], labels[: cfg.n])
     labels = labels[: cfg.n].numpy()
     xy, method = embed(z, cfg.perplexity, cfg.seed, configure_threads(params.train.threads))
     with staged_outputs() as out:
         plot(xy, labels, z.shape[1], method, out.path(figure))
-        table = pd.DataFrame({"x": xy[:, 0], "y": xy[:, 1], "digit": labels})
-        table.to_csv(out.path(coords), index=False)
+        with out.path(coords).open("w", newline="") as fh:  # numpy's shortest float text
+            rows = zip(map(str, xy[:, 0]), map(str, xy[:, 1]), labels.tolist(), strict=True)
+            csv.writer(fh, lineterminator="\n").writerows([("x", "y", "digit"), *rows])
         with tracking.reopen_run(run_id):
             mlflow.log_artifact(str(out.path(figure)), "figures")
     print(f"tsne: {len(z)} test images, {method} -> {figure}")

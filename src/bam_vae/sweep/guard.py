@@ -51,7 +51,7 @@ def stop_and_exit(child: subprocess.Popen, work: str, grace: float) -> None:
         child.poll()  # reap it, so that it stops counting
         time.sleep(0.2)
     shutil.rmtree(work, ignore_errors=True)
-    pass
+    os.killpg(0, signal.SIGKILL)
 
 
 def main(argv: list[str]) -> int:
