@@ -21,10 +21,11 @@ from interleaved import matmul_peak, run_rounds, set_up_process
 
 from bam_vae.config import load_params
 from bam_vae.data import load_split
+from bam_vae.machine import available_cores, cpu_name
 from bam_vae.scoring.fid import fid, load_generated
 from bam_vae.scoring.inception import FeatureNet, inception_features, load_inception
 from bam_vae.scoring.inception import resolve_inception_weights as weights_path
-from bam_vae.training.runtime import available_cores, configure_threads, cpu_name
+from bam_vae.training.runtime import configure_threads
 
 BATCH = 64  # inception_features' batch size
 GFLOP_PER_IMAGE = 11.5  # InceptionV3 at 299 x 299: ~5.7 G multiply-adds

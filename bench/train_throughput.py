@@ -26,8 +26,9 @@ from torchvision import datasets, transforms
 
 from bam_vae.config import ModelConfig, load_params
 from bam_vae.data import load_split, write_idx
+from bam_vae.machine import available_cores, cpu_name
 from bam_vae.models import adam, build_model, vae_loss
-from bam_vae.training.runtime import available_cores, cpu_name, epoch_order, fast_path
+from bam_vae.training.runtime import epoch_order, fast_path
 
 
 def loss_of(model, xb, k1=0.5, k2=0.5):

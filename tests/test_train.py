@@ -12,11 +12,11 @@ import torch
 
 from bam_vae.errors import BamError, Interrupted
 from bam_vae.files import load_model
+from bam_vae.machine import cpu_name
 from bam_vae.models import Generator
 from bam_vae.stages.train import fit, run_key, training_images
 from bam_vae.tracking import store as tracking
 from bam_vae.training.checkpoints import checkpoint_path
-from bam_vae.training.runtime import cpu_name
 
 
 def weights(path="models/vae.pt"):

@@ -167,7 +167,8 @@ class FidConfig(_Section):
     kid_subset_size: int = Field(1000, ge=2)
     confidence: float = Field(0.9, gt=0, le=1)
     seed: int = Field(0, ge=0)
-    # Inception features only: bf16 is ~2x faster; fp32 is the reference protocol (README).
+    # Inception features only: bf16 is faster (bench/inception_throughput.py); fp32 is the
+    # reference protocol.
     precision: Literal["fp32", "bf16"] = "fp32"
     device: Device = "auto"  # fid-reference and compute-fid: both feature networks
 

@@ -12,7 +12,7 @@ def conv_features(c1: int, c2: int) -> list[nn.Module]:
 
     The last ReLU comes after the flatten (the same function): the flatten's gradient is
     row-major, and a ReLU whose output is channels-last (bf16) would take its backward in the
-    other layout, ~15x slower than with matching layouts (README, Speed)."""
+    other layout, much slower than with matching layouts (``bench/train_throughput.py``)."""
     return [
         nn.Conv2d(1, c1, 4, stride=2, padding=1),  # 28 -> 14
         nn.ReLU(),

@@ -20,18 +20,13 @@ from bam_vae.config import Params, TrainConfig
 from bam_vae.data import data_sha256, load_split
 from bam_vae.errors import Interrupted
 from bam_vae.files import save_model, staged_outputs, write_json
+from bam_vae.machine import cpu_name
 from bam_vae.models import build_model, n_parameters, on_device
 from bam_vae.tracking import store as tracking
 from bam_vae.training.checkpoints import Checkpoint, checkpoint_path, config_key, stop_on_signals
 from bam_vae.training.loop import Callback, Loop, OnBatch, accumulate
 from bam_vae.training.loop import fit as fit_loop
-from bam_vae.training.runtime import (
-    configure_threads,
-    cpu_name,
-    fast_path,
-    resolve_device,
-    seed_everything,
-)
+from bam_vae.training.runtime import configure_threads, fast_path, resolve_device, seed_everything
 
 EVAL_SEED = 12345  # fixed posterior noise for test losses, so epochs compare like with like
 

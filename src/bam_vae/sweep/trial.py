@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from bam_vae.errors import reason
+from bam_vae.machine import available_cores
 from bam_vae.sweep import guard
 from bam_vae.sweep.grid import Point, label
 
@@ -120,12 +121,6 @@ def _read_json(path: Path) -> dict[str, Any]:
         return {}
 
 
-def _cores() -> int:
-    # As bam_vae.training.runtime.available_cores, which this module cannot import: that
-    # module imports torch (2 s and 500 MB in every Ray worker that runs a trial).
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
 def trial_env(trial: Trial, clone: Path) -> dict[str, str]:
     # Not the Ray worker's own settings (nor its cluster token), nor a DVC run's.
     env = {k: v for k, v in os.environ.items() if not k.startswith(("DVC_", "RAY_"))}
@@ -136,7 +131,7 @@ def trial_env(trial: Trial, clone: Path) -> dict[str, str]:
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(clone / "src"), env.get("PYTHONPATH")]))
     env["MLFLOW_TRACKING_URI"] = trial.tracking_uri
     env["BAM_PARENT_RUN_ID"] = trial.parent_run_id
-    env["BAM_PARALLEL_JOBS"] = str(max(1, int(_cores() // max(trial.num_cpus, 1e-9))))
+    env["BAM_PARALLEL_JOBS"] = str(max(1, int(available_cores() // max(trial.num_cpus, 1e-9))))
     return env
 
 

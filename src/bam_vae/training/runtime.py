@@ -13,6 +13,7 @@ import platform
 import torch
 
 from bam_vae.errors import BamError
+from bam_vae.machine import available_cores
 
 
 def resolve_device(name: str, key: str = "train.device") -> torch.device:
@@ -21,20 +22,6 @@ def resolve_device(name: str, key: str = "train.device") -> torch.device:
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     return torch.device(name)
-
-
-def available_cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
-def cpu_name() -> str:
-    """The processor's model name: speeds (and bf16's gain) differ between the machines a
-    sweep or CI lands on, so runs and benchmarks record it."""
-    try:
-        with open("/proc/cpuinfo") as info:
-            return next(ln.split(":", 1)[1].strip() for ln in info if ln.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or "unknown"
 
 
 def configure_threads(requested: int) -> int:
@@ -60,8 +47,9 @@ def retain_freed_memory() -> bool:
 
     glibc's malloc returns blocks of more than a few MB to the kernel (mmap, heap trimming),
     and each step then faults its activations in again, page by zeroed page: 2 000-6 000 page
-    faults per step of the default CNN. Without them the CNN's fp32 step is 1.1-1.25x and the
-    Inception features 1.35x faster here (README, Speed). jemalloc and tcmalloc, which
+    faults per step of the default CNN; without them both the CNN's step and the Inception
+    features are faster (``bench/train_throughput.py``, ``bench/inception_throughput.py``
+    compare the two). jemalloc and tcmalloc, which
     PyTorch's CPU tuning guide recommends, keep freed memory by default too. Only glibc; a
     user's own malloc settings or preloaded allocator win. The process keeps its peak memory
     until it exits (stages are short-lived processes)."""
@@ -78,7 +66,8 @@ def retain_freed_memory() -> bool:
 def fast_path(
     model: torch.nn.Module, precision: str, device: torch.device, channels_last: bool = True
 ):
-    """Channels-last convolutions (oneDNN's fastest layout: 1.27x in fp32, more in bf16), and
+    """Channels-last convolutions (oneDNN's fastest layout, in fp32 and more so in bf16:
+    ``bench/train_throughput.py``), and
     an autocast context for the training steps, on for ``bf16``.
 
     Only the steps run under autocast (evaluation, sampling and scoring stay fp32). Backward
