@@ -120,3 +120,28 @@ def test_image_grid_matches_torchvision(n, tmp_path):
     save_image(images, tmp_path / "tv.png", nrow=4, padding=1, pad_value=1.0, format="png")
     ours, theirs = (np.asarray(Image.open(tmp_path / f)) for f in ("ours.png", "tv.png"))
     assert np.array_equal(ours, theirs)
+
+
+def test_frechet_distance_has_the_closed_form_of_diagonal_gaussians():
+    from bam_vae.scoring.fid import frechet_distance
+
+    rng = np.random.default_rng(0)
+    mu1, mu2 = rng.normal(size=5), rng.normal(size=5)
+    a, b = rng.uniform(0.1, 3, size=5), rng.uniform(0.1, 3, size=5)
+    expected = ((mu1 - mu2) ** 2).sum() + (a + b - 2 * np.sqrt(a * b)).sum()
+    assert frechet_distance(mu1, np.diag(a), mu2, np.diag(b)) == pytest.approx(expected, 1e-10)
+    assert frechet_distance(mu1, np.diag(a), mu1, np.diag(a)) == pytest.approx(0, abs=1e-9)
+
+
+def test_frechet_distance_equals_pytorch_fids_on_fixed_statistics():
+    from pytorch_fid.fid_score import calculate_frechet_distance
+
+    from bam_vae.scoring.fid import frechet_distance, stats
+
+    rng = np.random.default_rng(1)
+    real = rng.normal(size=(400, 16)) @ rng.normal(size=(16, 16))
+    fake = rng.normal(size=(300, 16)) @ rng.normal(size=(16, 16)) + 0.5
+    few = rng.normal(size=(10, 16))  # fewer points than dims: a singular covariance
+    for a, b in ((real, fake), (real, few)):
+        expected = calculate_frechet_distance(*stats(a), *stats(b))
+        assert frechet_distance(*stats(a), *stats(b)) == pytest.approx(expected, rel=1e-9)

@@ -248,3 +248,28 @@ def test_no_stage_imports_another_and_only_cli_imports_stages():
         stages = {m for m in imported if m.startswith("bam_vae.stages")}
         if path.name != "cli.py":
             assert not stages, f"{path.relative_to(src)} imports {sorted(stages)}"
+
+
+def test_scoring_works_with_a_scipy_whose_sqrtm_has_no_disp(project, tiny, evaluator_file,
+                                                            monkeypatch):  # fmt: skip
+    """scipy 1.18 removed ``sqrtm``'s ``disp`` argument (pytorch-fid 0.3.0 still passes it)."""
+    import scipy.linalg
+
+    sqrtm = scipy.linalg.sqrtm
+
+    def sqrtm_without_disp(a, *args, **kwargs):
+        if args or kwargs:
+            raise TypeError("sqrtm() got an unexpected keyword argument 'disp'")
+        return sqrtm(a)
+
+    monkeypatch.setattr(scipy.linalg, "sqrtm", sqrtm_without_disp)
+    params = tiny(train={"epochs": 1}, generate={"sampler": "prior", "n": 60}, **{
+        k: v for k, v in SCORING.items() if k != "generate"})  # fmt: skip
+    (project / "models").mkdir(exist_ok=True)
+    shutil.copy(evaluator_file, project / "models/evaluator.pt")
+    fit(params)
+    fit_sampler(params)
+    reference(params, "classifier")
+    generate(params)
+    metrics = compute(params)
+    assert metrics["fid_classifier"] > metrics["fid_floor_classifier"] > 0

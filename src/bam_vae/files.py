@@ -207,10 +207,16 @@ def load_tensors(path: str | Path, kind: str, hint: str) -> Any:
 
 
 def load_saved_model(
-    path: str | Path, kind: str, hint: str, build: Callable[[dict], torch.nn.Module]
+    path: str | Path,
+    kind: str,
+    hint: str,
+    build: Callable[[dict], torch.nn.Module],
+    upgrade: Callable[[dict, dict], None] | None = None,
 ) -> tuple[Any, dict]:
     """A model saved as ``{"config", "state_dict"}`` (plain tensors, so ``weights_only``),
     rebuilt by ``build(config)`` on the CPU in eval mode; returns (model, config).
+    ``upgrade(config, state_dict)``, if given, first brings a file written by an earlier
+    version of bam-vae up to date, in place.
 
     A missing or corrupt file is a one-line error naming it, with ``hint`` on how to remake it:
     never torch's or pydantic's own multi-line text.
@@ -232,6 +238,8 @@ def load_saved_model(
     config, saved = blob["config"], blob["state_dict"]
     if not isinstance(config, dict) or not isinstance(saved, dict):
         raise corrupt("its config and state_dict must both be dictionaries")
+    if upgrade is not None:
+        upgrade(config, saved)
     try:
         model = build(config)
     except ValidationError as exc:
@@ -285,5 +293,22 @@ def load_model(path: str | Path) -> tuple[Any, Any]:
     from bam_vae.models import build_model
 
     build = lambda config: build_model(ModelConfig.model_validate(config))  # noqa: E731
-    model, config = load_saved_model(path, "model", "run `bam train` (or `dvc repro`)", build)
+    hint = "run `bam train` (or `dvc repro`)"
+    model, config = load_saved_model(path, "model", hint, build, _upgrade_model)
     return model, ModelConfig.model_validate(config)
+
+
+# The VQ-VAE's PixelCNN prior was part of the model until it became sampler ``pixelcnn``.
+_MOVED_VQ_KEYS = ("prior_epochs", "prior_channels", "prior_layers", "prior_lr")
+
+
+def _upgrade_model(config: dict, state_dict: dict) -> None:
+    """Models saved before the PixelCNN prior moved out of the VQ-VAE: its params left
+    ``model.vq`` (every arch saved them) and its weights the state dict (a VQ-VAE's own
+    weights are unchanged; fit ``pixelcnn`` with ``bam fit-sampler`` to sample from it)."""
+    vq = config.get("vq")
+    if isinstance(vq, dict):
+        for key in _MOVED_VQ_KEYS:
+            vq.pop(key, None)
+    for key in [k for k in state_dict if isinstance(k, str) and k.startswith("prior.")]:
+        del state_dict[key]

@@ -45,6 +45,7 @@ class LatentSampler:
         self.conditional = conditional
         self.max_dim = max_dim
         self.pca: Pca | None = None
+        self.device = torch.device("cpu")  # where it is fitted: the model's (``encode``)
 
     # -- to implement
     def _fit(self, latents: Tensor, labels: Tensor | None) -> dict[str, float]:
@@ -68,7 +69,8 @@ class LatentSampler:
     def encode(self, vae: VAE, images: Tensor, labels: Tensor, batch: int = 1000) -> Tensor:
         """What this sampler is fitted to, for training images (uint8, N x 28 x 28) on the
         CPU: the posterior means (N x z_dim), encoded on ``vae``'s device (the images moved
-        there once, as bytes)."""
+        there once, as bytes). The sampler is then fitted on that device too."""
+        self.device = vae.device
         x, y = images.to(vae.device), labels.to(vae.device)
         means = [
             vae.latent(x[i : i + batch].float().div(255.0).unsqueeze(1), y[i : i + batch])

@@ -84,7 +84,6 @@ class PixelCnnSampler(LatentSampler):
         self.cfg = cfg
         self.net: PixelCNN | None = None
         self.codebook = np.zeros((0, 0), dtype=np.float32)  # n_codes x code_dim
-        self.device = torch.device("cpu")
 
     def config(self) -> dict[str, Any]:
         return self.cfg.model_dump()

@@ -5,8 +5,8 @@ Feature spaces (``fid.features``):
 - ``inception``: pytorch-fid's InceptionV3 pool3 (2048-d), as the report used.
 
 The test-set features of each space are computed once (stage ``fid-reference@<space>``) and
-reused by every model (stage ``compute-fid``). FID uses pytorch-fid's
-``calculate_frechet_distance``. Because N = 1024 samples bias FID upwards, the same space also
+reused by every model (stage ``compute-fid``). FID is :func:`frechet_distance` (pytorch-fid's
+formula, with any scipy). Because N = 1024 samples bias FID upwards, the same space also
 gives the *floor* (1024 real test images against the whole test set) and KID, which is
 unbiased.
 """
@@ -29,14 +29,52 @@ from bam_vae.training.runtime import resolve_device
 
 # ---------------------------------------------------------------------------- statistics
 def stats(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean (D) and covariance (D x D, float64) of features (N x D)."""
     return features.mean(axis=0), np.cov(features, rowvar=False)
 
 
-def fid(a: np.ndarray, b: np.ndarray) -> float:
-    """Fréchet distance between the Gaussians fitted to two feature sets."""
-    from pytorch_fid.fid_score import calculate_frechet_distance  # imports torchvision: ~1 s
+def frechet_distance(
+    mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray, eps: float = 1e-6
+) -> float:
+    """Fréchet distance between N(mu1, sigma1) and N(mu2, sigma2) (Heusel et al. 2017):
+    ``|mu1 - mu2|^2 + tr(sigma1 + sigma2 - 2 (sigma1 sigma2)^(1/2))``.
 
-    return float(calculate_frechet_distance(*stats(a), *stats(b)))
+    Means (D) and covariances (D x D) in float64. As pytorch-fid's
+    ``calculate_frechet_distance`` computes it (tested against it): if the square root of a
+    nearly singular product is not finite, ``eps`` is added to both diagonals; an imaginary
+    part above 1e-3 on the diagonal raises ``ValueError``, a smaller one (rounding) is
+    dropped. ``scipy.linalg.sqrtm`` is called without the ``disp`` argument that scipy 1.18
+    removed and pytorch-fid 0.3.0 still passes, so any scipy works."""
+    import warnings
+
+    from scipy import linalg
+
+    mu1, mu2 = np.atleast_1d(mu1).astype(np.float64), np.atleast_1d(mu2).astype(np.float64)
+    sigma1 = np.atleast_2d(sigma1).astype(np.float64)
+    sigma2 = np.atleast_2d(sigma2).astype(np.float64)
+    if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
+        raise ValueError(
+            f"Fréchet distance: means {mu1.shape} vs {mu2.shape} and covariances"
+            f" {sigma1.shape} vs {sigma2.shape}; expected the same shapes"
+        )
+    with warnings.catch_warnings():  # "singular matrix": handled below, not news to a user
+        warnings.simplefilter("ignore", linalg.LinAlgWarning)
+        covmean = linalg.sqrtm(sigma1 @ sigma2)
+        if not np.isfinite(covmean).all():
+            offset = np.eye(len(sigma1)) * eps
+            covmean = linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
+    if np.iscomplexobj(covmean):
+        largest = np.max(np.abs(np.diagonal(covmean).imag))
+        if largest > 1e-3:
+            raise ValueError(f"Fréchet distance: imaginary component {largest:.3g} in sqrtm")
+        covmean = covmean.real
+    diff = mu1 - mu2
+    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
+
+
+def fid(a: np.ndarray, b: np.ndarray) -> float:
+    """Fréchet distance between the Gaussians fitted to two feature sets (N x D each)."""
+    return frechet_distance(*stats(a), *stats(b))
 
 
 def kid(real: np.ndarray, fake: np.ndarray, subsets: int, subset_size: int, seed: int):
