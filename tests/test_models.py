@@ -12,7 +12,7 @@ import torch
 from bam_vae.config import ModelConfig
 from bam_vae.errors import BamError
 from bam_vae.files import load_model, save_model
-from bam_vae.models import Generator, adam, build_model, n_parameters
+from bam_vae.models import adam, build_model, n_parameters
 from bam_vae.models.base import VAEOutput, kl_per_image, vae_loss
 from bam_vae.scoring.evaluator import Evaluator, load_evaluator
 
@@ -96,7 +96,7 @@ def test_shapes(arch, z_dim):
     out = model(torch.rand(3, 1, 28, 28))
     assert out.logits.shape == (3, 1, 28, 28)
     assert out.mu.shape == out.logvar.shape == out.z.shape == (3, z_dim)
-    images = Generator(model)(torch.randn(5, z_dim))
+    images = model.sample(5, torch.Generator().manual_seed(0))
     assert images.shape == (5, 1, 28, 28)
     assert images.min().item() >= 0.0 and images.max().item() <= 1.0
 
@@ -248,3 +248,21 @@ def test_evaluator_file_errors_name_the_evaluator(tmp_path):
     assert message.endswith("run `bam train-evaluator`")
     torch.save({"config": TINY.model_dump(), "state_dict": {}}, path)
     assert "unknown key 'arch'" in _fails(path, load_evaluator)
+
+
+@pytest.mark.parametrize("arch", ["cnn", "vqvae"])
+def test_a_model_saved_with_its_pixelcnn_prior_inside_still_loads(arch, tmp_path):
+    """Files written before the VQ-VAE's prior became sampler ``pixelcnn``: every arch saved
+    ``vq.prior_*`` params, and a VQ-VAE its ``prior.*`` weights. The model's own weights load."""
+    cfg = ModelConfig(arch=arch, channels=[8, 16], vq={"codebook_size": 8, "code_dim": 2})
+    model = build_model(cfg)
+    config = cfg.model_dump()
+    config["vq"] |= {"prior_epochs": 10, "prior_channels": 64, "prior_layers": 5, "prior_lr": 1e-3}
+    state = dict(model.state_dict())
+    if arch == "vqvae":
+        state["prior.head.weight"] = torch.zeros(8, 64, 1, 1)
+    torch.save({"config": config, "state_dict": state}, tmp_path / "old.pt")
+    loaded, loaded_cfg = load_model(tmp_path / "old.pt")
+    assert loaded_cfg == cfg
+    for key, value in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import mlflow
 import numpy as np
+import pandas as pd
 import pytest
 
 from bam_vae.config import EvaluatorConfig
@@ -93,6 +94,14 @@ def test_every_arch_runs_every_stage(arch, project, tiny, evaluator_file):
                          "figures/tsne.png", "figures/robustness.png"}  # fmt: skip
     version = tracking.client().get_model_version(ref["model_name"], ref["model_version"])
     assert f"{FITTED[arch]}/fid_classifier" in version.tags
+    # The registered version is a pyfunc generator that serves the pipeline's own samples.
+    assert version.tags["sampler"] == FITTED[arch]
+    served = mlflow.pyfunc.load_model(f"models:/bam-vae-{arch}/1")
+    request = pd.DataFrame({"n": [60], "seed": [params.generate.seed]})
+    np.testing.assert_allclose(served.predict(request), images, atol=1e-6)
+    if arch == "cvae":
+        request["digit"] = [7]
+        assert served.predict(request).shape == (60, 28, 28)
 
 
 def test_digit_option_draws_one_digit_from_a_conditional_model(project, tiny):

@@ -257,6 +257,21 @@ def ui(
 
 @app.command()
 @command
+def serve(
+    model: Annotated[
+        str, typer.Option(help="registered version: models:/bam-vae-cnn@champion, .../3")
+    ] = "models:/bam-vae-cnn@champion",
+    port: Annotated[int, typer.Option(help="port on 127.0.0.1")] = 5001,
+    workers: Annotated[int, typer.Option(min=1, help="server worker processes")] = 1,
+) -> None:
+    """Serve a registered version over HTTP (mlflow models serve): POST /invocations."""
+    from bam_vae.tracking.server import serve_model
+
+    serve_model(model, port, workers)
+
+
+@app.command()
+@command
 def server(
     db: Annotated[
         str | None,

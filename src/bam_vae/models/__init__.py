@@ -6,13 +6,12 @@ import torch
 
 from bam_vae.config import ModelConfig
 from bam_vae.errors import BamError
-from bam_vae.models.base import VAE, Generator, LossParts, VAEOutput, adam, on_device, vae_loss
+from bam_vae.models.base import VAE, LossParts, VAEOutput, adam, on_device, vae_loss
 from bam_vae.models.cnn import CNNVAE
 from bam_vae.models.dense import DenseVAE
 
 __all__ = [
     "VAE",
-    "Generator",
     "LossParts",
     "VAEOutput",
     "adam",

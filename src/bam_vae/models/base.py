@@ -11,7 +11,6 @@ import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, ClassVar
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -119,7 +118,7 @@ class VAE(nn.Module):
     """Gaussian VAE: subclasses provide ``encoder`` (x -> 2*z_dim) and ``decoder`` (z -> logits).
 
     Hooks (override in variants): ``loss``, ``configure_optimizers``, ``train_step``,
-    ``on_epoch_end``, ``sample``, ``latent``, ``export_module``.
+    ``on_epoch_end``, ``sample``, ``latent``.
     Labels ``y`` (int64 digits) are passed everywhere; unconditional models ignore them.
     """
 
@@ -197,22 +196,3 @@ class VAE(nn.Module):
     def reconstruct(self, x: Tensor, y: Tensor | None = None) -> Tensor:
         """Deterministic reconstruction (from the posterior mean) in [0, 1]."""
         return torch.sigmoid(self.decode(self.latent(x, y), y))
-
-    def export_module(self) -> tuple[nn.Module, tuple[np.ndarray, ...]]:
-        """The module registered in MLflow (as ``pt2``) and an input example for it."""
-        return Generator(self), (np.zeros((2, self.z_dim), dtype=np.float32),)
-
-
-class Generator(nn.Module):
-    """The decoder as a standalone image generator (z -> pixels in [0, 1]).
-
-    This is what gets exported (torch.export / MLflow ``pt2``) and registered: it needs no
-    project code to load.
-    """
-
-    def __init__(self, vae: VAE):
-        super().__init__()
-        self.decoder = vae.decoder
-
-    def forward(self, z: Tensor) -> Tensor:
-        return torch.sigmoid(self.decoder(z))

@@ -9,12 +9,11 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from bam_vae.models.base import VAE, Generator, on_device
+from bam_vae.models.base import VAE, on_device
 from bam_vae.models.cnn import conv_features, deconv_decoder
 
 N_CLASSES = 10
@@ -55,19 +54,7 @@ class CVAE(VAE):
             y = torch.arange(n) % N_CLASSES
         return torch.sigmoid(self.decode(*on_device(self.device, z, y)))
 
-    def export_module(self) -> tuple[nn.Module, tuple[np.ndarray, ...]]:
-        """The decoder as generator of one input, ``generator_input(z, y)`` (N x (z_dim + 10)).
-
-        One input, not (z, one-hot): MLflow 3.17 infers no signature from a tuple example,
-        and ``pt2`` logging then fails unless a signature is passed explicitly.
-        """
-        example = generator_input(torch.zeros(2, self.z_dim), torch.tensor([0, 1]))
-        return Generator(self), (example.numpy(),)
-
 
 def generator_input(z: Tensor, y: Tensor) -> Tensor:
-    """What the exported CVAE generator takes: [z, one-hot(y)], float32.
-
-    A row may hold soft labels instead (e.g. 0.5/0.5 between two digits).
-    """
+    """What the CVAE's decoder takes: [z, one-hot(y)], float32 (N x (z_dim + 10))."""
     return torch.cat([z, one_hot(y).to(z)], dim=1)

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -178,22 +177,3 @@ class VQVAE(VAE):
     def latent(self, x: Tensor, y: Tensor | None = None) -> Tensor:
         """The quantised grid, flattened (base ``reconstruct`` decodes exactly this)."""
         return self.quantizer.embed(self.codes(x)).flatten(1)
-
-    def export_module(self) -> tuple[nn.Module, tuple[np.ndarray, ...]]:
-        return CodeDecoder(self), (np.zeros((2, GRID, GRID), dtype=np.int64),)
-
-
-class CodeDecoder(nn.Module):
-    """Exported generator: code indices (N, 7, 7) int64 -> images (N, 1, 28, 28) in [0, 1].
-
-    Holds a copy of the codebook, so it needs no project code to load.
-    """
-
-    def __init__(self, vae: VQVAE):
-        super().__init__()
-        self.register_buffer("codebook", vae.quantizer.codebook.detach().clone())
-        self.decoder = vae.decoder
-
-    def forward(self, codes: Tensor) -> Tensor:
-        z = F.embedding(codes, self.codebook).permute(0, 3, 1, 2).flatten(1)
-        return torch.sigmoid(self.decoder(z))

@@ -22,6 +22,7 @@ from bam_vae.config import Params
 from bam_vae.data import load_split
 from bam_vae.files import file_sha256, load_model, staged_outputs, write_json
 from bam_vae.samplers import sampler_for
+from bam_vae.serving import publish
 from bam_vae.tracking import store as tracking
 from bam_vae.training.runtime import resolve_device
 
@@ -36,7 +37,7 @@ def fit_sampler(
     vae, _ = load_model(model_path)
     vae.to(resolve_device(cfg.device, "generate.device"))
     sampler = sampler_for(cfg, vae)
-    run_id = tracking.read_run_ref()["run_id"]
+    ref = tracking.read_run_ref()
     tracking.init()  # an unreachable tracking server fails here, before any work
     start = time.perf_counter()
     metrics: dict = {"sampler": sampler.kind, "sampler_param": cfg.sampler, "z_dim": vae.z_dim}
@@ -52,10 +53,11 @@ def fit_sampler(
         sampler.save(logged, file_sha256(model_path))
         skip = ("sampler", "sampler_param")
         scalars = {f"{sampler.kind}/{k}": v for k, v in metrics.items() if k not in skip}
-        with tracking.reopen_run(run_id):
+        with tracking.reopen_run(ref["run_id"]):
             mlflow.log_artifact(str(logged), "sampler")
             mlflow.log_metrics(scalars)
             mlflow.set_tag(f"{sampler.kind}/config", json.dumps(sampler.config()))
+        publish.add_sampler(ref, logged, sampler.kind)  # the registered version serves it
         staged.path(out).write_bytes(logged.read_bytes())
         write_json(staged.path(metrics_path), metrics)
     print(f"fit-sampler: {sampler.kind} fitted in {metrics['fit_seconds']:.1f} s -> {out}")

@@ -22,6 +22,7 @@ from bam_vae.errors import Interrupted
 from bam_vae.files import save_model, staged_outputs, write_json
 from bam_vae.machine import cpu_name
 from bam_vae.models import build_model, n_parameters, on_device
+from bam_vae.serving import publish
 from bam_vae.tracking import store as tracking
 from bam_vae.training.checkpoints import Checkpoint, checkpoint_path, config_key, stop_on_signals
 from bam_vae.training.loop import Callback, Loop, OnBatch, accumulate
@@ -179,7 +180,7 @@ def _export(params, model, state, outputs, ckpt, stopped) -> tuple[dict, str]:
         save_model(model, params.model, out.path(model_path))
         mlflow.log_artifact(str(out.path(model_path)), artifact_path="checkpoint")
         check()
-        model_uri, version = tracking.log_generator(*model.export_module(), arch)
+        model_uri, version = publish.log_generator(model, params.model, out.path(model_path))
         check()
         final = {k: v for k, v in state.history[-1].items() if k != "epoch"}
         final |= {"epochs": cfg.epochs, "n_parameters": n_parameters(model)}

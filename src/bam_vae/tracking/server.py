@@ -133,3 +133,29 @@ def serve(db: str | None, artifacts: str, host: str, port: int, workers: int) ->
         flush=True,
     )
     run_until_stopped(server_command(db, artifacts, host, port, workers), "tracking server")
+
+
+# ---------------------------------------------------------------------------- bam serve
+def model_server_command(model_uri: str, port: int, workers: int) -> list[str]:
+    """Exactly ``mlflow models serve`` of a registered version, in this environment."""
+    return [
+        sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri,
+        "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port),
+        "--workers", str(workers),
+    ]  # fmt: skip
+
+
+def serve_model(model_uri: str, port: int, workers: int) -> None:
+    """``mlflow models serve`` of ``model_uri`` (``models:/bam-vae-cnn@champion``...) from the
+    project's store, on 127.0.0.1, until Ctrl-C or SIGTERM."""
+    check_port("127.0.0.1", port)
+    tracking.init()
+    tracking.model_run_id(model_uri)  # an unknown name, version or alias: one line, now
+    os.environ["MLFLOW_TRACKING_URI"] = tracking.tracking_uri()  # for models:/ in the child
+    print(
+        f"serving {model_uri} at http://127.0.0.1:{port}/invocations  (Ctrl-C stops it)\n"
+        f"  curl -s http://127.0.0.1:{port}/invocations -H 'Content-Type: application/json'"
+        """ -d '{"dataframe_records": [{"n": 16, "seed": 0}]}'""",
+        flush=True,
+    )
+    run_until_stopped(model_server_command(model_uri, port, workers), "model server")

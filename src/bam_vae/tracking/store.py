@@ -19,8 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
-import numpy as np
-import torch
 from filelock import FileLock
 from mlflow.tracking import MlflowClient
 
@@ -190,44 +188,8 @@ def registered_name(arch: str) -> str:
     return f"bam-vae-{arch}"
 
 
-def log_generator(
-    generator: torch.nn.Module, example: tuple[np.ndarray, ...], arch: str
-) -> tuple[str, str]:
-    """Log a model's generator as a ``pt2`` exported program and register it.
-
-    ``pt2`` (torch.export) loads without unpickling any code. Input examples have a batch of
-    two, which keeps the batch dimension dynamic. Returns (model uri, version).
-    """
-    run_id = mlflow.active_run().info.run_id
-    # A rerun after a stop between registration and the end of the stage: reuse that version.
-    found = _version_of_run(run_id, arch)
-    if found:
-        return found
-    info = mlflow.pytorch.log_model(
-        generator.eval().cpu(),
-        name="generator",
-        serialization_format="pt2",
-        input_example=example if len(example) > 1 else example[0],
-        # Explicit requirements skip MLflow's slow import-tracing inference.
-        pip_requirements=[
-            f"torch=={torch.__version__.split('+')[0]}",
-            f"mlflow=={mlflow.__version__}",
-        ],
-    )
-    with store_lock():
-        for attempt in range(5):  # parallel writers on a server can race for a version number
-            try:
-                version = mlflow.register_model(info.model_uri, registered_name(arch))
-                return info.model_uri, str(version.version)
-            except mlflow.exceptions.MlflowException:
-                time.sleep(0.5 * (attempt + 1))
-                found = _version_of_run(run_id, arch)  # registered, but the reply was lost
-                if found:
-                    return found
-        raise BamError(f"could not register {registered_name(arch)} for run {run_id}")
-
-
-def _version_of_run(run_id: str, arch: str) -> tuple[str, str] | None:
+def version_of_run(run_id: str, arch: str) -> tuple[str, str] | None:
+    """(model URI, version) of the version of ``bam-vae-<arch>`` that ``run_id`` registered."""
     for found in client().search_model_versions(f"run_id = '{run_id}'"):
         if found.name == registered_name(arch):
             return found.source, str(found.version)

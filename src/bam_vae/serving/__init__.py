@@ -1,0 +1,1 @@
+"""Registered versions as MLflow pyfunc generators: log, add samplers, load, predict."""

@@ -1,0 +1,127 @@
+"""Serving a registered version for real: `bam serve` (mlflow models serve) on 127.0.0.1, HTTP
+requests from here, the pipeline's own images back, 400s for bad requests, nothing left."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
+
+import numpy as np
+import pytest
+from conftest import env_with_venv
+
+from bam_vae.stages.fit_sampler import fit_sampler
+from bam_vae.stages.generate import generate
+from bam_vae.stages.train import fit
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
+DEADLINE = 300  # seconds; only catches hangs
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def post(port: int, body: bytes) -> tuple[int, dict]:
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}/invocations", body, {"Content-Type": "application/json"}
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=DEADLINE) as reply:
+            return reply.status, json.loads(reply.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read() or b"{}")
+
+
+def images(port: int, **row) -> np.ndarray:
+    status, reply = post(port, json.dumps({"dataframe_records": [row]}).encode())
+    assert status == 200, reply
+    return np.asarray(reply["predictions"], dtype=np.float32)
+
+
+def group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+@pytest.fixture
+def served(project, tiny):
+    """A tiny CNN trained, its gmm fitted and 1024 images generated; `bam serve` of it."""
+    params = tiny(train={"epochs": 1}, generate={"n": 1024, "gmm": {"components": 3}})
+    fit(params)
+    fit_sampler(params)
+    generate(params)
+    port, log = free_port(), project / "serve.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen(
+            ["bam", "serve", "--model", "models:/bam-vae-cnn/1", "--port", str(port)],
+            cwd=project, env=env_with_venv(), stdout=out, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )  # fmt: skip
+    deadline = time.monotonic() + DEADLINE
+    while True:
+        assert proc.poll() is None, f"bam serve exited:\n{log.read_text()}"
+        assert time.monotonic() < deadline, f"no answer on /ping:\n{log.read_text()}"
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=5) as reply:
+                if reply.status == 200:
+                    break
+        except OSError:
+            time.sleep(0.5)
+    yield port, project
+    os.killpg(proc.pid, signal.SIGTERM)  # as Ctrl-C in a terminal: bam serve stops its server
+    try:
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None or group_alive(proc.pid):
+            os.killpg(proc.pid, signal.SIGKILL)
+            pytest.fail(f"bam serve left processes behind:\n{log.read_text()}")
+
+
+def test_a_served_version_answers_with_the_pipelines_digits(served):
+    port, project = served
+    first = images(port, n=16, seed=0)
+    assert first.shape == (16, 28, 28) and 0 <= first.min() <= first.max() <= 1
+    np.testing.assert_array_equal(images(port, n=16, seed=0), first)  # same seed, same images
+    assert not np.array_equal(images(port, n=16, seed=1), first)
+    # The pipeline's 1 024 images: same sampler (the version's default, gmm), same seed.
+    pipeline = np.load(project / "data/generated/images.npy")
+    np.testing.assert_allclose(images(port, n=1024, seed=0), pipeline, atol=1e-6)
+    assert images(port, n=4, seed=0, sampler="prior").shape == (4, 28, 28)
+    z = np.zeros((3, 4)).tolist()
+    assert images(port, latents=z).shape == (3, 28, 28)
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"n": 0, "seed": 0}, "n"),
+        ({"n": 5000, "seed": 0}, "n"),
+        ({"n": 4, "seed": 1.5}, "seed"),
+        ({"n": 4, "seed": -1}, "seed"),
+        ({"n": 4, "seed": 0, "sampler": "two-stage"}, "sampler"),
+        ({"n": 4, "seed": 0, "digit": 3}, "digit"),
+        ({"latents": [[0.0, 1.0]]}, "latents"),
+        ({"seed": 0}, "n"),
+    ],
+)
+def test_bad_requests_are_400s_naming_the_field_and_the_server_survives(served, body, field):
+    port, _ = served
+    status, reply = post(port, json.dumps({"dataframe_records": [body]}).encode())
+    assert status == 400, reply
+    last = reply["message"].splitlines()[-1]
+    assert last.startswith(f"Error: {field}:") and "expected" in last, last
+    status, reply = post(port, b'{"dataframe_records": [{"n": 2,')  # malformed JSON
+    assert status == 400, reply
+    assert images(port, n=2, seed=0).shape == (2, 28, 28)  # still serving
