@@ -53,3 +53,21 @@ def test_sampling_and_scoring_on_cuda_give_the_cpu_numbers(sampler, project, tin
     np.testing.assert_allclose(gpu_images, cpu_images, atol=1e-3)
     assert gpu["fid_classifier"] == pytest.approx(cpu["fid_classifier"], rel=1e-3)
     assert gpu["confident_share"] == pytest.approx(cpu["confident_share"], abs=0.01)
+
+
+def test_cuda_graphs_train_like_eager_steps(project, tiny):
+    eager = fit(tiny(train={"device": "cuda"}))
+    graphs = fit(tiny(train={"device": "cuda", "cuda_graphs": True}))
+    assert graphs["test_loss"] == pytest.approx(eager["test_loss"], rel=0.05)
+    assert fit(tiny(train={"device": "cuda", "cuda_graphs": True})) == graphs  # deterministic
+
+
+def test_a_registered_version_predicts_on_the_gpu(project, tiny):
+    import mlflow
+    import pandas as pd
+
+    fit(tiny(train={"device": "cuda"}))
+    on_gpu = mlflow.pyfunc.load_model("models:/bam-vae-cnn/1")
+    on_cpu = mlflow.pyfunc.load_model("models:/bam-vae-cnn/1", model_config={"device": "cpu"})
+    request = pd.DataFrame({"n": [16], "seed": [0]})
+    np.testing.assert_allclose(on_gpu.predict(request), on_cpu.predict(request), atol=1e-4)

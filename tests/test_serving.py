@@ -8,9 +8,11 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -125,3 +127,18 @@ def test_bad_requests_are_400s_naming_the_field_and_the_server_survives(served, 
     status, reply = post(port, b'{"dataframe_records": [{"n": 2,')  # malformed JSON
     assert status == 400, reply
     assert images(port, n=2, seed=0).shape == (2, 28, 28)  # still serving
+
+
+def test_readmes_python_client_saves_a_grid_of_the_served_digits(served):
+    port, project = served
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = readme.split("<!-- serving-client -->")[1].split("```python\n")[1].split("```")[0]
+    client = project / "client.py"
+    client.write_text(block.replace("127.0.0.1:5001", f"127.0.0.1:{port}"))
+    subprocess.run([sys.executable, str(client)], cwd=project, check=True, timeout=DEADLINE)
+    from PIL import Image
+
+    grid = np.asarray(Image.open(project / "digits.png"))
+    assert grid.shape == (112, 112) and grid.dtype == np.uint8
+    top_left = np.round(images(port, n=16, seed=0)[0] * 255)
+    np.testing.assert_array_equal(grid[:28, :28], top_left)

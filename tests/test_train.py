@@ -250,3 +250,10 @@ def test_bf16_trains_every_arch(arch, project, tiny):
         model["vq"] = {"codebook_size": 16, "code_dim": 4}
     final = fit(tiny(model=model, train={"epochs": 1, "precision": "bf16"}))
     assert math.isfinite(final["test_loss"])
+
+
+def test_cuda_graphs_on_a_cpu_are_refused_before_any_work(project, tiny):
+    with pytest.raises(BamError, match=r"train.cuda_graphs: true needs a CUDA device.*expected"
+                       r" train.cuda_graphs=false"):  # fmt: skip
+        fit(tiny(train={"device": "cpu", "cuda_graphs": True}))
+    assert not (project / "models").exists() and not (project / "mlruns").exists()

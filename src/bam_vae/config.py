@@ -84,7 +84,8 @@ class _Fit(_Section):
     device: Device = "auto"
     threads: int = Field(0, ge=0, description="torch threads; 0 = cores / parallel workers")
     # fp32: the reference numerics. bf16: autocast to bfloat16 (weights, optimiser and loss
-    # stay fp32) with channels-last convolutions: 1.5-1.7x faster on AVX-512 bf16 CPUs.
+    # stay fp32) with channels-last convolutions: faster where the CPU has bf16 units
+    # (bench/train_throughput.py).
     precision: Literal["fp32", "bf16"] = "fp32"
 
 
@@ -96,6 +97,9 @@ class TrainConfig(_Fit):
     noise_fraction: float = Field(0.0, ge=0, le=1)
     noise_std: float = Field(0.0, ge=0)
     sweep: str = Field("", description="tag put on the MLflow run, groups runs of one sweep")
+    # CUDA only: each training step runs as captured CUDA graphs (torch.compile's
+    # "reduce-overhead"); a GPU step of these small nets is bound by kernel launches.
+    cuda_graphs: bool = False
 
 
 class EvaluatorConfig(_Fit):

@@ -18,7 +18,7 @@ import torch
 from bam_vae import paths
 from bam_vae.config import Params, TrainConfig
 from bam_vae.data import data_sha256, load_split
-from bam_vae.errors import Interrupted
+from bam_vae.errors import BamError, Interrupted
 from bam_vae.files import save_model, staged_outputs, write_json
 from bam_vae.machine import cpu_name
 from bam_vae.models import build_model, n_parameters, on_device
@@ -94,8 +94,14 @@ def fit(
     is logged and registered, so a failure or a signal at any point leaves the previous
     outputs as they were, the MLflow run KILLED (or FAILED) and a checkpoint to resume."""
     cfg = params.train
-    tracking.init()  # an unreachable tracking server fails here, before any work
     device = resolve_device(cfg.device)
+    if cfg.cuda_graphs and device.type != "cuda":
+        raise BamError(
+            f"train.cuda_graphs: true needs a CUDA device and train.device={cfg.device} runs on"
+            f" {device.type} here; expected train.cuda_graphs=false (graphs only cut GPU"
+            " kernel-launch costs)"
+        )
+    tracking.init()  # an unreachable tracking server fails here, before any work
     threads = configure_threads(cfg.threads)
     train_images, train_labels = load_split(params.data.out_dir, "train")
     test_images, test_labels = load_split(params.data.out_dir, "test")
@@ -134,9 +140,13 @@ def fit(
                                    "device": str(device), "cpu": cpu_name()})  # fmt: skip
                 mlflow.set_tags(tracking.run_tags(digest, cfg.sweep, key))
 
+            train_step = model.train_step
+            if cfg.cuda_graphs:  # captured once per batch shape, replayed afterwards
+                train_step = torch.compile(train_step, mode="reduce-overhead")
+
             def step(idx: torch.Tensor, epoch: int) -> dict[str, float]:
                 with autocast():
-                    parts = model.train_step(x_train[idx], y_train[idx], optimizers, cfg, epoch)
+                    parts = train_step(x_train[idx], y_train[idx], optimizers, cfg, epoch)
                 return parts.as_floats()
 
             callbacks: list[Callback] = [LogEpochs()] + ([OnBatch(on_batch)] if on_batch else [])
