@@ -51,8 +51,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
     store.init()
-    uri = args.model or f"models:/{store.read_run_ref()['model_name']}/" + (
-        store.read_run_ref()["model_version"]
+    uri = (
+        args.model
+        or f"models:/{store.read_run_ref()['model_name']}/"
+        + (store.read_run_ref()["model_version"])
     )
     port = free_port()
     bam = Path(sys.executable).with_name("bam")

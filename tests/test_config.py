@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
 
-from bam_vae.config import ConfigError, Params, load_params
+from bam_vae.config import ConfigError, Params, load_params, load_yaml
 
-DEFAULTS = yaml.safe_load(
-    (__import__("pathlib").Path(__file__).parents[1] / "params.yaml").read_text()
-)
+ROOT = Path(__file__).parents[1]
+DEFAULTS = yaml.safe_load((ROOT / "params.yaml").read_text())
 
 
 def test_shipped_params_are_valid_and_match_the_report():
@@ -67,16 +67,17 @@ def test_bad_value_gives_one_line_naming_key_value_and_allowed(tmp_path, overrid
 def test_numbers_are_not_coerced_but_an_int_is_a_float(tmp_path):
     path = tmp_path / "params.yaml"
     path.write_text(yaml.safe_dump(DEFAULTS))
-    params = load_params(path, ["train.lr=1", "train.k1=0"])
+    params = load_params(path, ["train.lr=1", "train.k2=0"])
     assert params.train.lr == 1.0 and isinstance(params.train.lr, float)
-    assert params.train.k1 == 0.0
+    assert params.train.k2 == 0.0
     assert load_params(path, ["train.lr=1e-3"]).train.lr == 0.001
 
 
 def test_exponent_floats_without_a_dot_are_numbers_in_the_file_too(tmp_path):
     # PyYAML (YAML 1.1) reads `1e-3` and `1.0e8` as strings; DVC (YAML 1.2) as numbers.
     path = tmp_path / "params.yaml"
-    text = yaml.safe_dump(DEFAULTS).replace("lr: 0.001", "lr: 1e-3")
+    others = {k: v for k, v in DEFAULTS.items() if k != "robustness"}
+    text = yaml.safe_dump(others).replace("lr: 0.001", "lr: 1e-3")
     path.write_text(text + "robustness:\n  gaussian_std: 5.0e-1\n  n: 1.0e3\n")
     with pytest.raises(ConfigError, match=r"robustness.n: 1000.0 is not allowed.*integer"):
         load_params(path)
@@ -189,3 +190,93 @@ def test_cli_rejects_a_mistyped_override_in_one_line(tmp_path, args, names):
     assert all(name in lines[0] for name in names), lines[0]
     made = sorted(p.name for p in tmp_path.iterdir() if p.name != ".cache")  # .cache: the lock
     assert made == ["dvc.yaml", "params.yaml"]
+
+
+def test_a_repeated_section_is_refused_naming_the_key_and_both_lines(tmp_path):
+    path = tmp_path / "params.yaml"
+    text = (ROOT / "params.yaml").read_text()
+    path.write_text(text + "\ntrain:\n  epochs: 3\n")
+    first = 1 + text.splitlines().index("train:")
+    second = len(text.splitlines()) + 2
+    with pytest.raises(ConfigError) as info:
+        load_params(path)
+    message = str(info.value)
+    assert "\n" not in message
+    assert f"duplicate key 'train' at lines {first} and {second}" in message
+
+
+@pytest.mark.parametrize(
+    ("text", "key", "lines"),
+    [
+        ("train:\n  epochs: 3\n  lr: 0.1\n  epochs: 4\n", "train.epochs", (2, 4)),
+        ("model:\n  vq: {decay: 0.9, decay: 0.8}\n", "model.vq.decay", (2, 2)),
+        ("fid:\n  features:\n    - {a: 1, a: 2}\n", "fid.features.0.a", (3, 3)),
+    ],
+)
+def test_a_repeated_key_at_any_depth_is_refused(tmp_path, text, key, lines):
+    path = tmp_path / "params.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=rf"duplicate key '{key}' at lines {lines[0]} and"):
+        load_params(path)
+
+
+def test_params_are_read_as_dvc_reads_them(tmp_path):
+    # YAML 1.2 like DVC: `yes`/`on` are strings (not true), `010` is ten (not octal eight).
+    from dvc.utils.serialize import parse_yaml
+
+    text = "a: yes\nb: on\nc: 010\nd: 1e-3\ne: 0o10\nf: 1_000\ng: ~\nh: 1:30\n"
+    assert load_yaml(text) == parse_yaml(text, "params.yaml")
+    assert load_yaml(text) == {
+        "a": "yes", "b": "on", "c": 10, "d": 0.001, "e": 8, "f": 1000, "g": None, "h": "1:30"
+    }  # fmt: skip
+    path = tmp_path / "params.yaml"
+    path.write_text("train:\n  cuda_graphs: yes\n")
+    with pytest.raises(ConfigError, match="train.cuda_graphs: 'yes' is not allowed.*bool"):
+        load_params(path)
+
+
+def test_an_override_sets_one_key_once(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text("train:\n  epochs: 3\n  lr: 0.01\n")
+    # A section given as a mapping sets only its keys; the file's others stay.
+    params = load_params(path, ["train={epochs: 5}"])
+    assert (params.train.epochs, params.train.lr) == (5, 0.01)
+    for twice in (["train.epochs=4", "train.epochs=5"], ["train.epochs=4", "train={epochs: 5}"]):
+        with pytest.raises(ConfigError) as info:
+            load_params(path, twice)
+        assert str(info.value) == (
+            f"override {twice[1]!r} sets 'train.epochs' again (also set by 'train.epochs=4');"
+            " give each key once"
+        )
+    with pytest.raises(ConfigError, match="override 'model={a: 1, a: 2}'.*duplicate key 'a'"):
+        load_params(path, ["model={a: 1, a: 2}"])
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (
+            ["train.k1=0", "train.k2=0"],
+            "train.k1: 0 is not allowed for model.arch=cnn (the loss is 0",
+        ),
+        (["train.k1=0"], "train.k1: 0 is not allowed for model.arch=cnn (only the KL term trains"),
+        (["model.arch=cvae", "train.k1=0"], "train.k1: 0 is not allowed for model.arch=cvae"),
+        (["train.noise_fraction=0.3"], "train.noise_std: 0 adds no noise although"),
+        (["train.noise_std=0.5"], "train.noise_fraction: 0 adds no noise although"),
+        (["model.arch=introvae", "train.epochs=1"], "model.intro.warmup_epochs: 1 is not allowed"),
+        (["tsne.n=20", "tsne.perplexity=30"], "tsne.perplexity: 30 is not allowed with tsne.n=20"),
+    ],
+)
+def test_settings_that_cannot_train_or_score_are_refused(tmp_path, overrides, message):
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(DEFAULTS))
+    with pytest.raises(ConfigError) as info:
+        load_params(path, overrides)
+    assert str(info.value).startswith(message) and "\n" not in str(info.value)
+
+
+def test_weights_a_model_does_not_use_may_be_zero(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(DEFAULTS))
+    assert load_params(path, ["model.arch=vqvae", "train.k1=0"]).train.k1 == 0  # own loss
+    assert load_params(path, ["train.k2=0"]).train.k2 == 0  # a plain autoencoder

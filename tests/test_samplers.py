@@ -60,6 +60,7 @@ def test_conditional_gmm_draws_from_the_mixture_of_the_asked_digit():
         sampler.sample(5, torch.Generator())
 
 
+@pytest.mark.filterwarnings("error")  # stage output stays free of warnings
 @pytest.mark.parametrize("kind", ["gmm", "two-stage"])
 def test_same_seed_same_fit_and_same_samples(kind):
     section = {"epochs": 3, "hidden": 16} if kind == "two-stage" else {"components": 3}

@@ -257,3 +257,19 @@ def test_cuda_graphs_on_a_cpu_are_refused_before_any_work(project, tiny):
                        r" train.cuda_graphs=false"):  # fmt: skip
         fit(tiny(train={"device": "cpu", "cuda_graphs": True}))
     assert not (project / "models").exists() and not (project / "mlruns").exists()
+
+
+def test_a_training_that_changes_no_weight_registers_nothing(project, tiny):
+    # Each value is allowed, yet an Adam step of 1e-30 rounds away in float32.
+    params = tiny(train={"lr": 1e-30, "epochs": 1})
+    with pytest.raises(BamError) as info:
+        fit(params)
+    message = str(info.value)
+    assert "\n" not in message
+    assert message.startswith("train: no weight changed in 1 epoch(s) (train_loss ")
+    assert "nothing registered" in message and "train.lr" in message
+    assert not (project / "models").exists() or not list((project / "models").iterdir())
+    assert not list((project / ".cache/checkpoints").glob("train-*.pt"))
+    assert tracking.client().search_registered_models() == []
+    [run] = tracking.client().search_runs(["1"])
+    assert run.info.status == "FAILED"

@@ -6,13 +6,14 @@ Every stage reads its section through :func:`load_params`; a bad value raises
 
 from __future__ import annotations
 
-import re
 import reprlib
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError
+from ruamel.yaml import YAML
+from ruamel.yaml.error import YAMLError
+from ruamel.yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 from bam_vae.errors import BamError
 
@@ -202,25 +203,55 @@ class Params(_Section):
     robustness: RobustnessConfig = Field(default_factory=RobustnessConfig)
 
 
-class _Loader(yaml.SafeLoader):
-    """PyYAML's safe loader, with YAML 1.2 floats: ``1e-3`` and ``1.0e8`` are numbers.
+class DuplicateKeyError(YAMLError):
+    """A key given twice in one mapping: YAML forbids it, and most readers keep the last."""
 
-    PyYAML follows YAML 1.1, where a float needs a dot and a signed exponent, so ``1e-3``
-    would load as the string '1e-3' (which strict params then reject). DVC reads params.yaml
-    as YAML 1.2, where it is a float; this keeps both readers in agreement.
-    """
+    def __init__(self, problem: str):
+        super().__init__(problem)
+        self.problem = problem
 
 
-_Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
-    list("-+0123456789."),
-)
+def _first_duplicate(node: Node, path: tuple[str, ...] = ()) -> str | None:
+    """``duplicate key 'train.epochs' at lines 3 and 9`` for the first repeated key, if any."""
+    if isinstance(node, MappingNode):
+        lines: dict[str, int] = {}
+        for key, value in node.value:
+            name = str(key.value) if isinstance(key, ScalarNode) else "<complex key>"
+            line = key.start_mark.line + 1
+            if name == "<<":  # a merge key (`<<: *defaults`) may repeat
+                continue
+            if name in lines:
+                dotted = ".".join((*path, name))
+                return (
+                    f"duplicate key {dotted!r} at lines {lines[name]} and {line}; give each key"
+                    " once (a second section would replace the first, dropping its other keys)"
+                )
+            lines[name] = line
+            found = _first_duplicate(value, (*path, name))
+            if found:
+                return found
+    elif isinstance(node, SequenceNode):
+        for i, item in enumerate(node.value):
+            found = _first_duplicate(item, (*path, str(i)))
+            if found:
+                return found
+    return None
 
 
 def load_yaml(text: str) -> Any:
-    """``yaml.safe_load`` with the float fix of :class:`_Loader`."""
-    return yaml.load(text, Loader=_Loader)  # a SafeLoader: builds plain data only
+    """Plain data (dicts, lists, scalars) from YAML 1.2 text, read as DVC reads params.yaml.
+
+    ruamel.yaml's safe loader (DVC's own reader), so ``1e-3`` is a float, ``yes``/``on`` are
+    strings and ``010`` is ten in both. A key repeated in any mapping raises
+    :class:`DuplicateKeyError` naming the dotted key and both lines: YAML forbids it, and a
+    reader that keeps the last one would silently drop the first section's other keys.
+    """
+    reader = YAML(typ="safe", pure=True)
+    node = reader.compose(text)
+    duplicate = node is not None and _first_duplicate(node)
+    if duplicate:
+        raise DuplicateKeyError(duplicate)
+    return reader.load(text)
 
 
 _short = reprlib.Repr()
@@ -267,14 +298,55 @@ def describe_validation_error(exc: ValidationError, where: str = "params") -> st
     return " ".join(_describe(errors[0], where).split()) + (more if len(errors) > 1 else "")
 
 
+# Archs whose loss is ``k1 * reconstruction + k2 * KL`` (the VQ-VAE and IntroVAE have their own).
+K_WEIGHTED = ("dense", "cnn", "cvae")
+
+
+def degenerate_setting(params: Params) -> str | None:
+    """Why these params cannot train or score anything meaningful, in one line (else None).
+
+    Each value is allowed alone; together they make training unable to change the model,
+    or make a setting silently do nothing."""
+    train, arch = params.train, params.model.arch
+    if arch in K_WEIGHTED and train.k1 == 0:
+        what = "the loss is 0" if train.k2 == 0 else "only the KL term trains"
+        return (
+            f"train.k1: 0 is not allowed for model.arch={arch} ({what} and the decoder gets no"
+            " gradient); expected k1 > 0"
+        )
+    if (train.noise_fraction > 0) != (train.noise_std > 0):
+        zero = "noise_std" if train.noise_fraction > 0 else "noise_fraction"
+        other = "noise_fraction" if zero == "noise_std" else "noise_std"
+        return (
+            f"train.{zero}: 0 adds no noise although train.{other}={getattr(train, other)};"
+            f" expected both > 0 (noisy training images) or both 0"
+        )
+    if arch == "introvae" and params.model.intro.warmup_epochs >= train.epochs:
+        return (
+            f"model.intro.warmup_epochs: {params.model.intro.warmup_epochs} is not allowed with"
+            f" train.epochs={train.epochs} (it would train a plain VAE); expected fewer"
+            " warm-up epochs than train.epochs"
+        )
+    if params.tsne.perplexity >= params.tsne.n:
+        return (
+            f"tsne.perplexity: {params.tsne.perplexity:g} is not allowed with"
+            f" tsne.n={params.tsne.n}; expected a perplexity below the number of points"
+        )
+    return None
+
+
 def parse_params(raw: dict[str, Any]) -> Params:
     try:
-        return Params.model_validate(raw)
+        params = Params.model_validate(raw)
     except ValidationError as exc:
         raise ConfigError(describe_validation_error(exc)) from None
+    why = degenerate_setting(params)
+    if why:
+        raise ConfigError(why)
+    return params
 
 
-def _yaml_problem(exc: yaml.YAMLError) -> str:
+def _yaml_problem(exc: YAMLError) -> str:
     """Where and what, on one line: `` at line L, column C: <problem>`` (1-based)."""
     problem = getattr(exc, "problem", None) or getattr(exc, "context", None)
     problem = " ".join(str(problem or exc or type(exc).__name__).split())
@@ -298,21 +370,49 @@ def _parse_override(item: str) -> tuple[list[str], Any]:
     # YAML parsing makes `--set train.lr=1e-3` a float and `--set model.hidden=[64,32]` a list.
     try:
         return path, load_yaml(value)
-    except yaml.YAMLError as exc:
+    except YAMLError as exc:
         raise ConfigError(
             f"override {item!r}: the value is not valid YAML{_yaml_problem(exc)}"
         ) from None
 
 
+def _leaves(value: Any, path: tuple[str, ...]) -> list[tuple[str, ...]]:
+    if isinstance(value, dict) and value:
+        return [leaf for k, v in value.items() for leaf in _leaves(v, (*path, str(k)))]
+    return [path]
+
+
+def _merge(node: dict[str, Any], key: str, value: Any) -> None:
+    """Set ``node[key]``; a section given as a mapping sets only the keys it names."""
+    if isinstance(value, dict) and isinstance(node.get(key), dict):
+        for k, v in value.items():
+            _merge(node[key], k, v)
+    else:
+        node[key] = value
+
+
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """``--set KEY=VALUE`` items applied to the params read from the file.
+
+    A mapping value (``--set 'train={epochs: 3}'``) sets only the keys it names, as the
+    dotted form does; a key set twice (also through a mapping) is an error, not "last wins"."""
+    given: dict[tuple[str, ...], str] = {}
     for item in overrides:
         path, value = _parse_override(item)
+        for leaf in _leaves(value, tuple(path)):
+            clash = next((g for g in given if g[: len(leaf)] == leaf or leaf[: len(g)] == g), None)
+            if clash is not None:
+                raise ConfigError(
+                    f"override {item!r} sets {'.'.join(leaf)!r} again (also set by"
+                    f" {given[clash]!r}); give each key once"
+                )
+            given[leaf] = item
         node = raw
         for part in path[:-1]:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"override {item!r}: {part!r} is not a section")
-        node[path[-1]] = value
+        _merge(node, path[-1], value)
     return raw
 
 
@@ -328,7 +428,7 @@ def load_params(path: str | Path = "params.yaml", overrides: list[str] | None = 
         raise ConfigError(
             f"params file {str(path)!r} is not UTF-8 text (bad byte at offset {exc.start})"
         ) from None
-    except yaml.YAMLError as exc:
+    except YAMLError as exc:
         raise ConfigError(
             f"params file {str(path)!r} is not valid YAML{_yaml_problem(exc)}"
         ) from None

@@ -48,12 +48,12 @@ def signature(conditional: bool) -> mlflow.models.ModelSignature:
 def requirements() -> list[str]:
     """What loading the version needs (its own code travels with it)."""
     import pydantic
-    import yaml
+    import ruamel.yaml
 
     versions = {
         "torch": torch.__version__.split("+")[0], "numpy": np.__version__,
         "pandas": pd.__version__, "pydantic": pydantic.__version__,
-        "pyyaml": yaml.__version__, "mlflow": mlflow.__version__,
+        "ruamel.yaml": ruamel.yaml.__version__, "mlflow": mlflow.__version__,
     }  # fmt: skip
     return [f"{name}=={version}" for name, version in versions.items()]
 

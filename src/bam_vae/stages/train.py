@@ -119,6 +119,7 @@ def fit(
     key = run_key(params, digest)
     ckpt = Checkpoint(checkpoint_path(key), model, optimizers, "train")
     with ckpt.owned():
+        initial = [p.detach().clone() for p in model.parameters()]  # before resume loads any
         state = ckpt.resume()
         if state.run_id and not tracking.run_exists(state.run_id):
             print(f"train: the checkpoint's MLflow run {state.run_id} is gone; logging a new run")
@@ -162,6 +163,9 @@ def fit(
                 with stop_on_signals() as stopped:
                     model.train()
                     state = fit_loop(loop, state)
+                    if all(map(torch.equal, model.parameters(), initial)):
+                        ckpt.remove()
+                        raise BamError(_untrained(state.history))
                     outputs = (model_path, metrics_path, history_path, run_ref_path)
                     final, version = _export(params, model, state, outputs, ckpt, stopped)
             except (Interrupted, KeyboardInterrupt):
@@ -170,6 +174,15 @@ def fit(
         ckpt.remove()
     print(f"train: registered {tracking.registered_name(params.model.arch)} version {version}")
     return final
+
+
+def _untrained(history: list[dict[str, float]]) -> str:
+    losses = sorted({f"{row['train_loss']:.4g}" for row in history})
+    return (
+        f"train: no weight changed in {len(history)} epoch(s) (train_loss {', '.join(losses)});"
+        " nothing registered -- expected settings that train (check train.lr, train.k1,"
+        " train.k2)"
+    )
 
 
 def _export(params, model, state, outputs, ckpt, stopped) -> tuple[dict, str]:
