@@ -11,12 +11,14 @@ import pytest
 
 from bam_vae.errors import BamError
 from bam_vae.stages.generate import generate
-from bam_vae.stages.report import promote, report
+from bam_vae.stages.report import collect, promote, report, same_n
 from bam_vae.stages.train import fit
 from bam_vae.tracking import store as tracking
 
 
-def fake_run(arch: str, z_dim: int, k1: float, fid: float, sweep: str, epochs: int = 3) -> None:
+def fake_run(
+    arch: str, z_dim: int, k1: float, fid: float, sweep: str, epochs: int = 3, n: int = 1024
+) -> None:
     """A finished training run as `train` + `compute-fid` leave it (no model weights)."""
     with mlflow.start_run():
         params = {"model.arch": arch, "model.z_dim": z_dim, "train.k1": k1, "train.k2": 1 - k1}
@@ -27,10 +29,11 @@ def fake_run(arch: str, z_dim: int, k1: float, fid: float, sweep: str, epochs: i
                 {"train_loss": 30 / step + z_dim / 100, "test_loss": 31 / step}, step=step
             )
         scores = {"fid_classifier": fid, "fid_floor_classifier": 2.0, "kid_classifier": fid / 10}
-        scores |= {"digit_entropy": 0.95}
+        scores |= {"digit_entropy": 0.95, "n_generated": n}
         mlflow.log_metrics({f"prior/{k}": v for k, v in scores.items()})
         # A good sampler on the same model: every score again under its name.
-        mlflow.log_metrics({f"gmm/{k}": v / 2 for k, v in scores.items()})
+        mlflow.log_metrics({f"gmm/{k}": v / 2 for k, v in scores.items() if k != "n_generated"})
+        mlflow.log_metric("gmm/n_generated", n)
 
 
 @pytest.fixture
@@ -82,6 +85,23 @@ def test_report_of_a_latent_sweep(latent_sweep):
     assert len(reports) == 1
 
 
+def test_scores_from_another_number_of_images_are_listed_not_drawn(latent_sweep, capsys):
+    # Scored from 16 images: a low FID that must not join the N = 1024 curves.
+    tracking.init()
+    fake_run("cnn", 16, 0.5, fid=1.0, sweep="latent", n=16)
+    out = latent_sweep / "reports"
+    report(sweep="latent", out_dir=out)
+    table = pd.read_csv(out / "runs.csv")
+    assert sorted(table["n_generated"].unique()) == [16, 1024] and len(table) == 18
+    note = (
+        "FID figures use the scores from N = 1024 images; 2 rows scored from other numbers of"
+        " images are in the table only: N = 16 (2 rows)"
+    )
+    assert note in (out / "runs.md").read_text() and f"report: {note}" in capsys.readouterr().out
+    comparable, left = same_n(collect(sweep="latent"))
+    assert set(comparable["n_generated"]) == {1024} and left == note
+
+
 def test_report_with_a_query_and_with_nothing_selected(latent_sweep):
     out = latent_sweep / "reports"
     report(query="params.`model.arch` = 'cnn' and tags.sweep = 'other'", out_dir=out)
@@ -97,7 +117,7 @@ def test_bad_query_is_one_clear_line(latent_sweep):
         report(query="params.nonsense ===", out_dir=latent_sweep / "reports")
 
 
-def test_promote_points_champion_at_the_lowest_fid_and_generate_uses_it(project, tiny):
+def test_promote_points_champion_at_the_lowest_fid_and_generate_uses_it(project, tiny, capsys):
     fit(tiny())
     fit(tiny(model={"z_dim": 2}))
     client = tracking.client()
@@ -117,6 +137,18 @@ def test_promote_points_champion_at_the_lowest_fid_and_generate_uses_it(project,
     assert images.shape == (16, 28, 28)
     # It really is version 2 (z_dim 2), not the pipeline's latest model file.
     assert json.loads((project / "models/mlflow_run.json").read_text())["model_version"] == "2"
+    # A third version scored from 16 images has the lowest FID: named, not ranked.
+    fit(tiny(model={"z_dim": 3}))
+    for version, n in (("1", 1024), ("2", 1024), ("3", 16)):
+        client.set_model_version_tag("bam-vae-cnn", version, "gmm/n_generated", str(n))
+    client.set_model_version_tag("bam-vae-cnn", "3", "gmm/fid_classifier", "1.0")
+    capsys.readouterr()
+    assert promote("classifier", sampler="gmm") == {"bam-vae-cnn": "2"}
+    assert capsys.readouterr().out.splitlines() == [
+        "promote: bam-vae-cnn@champion -> version 2 (gmm/fid_classifier 10.000, ranked among 2"
+        " versions scored from N = 1024 images)",
+        "promote: bam-vae-cnn: not ranked, scored from other numbers of images: 3 (N = 16)",
+    ]
 
 
 def test_promote_without_scores_says_what_to_run(project, tiny):

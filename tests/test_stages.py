@@ -282,3 +282,46 @@ def test_scoring_works_with_a_scipy_whose_sqrtm_has_no_disp(project, tiny, evalu
     generate(params)
     metrics = compute(params)
     assert metrics["fid_classifier"] > metrics["fid_floor_classifier"] > 0
+
+
+def test_scores_say_how_many_images_they_come_from(project, tiny, evaluator_file, capsys):
+    params = tiny(train={"epochs": 1}, generate={"sampler": "prior", "n": 1}, **{
+        k: v for k, v in SCORING.items() if k != "generate"})  # fmt: skip
+    (project / "models").mkdir(exist_ok=True)
+    shutil.copy(evaluator_file, project / "models/evaluator.pt")
+    fit(params)
+    fit_sampler(params)
+    reference(params, "classifier")
+    generate(params)
+    # One image has no covariance: refused in one line, nothing written or logged.
+    with pytest.raises(BamError) as info:
+        compute(params)
+    assert str(info.value) == (
+        "compute-fid: 1 generated image in data/generated/images.npy cannot define a"
+        " covariance; FID and KID need at least 2 -- expected generate.n >= 2 (1024 to compare"
+        " with the report)"
+    )
+    run_id = json.loads((project / "models/mlflow_run.json").read_text())["run_id"]
+    assert not any("fid" in k for k in mlflow.get_run(run_id).data.metrics)
+    assert not (project / "metrics/fid.json").exists()
+
+    # Ten images in a 16-d feature space: scored, with the N, the KID subset size really
+    # used and warnings, in fid.json and in MLflow.
+    generate(params.model_copy(update={"generate": params.generate.model_copy(update={"n": 10})}))
+    capsys.readouterr()
+    metrics = compute(params)
+    assert metrics["n_generated"] == 10 and metrics["kid_subset_size_classifier"] == 10
+    assert metrics["kid_subsets"] == params.fid.kid_subsets
+    assert metrics["warnings"] == [
+        "fid_classifier from 10 images in a 16-d feature space: fewer images than dimensions"
+        " make the covariance singular and FID biased upwards; compare it only with scores"
+        " from the same number of images",
+        "kid_classifier from subsets of 10 images, not fid.kid_subset_size=50 (only 10 generated)",
+    ]
+    assert json.loads((project / "metrics/fid.json").read_text())["warnings"] == metrics["warnings"]
+    err = capsys.readouterr().err
+    assert err.count("compute-fid: warning: ") == 2
+    logged = mlflow.get_run(run_id).data.metrics
+    assert logged["prior/n_generated"] == 10 and logged["prior/kid_subset_size_classifier"] == 10
+    stored = mlflow.artifacts.load_dict(f"runs:/{run_id}/metrics/fid_prior.json")
+    assert stored["warnings"] == metrics["warnings"]

@@ -85,6 +85,8 @@ def kid(real: np.ndarray, fake: np.ndarray, subsets: int, subset_size: int, seed
     """
     rng = np.random.default_rng(seed)
     m = min(subset_size, len(real), len(fake))
+    if m < 2:
+        raise ValueError(f"KID: subsets of {m} image(s); expected at least 2 per set")
     dim = real.shape[1]
     values = []
     for _ in range(subsets):
@@ -145,19 +147,48 @@ def load_generated(path: Path = paths.GENERATED) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------- stage
-def score_space(space: str, generated: torch.Tensor, cfg: FidConfig) -> dict[str, float]:
+def check_enough(n: int, path: Path = paths.GENERATED) -> None:
+    """FID needs a covariance and KID pairs of images: refuse fewer than 2 images, in one line."""
+    if n < 2:
+        raise BamError(
+            f"compute-fid: {n} generated image in {path} cannot define a covariance; FID and"
+            " KID need at least 2 -- expected generate.n >= 2 (1024 to compare with the report)"
+        )
+
+
+def score_space(
+    space: str, generated: torch.Tensor, cfg: FidConfig
+) -> tuple[dict[str, float], list[str]]:
+    """FID, its floor and KID of ``generated`` (N x 1 x 28 x 28, N >= 2) in one feature space,
+    with the KID subset size actually used; and warnings for scores N makes unreliable."""
     real = load_reference(space)
     fake = feature_extractor(space, cfg)[0](generated)
+    n, dim = fake.shape
     # The floor: as many real test images as there are samples, against the full test set.
     rng = np.random.default_rng(cfg.seed)
-    real_subset = real[rng.choice(len(real), min(len(fake), len(real)), replace=False)]
-    kid_mean, kid_std = kid(real, fake, cfg.kid_subsets, cfg.kid_subset_size, cfg.seed)
-    return {
+    real_subset = real[rng.choice(len(real), min(n, len(real)), replace=False)]
+    subset_size = min(cfg.kid_subset_size, len(real), n)
+    kid_mean, kid_std = kid(real, fake, cfg.kid_subsets, subset_size, cfg.seed)
+    warnings = []
+    if n < dim:
+        warnings.append(
+            f"fid_{space} from {n} images in a {dim}-d feature space: fewer images than"
+            " dimensions make the covariance singular and FID biased upwards; compare it only"
+            " with scores from the same number of images"
+        )
+    if subset_size < cfg.kid_subset_size:
+        warnings.append(
+            f"kid_{space} from subsets of {subset_size} images, not"
+            f" fid.kid_subset_size={cfg.kid_subset_size} (only {n} generated)"
+        )
+    scores = {
         f"fid_{space}": fid(real, fake),
         f"fid_floor_{space}": fid(real, real_subset),
         f"kid_{space}": kid_mean,
         f"kid_std_{space}": kid_std,
+        f"kid_subset_size_{space}": subset_size,
     }
+    return scores, warnings
 
 
 def generated_sampler(path: Path = paths.GENERATED) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import mlflow
@@ -11,7 +12,13 @@ from bam_vae import paths
 from bam_vae.config import Params
 from bam_vae.files import write_json
 from bam_vae.scoring.evaluator import digit_metrics, label_accuracy, load_evaluator, predict
-from bam_vae.scoring.fid import as_images, generated_sampler, load_generated, score_space
+from bam_vae.scoring.fid import (
+    as_images,
+    check_enough,
+    generated_sampler,
+    load_generated,
+    score_space,
+)
 from bam_vae.tracking import store as tracking
 from bam_vae.training.runtime import resolve_device
 
@@ -26,16 +33,25 @@ def compute(params: Params, metrics_path: Path = paths.FID_METRICS) -> dict:
     ref = tracking.read_run_ref()
     tracking.init()  # an unreachable tracking server fails here, before any work
     generated = as_images(load_generated())
+    check_enough(len(generated))
     sampler = generated_sampler()
+    # Every score says what it came from: N images, KID's subsets; see `bam promote`.
     metrics: dict = {"sampler": sampler, "n_generated": len(generated)}
+    metrics["kid_subsets"] = cfg.kid_subsets
+    warnings: list[str] = []
     for space in cfg.features:
-        metrics |= score_space(space, generated, cfg)
+        scores, notes = score_space(space, generated, cfg)
+        metrics |= scores
+        warnings += notes
+    for note in warnings:
+        print(f"compute-fid: warning: {note}", file=sys.stderr)
     _, probs = predict(load_evaluator(paths.EVALUATOR).to(device), generated)
     metrics |= digit_metrics(probs, cfg.confidence)
     labels_path = paths.GENERATED.with_name("labels.npy")
     if labels_path.is_file():  # a conditional model: did it draw the digits it was asked for?
         metrics["label_accuracy"] = label_accuracy(probs, np.load(labels_path))
 
+    metrics["warnings"] = warnings  # stored with the scores, in fid.json and in MLflow
     scalars = {f"{sampler}/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}
     with tracking.reopen_run(ref["run_id"]):
         mlflow.log_metrics(scalars)
@@ -44,6 +60,7 @@ def compute(params: Params, metrics_path: Path = paths.FID_METRICS) -> dict:
     for key, value in scalars.items():
         client.set_model_version_tag(ref["model_name"], ref["model_version"], key, f"{value:.6g}")
     write_json(metrics_path, metrics)
-    summary = ", ".join(f"{k} {v:.3f}" for k, v in metrics.items() if k.startswith(("fid", "kid")))
+    shown = [k for k in metrics if k.startswith(("fid", "kid_")) and "subset" not in k]
+    summary = ", ".join(f"{k} {metrics[k]:.3f}" for k in shown)
     print(f"compute-fid ({sampler}): {summary}, digit entropy {metrics['digit_entropy']:.3f}")
     return metrics

@@ -45,7 +45,7 @@ COLUMNS = {
 # Scores of one sampler, logged by compute-fid as ``<sampler>/<name>``.
 SCORES = [
     *(f"{m}_{s}" for s in SPACES for m in ("fid", "fid_floor", "kid")),
-    "digit_entropy", "confident_share", "label_accuracy",
+    "digit_entropy", "confident_share", "label_accuracy", "n_generated",
 ]  # fmt: skip
 NUMERIC = ["z_dim", "k1", "k2", "epochs", "train_fraction"]
 # The params a sweep can vary, in the order used to group the loss curves of Figure 2.
@@ -113,6 +113,40 @@ def _scored(base: pd.DataFrame, runs: pd.DataFrame, sampler: str) -> pd.DataFram
     scores = pd.DataFrame({name: column(name) for name in SCORES})
     keep = scores.notna().any(axis=1)
     return base[keep].assign(sampler=sampler, **{k: v[keep] for k, v in scores.items()})
+
+
+def comparable_n(ns: list[float | None]) -> float | None:
+    """The number of generated images most of these scores come from (ties: the larger).
+
+    FID is biased by N (it falls as N grows), so scores from different N never share a
+    ranking or a curve; ``None`` (scored before N was logged) is a group of its own."""
+    counts = pd.Series([-1.0 if n is None or np.isnan(n) else float(n) for n in ns]).value_counts()
+    best = max(counts.index, key=lambda n: (counts[n], n))
+    return None if best == -1.0 else best
+
+
+def _n_label(n: float | None) -> str:
+    return "unknown N" if n is None or np.isnan(n) else f"N = {int(n)}"
+
+
+def same_n(table: pd.DataFrame) -> tuple[pd.DataFrame, str | None]:
+    """The rows whose scores may be drawn together, and a note on the scored rows left out."""
+    scored = table[[f"fid_{s}" for s in SPACES]].notna().any(axis=1)
+    if not scored.any():
+        return table, None
+    n = comparable_n(table.loc[scored, "n_generated"].tolist())
+    same = table["n_generated"].isna() if n is None else table["n_generated"] == n
+    left = table[scored & ~same]
+    if left.empty:
+        return table, None
+    others = ", ".join(
+        f"{_n_label(k)} ({len(g)} rows)" for k, g in left.groupby("n_generated", dropna=False)
+    )
+    note = (
+        f"FID figures use the scores from {_n_label(n)} images; {len(left)} rows scored from"
+        f" other numbers of images are in the table only: {others}"
+    )
+    return table[~scored | same], note
 
 
 # ---------------------------------------------------------------------------- figures
@@ -192,7 +226,9 @@ def _count(table: pd.DataFrame) -> str:
     return f"{table['run_id'].nunique()} runs, {len(table)} rows (one per run and sampler)"
 
 
-def _markdown(table: pd.DataFrame, missing: dict[str, str], selection: str) -> str:
+def _markdown(
+    table: pd.DataFrame, missing: dict[str, str], selection: str, note: str | None
+) -> str:
     shown = table.dropna(axis=1, how="all")
     lines = [f"# bam-vae runs\n\nSelection: `{selection or 'all training runs'}` "
              f"({_count(table)})\n"]  # fmt: skip
@@ -205,6 +241,8 @@ def _markdown(table: pd.DataFrame, missing: dict[str, str], selection: str) -> s
                 f"{v:.4g}" if isinstance(v, float) else ("" if v is None else str(v)) for v in row
             ]
             lines.append("| " + " | ".join(c.replace("nan", "") for c in cells) + " |")
+    if note:
+        lines.append(f"\n## Scores from different numbers of images\n\n{note}")
     if missing:
         lines.append("\n## Missing\n")
         lines += [f"- {name}: {why}" for name, why in missing.items()]
@@ -220,10 +258,11 @@ def report(
     table = collect(sweep, exp_names, query)
     out_dir.mkdir(parents=True, exist_ok=True)
     missing: dict[str, str] = {}
-    shares = table.assign(k1_share=table.k1 / (table.k1 + table.k2))
+    comparable, note = same_n(table)
+    shares = comparable.assign(k1_share=comparable.k1 / (comparable.k1 + comparable.k2))
     figures = {
         "fig6a_fid_vs_zdim.png": lambda p: fig_fid_vs(
-            table, "z_dim", p, "FID vs latent size (Fig. 6a)", logx=True
+            comparable, "z_dim", p, "FID vs latent size (Fig. 6a)", logx=True
         ),
         "fig6b_fid_vs_k1.png": lambda p: fig_fid_vs(
             shares, "k1_share", p, "FID vs k1 / (k1 + k2) (Fig. 6b)", logx=False
@@ -241,13 +280,15 @@ def report(
                 missing[name] = why
                 staged.remove(out_dir / name)  # never leave a figure of an earlier selection
         table.to_csv(drawn / "runs.csv", index=False)
-        (drawn / "runs.md").write_text(_markdown(table, missing, selection))
+        (drawn / "runs.md").write_text(_markdown(table, missing, selection, note))
         tags = {"bam_kind": "report", "selection": selection}
         with mlflow.start_run(run_name="report", tags=tags):
             mlflow.log_artifacts(str(drawn), "report")
         for path in drawn.iterdir():
             shutil.copyfile(path, staged.path(out_dir / path.name))
     print(f"report: {_count(table)} -> {out_dir}/runs.md, runs.csv")
+    if note:
+        print(f"report: {note}")
     for name, why in missing.items():
         print(f"report: {name} missing: {why}")
     return missing
@@ -258,6 +299,9 @@ def promote(
 ) -> dict[str, str]:
     """Point ``alias`` at the version with the lowest FID of ``sampler`` in ``space``, per model.
 
+    Only versions scored from the same number of generated images are ranked together: the
+    N most versions share (:func:`comparable_n`); the others are named, not ranked.
+
     Versions scored before samplers existed carry bare tags (``fid_classifier``): ``prior``.
     """
     if sampler not in KINDS:
@@ -265,20 +309,36 @@ def promote(
     tracking.init()
     client = tracking.client()
     keys = [f"{sampler}/fid_{space}"] + ([f"fid_{space}"] if sampler == "prior" else [])
+    n_keys = [f"{sampler}/n_generated"] + (["n_generated"] if sampler == "prior" else [])
+
+    def tag(version, names: list[str]) -> float | None:
+        return next((float(version.tags[k]) for k in names if k in version.tags), None)
+
     chosen: dict[str, str] = {}
     for model in client.search_registered_models("name LIKE 'bam-vae-%'"):
-        scored = [
-            (float(next(v.tags[k] for k in keys if k in v.tags)), int(v.version))
-            for v in client.search_model_versions(f"name = {_quote(model.name)}")
-            if any(k in v.tags for k in keys)
-        ]
+        versions = client.search_model_versions(f"name = {_quote(model.name)}")
+        scored = [(tag(v, keys), int(v.version), tag(v, n_keys)) for v in versions]
+        scored = [s for s in scored if s[0] is not None]
         if not scored:
             print(f"promote: {model.name} has no version scored with {keys[0]}; run compute-fid")
             continue
-        fid, version = min(scored)
+        n = comparable_n([s[2] for s in scored])
+        ranked = [s for s in scored if s[2] == n]
+        left = [s for s in scored if s[2] != n]
+        fid, version, _ = min(ranked)
         client.set_registered_model_alias(model.name, alias, str(version))
         chosen[model.name] = str(version)
-        print(f"promote: {model.name}@{alias} -> version {version} ({keys[0]} {fid:.3f})")
+        print(
+            f"promote: {model.name}@{alias} -> version {version} ({keys[0]} {fid:.3f}, ranked"
+            f" among {len(ranked)} versions scored from {_n_label(n)} images)"
+        )
+        if left:
+            skipped = ", ".join(
+                f"{v} ({_n_label(k)})" for _, v, k in sorted(left, key=lambda s: s[1])
+            )
+            print(
+                f"promote: {model.name}: not ranked, scored from other numbers of images: {skipped}"
+            )
     if not chosen:
         raise BamError(
             f"no registered version has {keys[0]}; run `dvc repro` (compute-fid) with"
