@@ -48,6 +48,7 @@ def project(tmp_path, monkeypatch) -> Path:
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.delenv("DVC_ROOT", raising=False)
     monkeypatch.delenv("DVC_EXP_NAME", raising=False)
+    monkeypatch.delenv("BAM_ARTIFACT_ROOT", raising=False)
     return tmp_path
 
 

@@ -1,8 +1,11 @@
-"""MLflow: one SQLite store inside the project, one run per trained model, a registry version.
+"""MLflow: one store per project (or per team), one run per trained model, a registry version.
 
-The store is ``mlruns/mlflow.db`` with artifacts in ``mlruns/artifacts``, both under the real
-project root (``DVC_ROOT`` inside ``dvc exp run --temp/--queue`` copies), so every experiment,
-wherever DVC runs it, lands in the same place. ``MLFLOW_TRACKING_URI`` overrides the store.
+The default store is ``mlruns/mlflow.db`` under the real project root (``DVC_ROOT`` inside
+``dvc exp run --temp/--queue`` copies), so every experiment, wherever DVC runs it, lands in
+the same place. ``MLFLOW_TRACKING_URI`` names another store: a tracking server (it keeps the
+artifacts) or a SQLite file, possibly shared by several checkouts on one disk. Artifacts
+always live with the store -- ``artifacts/`` beside its SQLite file, or ``BAM_ARTIFACT_ROOT``
+-- never inside whichever checkout happened to use the store first.
 """
 
 from __future__ import annotations
@@ -35,6 +38,9 @@ logging.getLogger("mlflow").setLevel(logging.WARNING)
 logging.getLogger("alembic").setLevel(logging.WARNING)
 
 
+ARTIFACT_ROOT_ENV = "BAM_ARTIFACT_ROOT"
+
+
 def store_dir() -> Path:
     return project_root() / "mlruns"
 
@@ -48,8 +54,28 @@ def is_remote(uri: str | None = None) -> bool:
     return (uri or tracking_uri()).startswith(("http://", "https://"))
 
 
+def sqlite_file(uri: str | None = None) -> Path | None:
+    """The database file of a ``sqlite:///`` store (absolute), else None."""
+    uri = uri or tracking_uri()
+    return Path(uri.removeprefix("sqlite:///")).resolve() if uri.startswith("sqlite:///") else None
+
+
 def artifact_root() -> Path:
-    return store_dir() / "artifacts"
+    """Where a local store keeps run artifacts: ``$BAM_ARTIFACT_ROOT``, else ``artifacts/``
+    beside the SQLite file (``mlruns/artifacts`` for the project's own store).
+
+    Raises :class:`BamError` for a database URI without a file (``postgresql://`` used
+    directly, not through a server) when ``$BAM_ARTIFACT_ROOT`` is not set."""
+    if os.environ.get(ARTIFACT_ROOT_ENV):
+        return Path(os.environ[ARTIFACT_ROOT_ENV]).expanduser().resolve()
+    database = sqlite_file()
+    if database is None:
+        raise BamError(
+            f"MLFLOW_TRACKING_URI {tracking_uri()}: a database without a tracking server has no"
+            f" place for artifacts; set {ARTIFACT_ROOT_ENV} to a shared folder, or run"
+            " `bam server` on it and point MLFLOW_TRACKING_URI at the server"
+        )
+    return database.parent / "artifacts"
 
 
 @contextmanager
@@ -60,15 +86,13 @@ def store_lock() -> Iterator[None]:
     multi-statement and fail with "database is locked" or duplicate rows when two
     ``dvc queue`` workers race. Metric logging is short and goes unlocked.
     """
-    if is_remote():  # the server's database serialises its own writers
+    database = sqlite_file()
+    if database is None:  # a server's (or any other) database serialises its own writers
         yield
         return
-    uri = tracking_uri()
-    # Beside the database the URI names, so clones writing to one store (sweep trials) share it.
-    folder = Path(uri.removeprefix("sqlite:///")).parent if uri.startswith("sqlite:///") else None
-    folder = folder or store_dir()
-    folder.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(folder / ".store.lock"), timeout=600):
+    # Beside the database, so every checkout and sweep trial writing to one store shares it.
+    database.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(database.parent / ".store.lock"), timeout=600):
         yield
 
 
@@ -119,8 +143,31 @@ def init(experiment: str = EXPERIMENT) -> str:
     with store_lock():
         found = mlflow.get_experiment_by_name(experiment)
         experiment_id = found.experiment_id if found else _create_experiment(experiment)
+    if found and not is_remote(uri):
+        check_artifact_location(found.artifact_location)
     mlflow.set_experiment(experiment_id=experiment_id)
     return experiment_id
+
+
+def check_artifact_location(location: str) -> None:
+    """Refuse a local store whose experiment keeps its artifacts somewhere else.
+
+    A store written by an older bam-vae, first used from checkout B, keeps every checkout's
+    artifacts inside B: deleting B loses them, and B's folders are re-created to log more."""
+    expected = artifact_root()
+    if location.startswith("file:"):
+        from urllib.parse import unquote, urlparse
+
+        found = Path(unquote(urlparse(location).path))
+    else:
+        found = Path(location) if "://" not in location else None
+    if found is not None and found.resolve() == expected:
+        return
+    raise BamError(
+        f"experiment {EXPERIMENT!r} in {tracking_uri()} keeps its artifacts in {location}, not"
+        f" with the store ({expected}); set {ARTIFACT_ROOT_ENV}={found or location} to keep"
+        " writing there, or point MLFLOW_TRACKING_URI at a new store"
+    )
 
 
 def git_commit() -> str:
