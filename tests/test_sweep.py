@@ -75,6 +75,7 @@ def test_grid_is_the_product_of_the_options_in_their_order():
         (["a=1]"], "unbalanced ']'"),
         (["a='x"], "unclosed quote"),
         (["a=1", "a=2"], "given twice"),
+        (["model.z_dim=4,16,4"], "value 4 is given twice; list each once"),
         (["train.sweep=x"], "sets train.sweep itself"),
         (["train.lr=range(1,3)"], "range() sweeps are not supported"),
     ],

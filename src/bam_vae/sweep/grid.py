@@ -68,6 +68,9 @@ def parse_grid(options: list[str]) -> list[Point]:
             raise BamError(f"-S {option!r}: {exc}") from None
         if not all(values):
             raise BamError(f"-S {option!r}: empty value; expected KEY=V1,V2,... with no empty V")
+        repeated = next((v for i, v in enumerate(values) if v in values[:i]), None)
+        if repeated is not None:  # the same trial twice, as a second point of the grid
+            raise BamError(f"-S {option!r}: value {repeated} is given twice; list each once")
         for value in values:
             if value.startswith(HYDRA_FUNCTIONS):
                 raise BamError(
