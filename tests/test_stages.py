@@ -259,6 +259,19 @@ def test_no_stage_imports_another_and_only_cli_imports_stages():
             assert not stages, f"{path.relative_to(src)} imports {sorted(stages)}"
 
 
+def generated_by_prior(project, tiny, evaluator_file, n: int):
+    """A tiny model trained, its classifier reference and ``n`` images drawn from its prior."""
+    params = tiny(train={"epochs": 1}, generate={"sampler": "prior", "n": n}, **{
+        k: v for k, v in SCORING.items() if k != "generate"})  # fmt: skip
+    (project / "models").mkdir(exist_ok=True)
+    shutil.copy(evaluator_file, project / "models/evaluator.pt")
+    fit(params)
+    fit_sampler(params)
+    reference(params, "classifier")
+    generate(params)
+    return params
+
+
 def test_scoring_works_with_a_scipy_whose_sqrtm_has_no_disp(project, tiny, evaluator_file,
                                                             monkeypatch):  # fmt: skip
     """scipy 1.18 removed ``sqrtm``'s ``disp`` argument (pytorch-fid 0.3.0 still passes it)."""
@@ -272,27 +285,12 @@ def test_scoring_works_with_a_scipy_whose_sqrtm_has_no_disp(project, tiny, evalu
         return sqrtm(a)
 
     monkeypatch.setattr(scipy.linalg, "sqrtm", sqrtm_without_disp)
-    params = tiny(train={"epochs": 1}, generate={"sampler": "prior", "n": 60}, **{
-        k: v for k, v in SCORING.items() if k != "generate"})  # fmt: skip
-    (project / "models").mkdir(exist_ok=True)
-    shutil.copy(evaluator_file, project / "models/evaluator.pt")
-    fit(params)
-    fit_sampler(params)
-    reference(params, "classifier")
-    generate(params)
-    metrics = compute(params)
+    metrics = compute(generated_by_prior(project, tiny, evaluator_file, n=60))
     assert metrics["fid_classifier"] > metrics["fid_floor_classifier"] > 0
 
 
 def test_scores_say_how_many_images_they_come_from(project, tiny, evaluator_file, capsys):
-    params = tiny(train={"epochs": 1}, generate={"sampler": "prior", "n": 1}, **{
-        k: v for k, v in SCORING.items() if k != "generate"})  # fmt: skip
-    (project / "models").mkdir(exist_ok=True)
-    shutil.copy(evaluator_file, project / "models/evaluator.pt")
-    fit(params)
-    fit_sampler(params)
-    reference(params, "classifier")
-    generate(params)
+    params = generated_by_prior(project, tiny, evaluator_file, n=1)
     # One image has no covariance: refused in one line, nothing written or logged.
     with pytest.raises(BamError) as info:
         compute(params)
