@@ -156,6 +156,9 @@ def root(template, tmp_path, monkeypatch) -> Path:
     monkeypatch.chdir(root)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.delenv("DVC_ROOT", raising=False)
+    # A copied checkout's store still names the template's artifact folder: say to keep it,
+    # as the refusal of such a store tells a user to (tests/test_store.py).
+    monkeypatch.setenv("BAM_ARTIFACT_ROOT", str(template / "mlruns/artifacts"))
     return root
 
 
