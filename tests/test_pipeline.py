@@ -24,7 +24,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
 
 TINY = {
     "data": {"sources": ["pypi"]},
-    "model": {"z_dim": 3},
+    # One epoch: IntroVAE's warm-up (1 epoch by default) must be shorter than that.
+    "model": {"z_dim": 3, "intro": {"warmup_epochs": 0}},
     "train": {"epochs": 1, "train_fraction": 0.005, "batch_size": 64},
     "evaluator": {"epochs": 1},
     "generate": {"n": 64},
