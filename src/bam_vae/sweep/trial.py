@@ -54,7 +54,7 @@ class Trial:
     driver_ip: str  # nodes at this IP share the sweep's filesystem
     root: str  # the sweep's checkout, on the driver's machine
     cache_dir: str  # its DVC cache, shared by the trials on that machine
-    env: dict[str, str] = field(default_factory=dict)  # git identity
+    env: dict[str, str] = field(default_factory=dict)  # git identity, BAM_ARTIFACT_ROOT
 
 
 def _group_alive(pgid: int) -> bool:
