@@ -280,3 +280,10 @@ def test_weights_a_model_does_not_use_may_be_zero(tmp_path):
     path.write_text(yaml.safe_dump(DEFAULTS))
     assert load_params(path, ["model.arch=vqvae", "train.k1=0"]).train.k1 == 0  # own loss
     assert load_params(path, ["train.k2=0"]).train.k2 == 0  # a plain autoencoder
+
+
+@pytest.mark.parametrize("arch", ["dense", "cnn", "cvae", "vqvae", "introvae"])
+def test_every_arch_runs_with_the_shipped_params(arch):
+    # README: `dvc exp run -S model.arch=<arch>` changes nothing else.
+    params = load_params(ROOT / "params.yaml", [f"model.arch={arch}"])
+    assert params.model.arch == arch and params.generate.sampler == "auto"

@@ -51,10 +51,10 @@ def evaluator_file(tiny_mnist, tmp_path_factory):
     return out / "evaluator.pt"
 
 
-# Every sampler is exercised by some arch; vqvae's default (auto) is its PixelCNN code prior.
-SAMPLER = {"dense": "gmm", "cnn": "two-stage", "cvae": "gmm", "vqvae": "auto",
+# Every sampler is exercised by some arch; auto (each arch's default) by dense, cvae, vqvae.
+SAMPLER = {"dense": "auto", "cnn": "two-stage", "cvae": "auto", "vqvae": "auto",
            "introvae": "two-stage"}  # fmt: skip
-FITTED = SAMPLER | {"vqvae": "pixelcnn"}
+FITTED = SAMPLER | {"dense": "gmm", "cvae": "gmm", "vqvae": "pixelcnn"}
 FAST_SAMPLERS = {"gmm": {"components": 3}, "two_stage": {"epochs": 2, "hidden": 16},
                  "pixelcnn": {"epochs": 1, "channels": 16, "layers": 2}}  # fmt: skip
 
