@@ -75,7 +75,8 @@ def main() -> None:
     configure_threads(threads)
     print(f"cpu: {cpu_name()}; torch threads: {threads}")
     # Each ratio is against the shipped row of its own round (the VMs' speed drifts), median.
-    rates, compile_s = run_rounds(__file__, list(ROWS), ["--images", str(args.images)], args.rounds)
+    child_args = ["--images", str(args.images)]
+    rates, compile_s, _ = run_rounds(__file__, list(ROWS), child_args, args.rounds)
     peak = {"fp32": matmul_peak(torch.float32) / 1e9, "bf16": matmul_peak(torch.bfloat16) / 1e9}
     print(f"matmul 2048^2 peak: fp32 {peak['fp32']:.0f} GFLOP/s, bf16 {peak['bf16']:.0f} GFLOP/s")
     for row, (label, precision) in ROWS.items():

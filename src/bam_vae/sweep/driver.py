@@ -304,8 +304,8 @@ def _drive(ray: Any, p: Plan, uri: str, experiment_id: str, driver_ip: str) -> S
     task, board = _remotes(ray, p)
     identity = git_identity(p.root)
     # The store's artifact folder, where the user named one: every trial writes there too.
-    if os.environ.get("BAM_ARTIFACT_ROOT"):
-        identity["BAM_ARTIFACT_ROOT"] = str(Path(os.environ["BAM_ARTIFACT_ROOT"]).resolve())
+    if os.environ.get(tracking.ARTIFACT_ROOT_ENV):
+        identity[tracking.ARTIFACT_ROOT_ENV] = str(tracking.artifact_root())
     trials = [
         Trial(index=i + 1, point=point, sweep=p.name, exp_name=p.exp_names[i], source=p.source,
               commit=p.commit, tracking_uri=uri, parent_run_id=parent, num_cpus=p.num_cpus,
