@@ -90,6 +90,8 @@ def main() -> None:
     if not args.here:
         subprocess.run(["git", "clone", "-q", str(here), str(root)], check=True)
     env = os.environ | {"PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    # The clone's own code, not that of the checkout the package was installed from.
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root / "src"), env.get("PYTHONPATH")]))
     start = time.perf_counter()
     try:
         seconds = (without_dvc if args.without_dvc else with_dvc)(root, env)

@@ -35,6 +35,7 @@ from bam_vae.config import ModelConfig, load_params
 from bam_vae.data import load_split, write_idx
 from bam_vae.machine import available_cores, cpu_name
 from bam_vae.models import adam, build_model, on_device, vae_loss
+from bam_vae.scoring.evaluator import Evaluator
 from bam_vae.training.runtime import epoch_order, fast_path, resolve_device
 
 
@@ -97,11 +98,10 @@ def stage_step(params, model_cfg, images, labels, precision, graphs, device):
     return one
 
 
-def flops_per_image(model_cfg) -> float:
+def flops_per_image(model: torch.nn.Module) -> float:
     """Training FLOPs per image: 3x the forward pass (forward, two backward matmuls)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    model = build_model(model_cfg)
     with FlopCounterMode(display=False) as counter:
         model(torch.rand(1, 1, 28, 28))
     return 3.0 * counter.get_total_flops()
@@ -209,7 +209,7 @@ def main() -> None:
     rates, compile_s, _ = run_rounds(__file__, loops, child_args, args.rounds)
     results = {LOOPS[k]: rates[k] for k in loops}
     peak = {"fp32": matmul_peak(torch.float32), "bf16": matmul_peak(torch.bfloat16)}
-    flops = flops_per_image(model_cfg)
+    flops = flops_per_image(build_model(model_cfg))
     print(f"cpu: {cpu_name()}; torch {torch.__version__}")
     print(
         f"arch={model_cfg.arch} z_dim={model_cfg.z_dim} batch={batch} threads={threads}"
@@ -229,6 +229,9 @@ def main() -> None:
         )
     for loop, seconds in compile_s.items():
         print(f"{LOOPS[loop]}: the first (compiling) step took {seconds:.1f} s")
+    evaluator = Evaluator(params.evaluator.feature_dim)
+    print(f"the evaluator (train-evaluator): {flops_per_image(evaluator) / 1e6:.1f} MFLOP per"
+          f" training image, {params.evaluator.epochs} epochs")  # fmt: skip
 
 
 def on_gpu(args, model_cfg, threads: int) -> None:
@@ -240,7 +243,7 @@ def on_gpu(args, model_cfg, threads: int) -> None:
     child_args += ["--arch", args.arch] if args.arch else []
     rates, compile_s, losses = run_rounds(__file__, loops, child_args, args.rounds)
     peak = {t: matmul_peak(getattr(torch, t), device=args.device) for t in ("float32", "bfloat16")}
-    flops = flops_per_image(model_cfg)
+    flops = flops_per_image(build_model(model_cfg))
     batch = load_params("params.yaml").train.batch_size
     print(f"{torch.cuda.get_device_name(device)}; cpu: {cpu_name()}; torch {torch.__version__}")
     print(

@@ -235,7 +235,7 @@ def promote(
     space: Annotated[str, typer.Option(help="FID feature space to rank by")] = "classifier",
     alias: Annotated[str, typer.Option(help="registry alias to set")] = "champion",
     sampler: Annotated[
-        str, typer.Option(help="rank by the FID of this sampler: prior, gmm or two-stage")
+        str, typer.Option(help="rank by the FID of this sampler: prior, gmm, two-stage or pixelcnn")
     ] = "gmm",
 ) -> None:
     """Set the alias `champion` on the lowest-FID registered version of each architecture."""
