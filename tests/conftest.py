@@ -16,6 +16,9 @@ from bam_vae.config import DataConfig, Params, parse_params
 from bam_vae.stages.prepare import prepare
 
 REPO = Path(__file__).resolve().parents[1]
+# The VQ-VAE's code prior at test size: the default (10 epochs of 64 channels over 60 000 codes)
+# takes minutes on a 2-core machine.
+PIXELCNN_TINY = {"channels": 16, "layers": 2, "epochs": 1}
 
 
 @pytest.fixture(scope="session")

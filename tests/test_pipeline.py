@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from conftest import copy_checkout, env_with_venv
+from conftest import PIXELCNN_TINY, copy_checkout, env_with_venv
 
 # Slow, and these 2-core machines are sometimes several times slower than usual: the parallel
 # queue test took 220 s on a quiet machine and 685 s on a busy one. The per-test limit is there
@@ -28,9 +28,7 @@ TINY = {
     "model": {"z_dim": 3, "intro": {"warmup_epochs": 0}},
     "train": {"epochs": 1, "train_fraction": 0.005, "batch_size": 64},
     "evaluator": {"epochs": 1},
-    # The vqvae experiment's code prior: the default (10 epochs over 60 000 codes) took most
-    # of this file's time.
-    "generate": {"n": 64, "pixelcnn": {"epochs": 1, "channels": 16, "layers": 2}},
+    "generate": {"n": 64, "pixelcnn": PIXELCNN_TINY},  # for the vqvae experiment
     "fid": {"kid_subsets": 5, "kid_subset_size": 50},
     "tsne": {"n": 300},
     "robustness": {"n": 50},

@@ -12,6 +12,7 @@ import mlflow
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import PIXELCNN_TINY
 
 from bam_vae.config import EvaluatorConfig
 from bam_vae.errors import BamError, Interrupted
@@ -56,7 +57,7 @@ SAMPLER = {"dense": "auto", "cnn": "two-stage", "cvae": "auto", "vqvae": "auto",
            "introvae": "two-stage"}  # fmt: skip
 FITTED = SAMPLER | {"dense": "gmm", "cvae": "gmm", "vqvae": "pixelcnn"}
 FAST_SAMPLERS = {"gmm": {"components": 3}, "two_stage": {"epochs": 2, "hidden": 16},
-                 "pixelcnn": {"epochs": 1, "channels": 16, "layers": 2}}  # fmt: skip
+                 "pixelcnn": PIXELCNN_TINY}  # fmt: skip
 
 
 @pytest.mark.parametrize("arch", list(MODELS))

@@ -10,6 +10,7 @@ import mlflow
 import pandas as pd
 import pytest
 import torch
+from conftest import PIXELCNN_TINY
 
 from bam_vae.config import TrainConfig, VQConfig
 from bam_vae.models.vqvae import EPS, VQVAE, VectorQuantizerEMA
@@ -151,7 +152,6 @@ def test_embedded_codes_decode_to_the_reconstruction():
 
 
 VQ_TINY = {"codebook_size": 16, "code_dim": 4}
-PIXELCNN_TINY = {"channels": 16, "layers": 2, "epochs": 1}
 
 
 def test_one_epoch_through_the_real_stages(project, tiny):
