@@ -23,6 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import torch
 import yaml
 
 from bam_vae.machine import cpu_name
@@ -101,8 +102,6 @@ def main() -> None:
     finally:
         if not (args.here or args.keep):
             shutil.rmtree(root.parent, ignore_errors=True)
-    import torch
-
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
     print(f"\n{cpu_name()} ({os.cpu_count()} CPUs), {gpu}; torch {torch.__version__};"
           f" commit {commit}; {datetime.date.today()}")  # fmt: skip

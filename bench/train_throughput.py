@@ -36,7 +36,7 @@ from bam_vae.data import load_split, write_idx
 from bam_vae.machine import available_cores, cpu_name
 from bam_vae.models import adam, build_model, on_device, vae_loss
 from bam_vae.scoring.evaluator import Evaluator
-from bam_vae.training.runtime import epoch_order, fast_path, resolve_device
+from bam_vae.training.runtime import epoch_order, fast_path, resolve_device, training_step
 
 
 def loss_of(model, xb, k1=0.5, k2=0.5):
@@ -82,9 +82,7 @@ def stage_step(params, model_cfg, images, labels, precision, graphs, device):
     model = build_model(model_cfg).to(device)
     autocast = fast_path(model, precision, device)
     optimizers = model.configure_optimizers(cfg)
-    train_step = model.train_step
-    if graphs:  # as the training stage compiles it for train.cuda_graphs
-        train_step = torch.compile(train_step, mode="reduce-overhead")
+    train_step = training_step(model, cfg.cuda_graphs)
     x, y = on_device(device, images.float().div_(255.0).unsqueeze(1), labels)
     order = epoch_order(len(x), 0, 0).to(device)
     batch = cfg.batch_size
@@ -190,7 +188,7 @@ def main() -> None:
     if args.child:
         return child(args.child, model_cfg, root, batch, args.batches, threads, args.device)
     if args.device != "cpu":
-        return on_gpu(args, model_cfg, threads)
+        return on_gpu(args, model_cfg, batch, threads)
 
     # torchvision's MNIST class reads the raw IDX files: write them from the prepared data.
     images, labels = load_split(params.data.out_dir, "train")
@@ -234,7 +232,7 @@ def main() -> None:
           f" training image, {params.evaluator.epochs} epochs")  # fmt: skip
 
 
-def on_gpu(args, model_cfg, threads: int) -> None:
+def on_gpu(args, model_cfg, batch: int, threads: int) -> None:
     """The stage's step on ``args.device``, eager and as CUDA graphs, each loop in a process of
     its own, interleaved; ratios against eager fp32 of the same round."""
     device = resolve_device(args.device)
@@ -244,7 +242,6 @@ def on_gpu(args, model_cfg, threads: int) -> None:
     rates, compile_s, losses = run_rounds(__file__, loops, child_args, args.rounds)
     peak = {t: matmul_peak(getattr(torch, t), device=args.device) for t in ("float32", "bfloat16")}
     flops = flops_per_image(build_model(model_cfg))
-    batch = load_params("params.yaml").train.batch_size
     print(f"{torch.cuda.get_device_name(device)}; cpu: {cpu_name()}; torch {torch.__version__}")
     print(
         f"arch={model_cfg.arch} z_dim={model_cfg.z_dim} batch={batch} threads={threads}"

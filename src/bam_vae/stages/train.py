@@ -27,7 +27,13 @@ from bam_vae.tracking import store as tracking
 from bam_vae.training.checkpoints import Checkpoint, checkpoint_path, config_key, stop_on_signals
 from bam_vae.training.loop import Callback, Loop, OnBatch, accumulate
 from bam_vae.training.loop import fit as fit_loop
-from bam_vae.training.runtime import configure_threads, fast_path, resolve_device, seed_everything
+from bam_vae.training.runtime import (
+    configure_threads,
+    fast_path,
+    resolve_device,
+    seed_everything,
+    training_step,
+)
 
 EVAL_SEED = 12345  # fixed posterior noise for test losses, so epochs compare like with like
 
@@ -141,9 +147,7 @@ def fit(
                                    "device": str(device), "cpu": cpu_name()})  # fmt: skip
                 mlflow.set_tags(tracking.run_tags(digest, cfg.sweep, key))
 
-            train_step = model.train_step
-            if cfg.cuda_graphs:  # captured once per batch shape, replayed afterwards
-                train_step = torch.compile(train_step, mode="reduce-overhead")
+            train_step = training_step(model, cfg.cuda_graphs)
 
             def step(idx: torch.Tensor, epoch: int) -> dict[str, float]:
                 with autocast():

@@ -78,6 +78,14 @@ def fast_path(
     return lambda: torch.autocast(device.type, torch.bfloat16, enabled=precision == "bf16")
 
 
+def training_step(model: torch.nn.Module, cuda_graphs: bool):
+    """``model.train_step``, or with ``cuda_graphs`` (``train.cuda_graphs``) that step compiled
+    by ``torch.compile(mode="reduce-overhead")``: captured as CUDA graphs once per batch shape,
+    then replayed, which cuts a GPU step's kernel-launch costs."""
+    step = model.train_step
+    return torch.compile(step, mode="reduce-overhead") if cuda_graphs else step
+
+
 def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
     torch.use_deterministic_algorithms(True, warn_only=True)
