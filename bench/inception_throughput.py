@@ -20,7 +20,7 @@ import torch
 from interleaved import matmul_peak, run_rounds, set_up_process
 
 from bam_vae.config import load_params
-from bam_vae.data import load_split
+from bam_vae.datasets import load_split
 from bam_vae.machine import available_cores, cpu_name
 from bam_vae.scoring.fid import fid, load_generated
 from bam_vae.scoring.inception import FeatureNet, inception_features, load_inception

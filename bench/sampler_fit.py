@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from bam_vae.config import load_params
-from bam_vae.data import load_split
+from bam_vae.datasets import load_split
 from bam_vae.files import load_model
 from bam_vae.samplers import sampler_for
 from bam_vae.tracking.store import resolve_model

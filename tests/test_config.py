@@ -38,7 +38,7 @@ def test_shipped_params_are_valid_and_match_the_report():
         ("train.train_fraction=1.5", ["train.train_fraction", "1.5"]),
         ("train.device=tpu", ["train.device", "tpu", "auto"]),
         ("model.hidden=[64,0]", ["model.hidden.1", "0"]),
-        ("data.sources=[ftp]", ["data.sources.0", "ftp", "local", "pypi"]),
+        ("data.sources=[ftp]", ["data.sources.0", "ftp", "local", "package"]),
         ("train.epochz=3", ["train.epochz", "unknown key"]),
         ("trian.epochs=3", ["trian", "unknown key"]),
         # Strict types: no bool for a number, no string for a number, no float for an int.

@@ -30,11 +30,11 @@ class Pickled:  # any object that only unpickling could rebuild
 
 
 RAW = {
-    "data": {"out_dir": "data/mnist", "sources": ["pypi"]},
+    "data": {"out_dir": "data/prepared", "sources": ["package"]},
     "model": {"arch": "cnn", "z_dim": 4, "channels": [8, 16]},
     "train": {"epochs": 1, "batch_size": 64, "threads": 1},
     "evaluator": {"epochs": 1, "batch_size": 64, "feature_dim": 16, "threads": 1},
-    "generate": {"n": 60, "per_digit": 1, "gmm": {"components": 2}},
+    "generate": {"n": 60, "per_class": 1, "gmm": {"components": 2}},
     "fid": {"kid_subsets": 3, "kid_subset_size": 50},
     "tsne": {"n": 100, "perplexity": 10},
     "robustness": {"n": 20},
@@ -42,20 +42,20 @@ RAW = {
 PARAMS = parse_params(RAW)
 
 STAGES = {
-    "train": (fit, ["data/mnist/train.pt", "data/mnist/test.pt"]),
+    "train": (fit, ["data/prepared/train.pt", "data/prepared/test.pt"]),
     "train-evaluator": (
-        lambda p: train_evaluator(p.evaluator, "data/mnist"), ["data/mnist/train.pt"],
+        lambda p: train_evaluator(p.evaluator, "data/prepared"), ["data/prepared/train.pt"],
     ),
     "fid-reference": (
-        lambda p: reference(p, "classifier"), ["models/evaluator.pt", "data/mnist/test.pt"],
+        lambda p: reference(p, "classifier"), ["models/evaluator.pt", "data/prepared/test.pt"],
     ),
     "fit-sampler": (
         fit_sampler,
-        ["models/vae.pt", "models/mlflow_run.json", "data/mnist/train.pt"],
+        ["models/vae.pt", "models/mlflow_run.json", "data/prepared/train.pt"],
     ),
     "generate-1024": (
         generate,
-        ["models/vae.pt", "models/sampler.npz", "models/mlflow_run.json", "data/mnist/test.pt"],
+        ["models/vae.pt", "models/sampler.npz", "models/mlflow_run.json", "data/prepared/test.pt"],
     ),
     "compute-fid": (
         compute,
@@ -63,10 +63,10 @@ STAGES = {
          "models/evaluator.pt", "models/mlflow_run.json"],
     ),
     "tsne": (tsne, ["models/vae.pt", "models/mlflow_run.json",
-                                    "data/mnist/test.pt"]),
+                                    "data/prepared/test.pt"]),
     "robustness": (
         robustness,
-        ["models/vae.pt", "models/evaluator.pt", "models/mlflow_run.json", "data/mnist/test.pt"],
+        ["models/vae.pt", "models/evaluator.pt", "models/mlflow_run.json", "data/prepared/test.pt"],
     ),
 }  # fmt: skip
 
@@ -114,13 +114,13 @@ def template(tiny_mnist, tmp_path_factory) -> Path:
     """A tiny project where every stage has run once."""
     root = tmp_path_factory.mktemp("template")
     (root / "dvc.yaml").write_text("stages: {}\n")
-    shutil.copytree(tiny_mnist, root / "data/mnist")
+    shutil.copytree(tiny_mnist, root / "data/prepared")
     cwd, saved_env = Path.cwd(), {k: os.environ.pop(k, None) for k in ("MLFLOW_TRACKING_URI",
                                                                        "DVC_ROOT")}  # fmt: skip
     os.chdir(root)
     try:
         fit(PARAMS)
-        train_evaluator(PARAMS.evaluator, "data/mnist")
+        train_evaluator(PARAMS.evaluator, "data/prepared")
         reference(PARAMS, "classifier")
         fit_sampler(PARAMS)
         generate(PARAMS)

@@ -1,4 +1,4 @@
-"""The scoring classifier: digit metrics, shapes, a tiny training run and its errors."""
+"""The scoring classifier: class metrics, shapes, a tiny training run and its errors."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import torch
 from conftest import write_tiny
 from pydantic import ValidationError
 
-from bam_vae.data import load_split
+from bam_vae.datasets import load_split
 from bam_vae.errors import BamError, Interrupted
 from bam_vae.scoring import evaluator as ev
 from bam_vae.scoring.fid import fid
@@ -27,27 +27,27 @@ def _one_hot(digits) -> np.ndarray:
 
 # ---------------------------------------------------------------------------- pure metrics
 def test_balanced_one_hot_is_perfectly_even_and_confident():
-    m = ev.digit_metrics(_one_hot(np.tile(np.arange(10), 3)))
-    assert m["digit_histogram"] == pytest.approx([0.1] * 10)
-    assert m["digit_entropy"] == pytest.approx(1.0)
+    m = ev.class_metrics(_one_hot(np.tile(np.arange(10), 3)))
+    assert m["class_histogram"] == pytest.approx([0.1] * 10)
+    assert m["class_entropy"] == pytest.approx(1.0)
     assert m["confident_share"] == 1.0
 
 
 def test_single_digit_has_zero_entropy():
-    m = ev.digit_metrics(_one_hot([7] * 5))
-    assert m["digit_histogram"] == [0.0] * 7 + [1.0, 0.0, 0.0]
-    assert m["digit_entropy"] == 0.0
-    assert json.dumps(m["digit_entropy"]) == "0.0"  # not -0.0 in the metrics file
+    m = ev.class_metrics(_one_hot([7] * 5))
+    assert m["class_histogram"] == [0.0] * 7 + [1.0, 0.0, 0.0]
+    assert m["class_entropy"] == 0.0
+    assert json.dumps(m["class_entropy"]) == "0.0"  # not -0.0 in the metrics file
 
 
 def test_low_confidence_rows():
     unsure = np.full(10, 0.1)
     mostly_two = np.array([0.0, 0.0, 0.95] + [0.05 / 7] * 7)
     probs = np.stack([unsure, mostly_two, mostly_two, unsure])
-    m = ev.digit_metrics(probs)
+    m = ev.class_metrics(probs)
     assert m["confident_share"] == 0.5
-    assert sum(m["digit_histogram"]) == pytest.approx(1.0)
-    assert ev.digit_metrics(probs, threshold=0.05)["confident_share"] == 1.0
+    assert sum(m["class_histogram"]) == pytest.approx(1.0)
+    assert ev.class_metrics(probs, threshold=0.05)["confident_share"] == 1.0
 
 
 def test_label_accuracy():
@@ -56,8 +56,15 @@ def test_label_accuracy():
 
 
 def test_bad_probability_shape():
-    with pytest.raises(ValueError, match="N>0, 10"):
-        ev.digit_metrics(np.ones((4, 9)) / 9)
+    with pytest.raises(ValueError, match=r"N>0, K>=2"):
+        ev.class_metrics(np.ones((4, 1)))
+    with pytest.raises(ValueError, match=r"N>0, K>=2"):
+        ev.class_metrics(np.ones(9) / 9)
+
+
+def test_class_metrics_follow_the_class_count():
+    m = ev.class_metrics(np.eye(47)[np.arange(94) % 47])  # EMNIST balanced: 47 classes
+    assert len(m["class_histogram"]) == 47 and m["class_entropy"] == pytest.approx(1.0)
 
 
 def test_config_rejects_unknown_and_bad_values():
@@ -100,12 +107,14 @@ def trained(small_data, tmp_path_factory):
 def test_train_writes_model_and_metrics(trained, small_data):
     out, metrics = trained
     assert json.loads((out / "ev.json").read_text()) == metrics
-    assert set(metrics) == {"test_accuracy", "test_loss", "epochs", "n_parameters"}
+    assert set(metrics) == {"test_accuracy", "test_loss", "epochs", "n_parameters", "dataset",
+                            "n_classes"}  # fmt: skip
+    assert metrics["dataset"] == "mnist" and metrics["n_classes"] == 10
     assert metrics["epochs"] == 2 and metrics["test_accuracy"] > 0.8
     assert not list(out.rglob("*.tmp"))
 
     blob = torch.load(out / "m" / "ev.pt", weights_only=True)
-    assert blob["config"] == TINY.model_dump()
+    assert blob["config"] == TINY.model_dump() | {"classes": list("0123456789")}
     model = ev.load_evaluator(out / "m" / "ev.pt")
     assert not model.training
     # The reloaded model scores the test split exactly as training reported.
@@ -168,11 +177,11 @@ def test_default_evaluator_reaches_99_percent(default_evaluator):
 
 
 @pytest.mark.slow
-def test_digit_metrics_of_real_test_images(default_evaluator, mnist_dir):
+def test_class_metrics_of_real_test_images(default_evaluator, mnist_dir):
     images, _ = load_split(mnist_dir, "test")
     _, probs = ev.predict(default_evaluator[0], images.float().div(255).unsqueeze(1))
-    metrics = ev.digit_metrics(probs)
-    assert metrics["digit_entropy"] == pytest.approx(1.0, abs=0.01)
+    metrics = ev.class_metrics(probs)
+    assert metrics["class_entropy"] == pytest.approx(1.0, abs=0.01)
     assert metrics["confident_share"] >= 0.95
 
 

@@ -17,7 +17,7 @@ import torch
 import yaml
 from conftest import env_with_venv
 
-from bam_vae.data import data_sha256, load_split
+from bam_vae.datasets import data_sha256, load_split
 from bam_vae.errors import BamError
 from bam_vae.files import exclusive
 from bam_vae.stages.generate import generate
@@ -125,7 +125,7 @@ def test_unreachable_tracking_server_fails_fast_with_one_line():
 def write_project(root: Path, tiny_mnist: Path, **train) -> Path:
     (root / "dvc.yaml").write_text("stages: {}\n")
     params = {
-        "data": {"out_dir": str(tiny_mnist), "sources": ["pypi"]},
+        "data": {"out_dir": str(tiny_mnist), "sources": ["package"]},
         "model": {"arch": "cnn", "z_dim": 4, "channels": [8, 16]},
         "train": {"epochs": 2, "batch_size": 16, "threads": 1} | train,
     }

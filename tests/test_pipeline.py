@@ -23,7 +23,7 @@ from conftest import PIXELCNN_TINY, copy_checkout, env_with_venv
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
 
 TINY = {
-    "data": {"sources": ["pypi"]},
+    "data": {"sources": ["package"]},
     # One epoch: IntroVAE's warm-up (1 epoch by default) must be shorter than that.
     "model": {"z_dim": 3, "intro": {"warmup_epochs": 0}},
     "train": {"epochs": 1, "train_fraction": 0.005, "batch_size": 64},
@@ -59,7 +59,12 @@ def mlflow_rows(root: Path, sql: str) -> list[tuple]:
 def test_repro_then_nothing_then_a_temp_experiment(tmp_path):
     root = copy_repo(tmp_path)
     run(["dvc", "repro"], root)
-    outputs = ["data/mnist/train.pt", "data/mnist/test.pt", "metrics/data.json", "models/vae.pt"]
+    outputs = [
+        "data/prepared/train.pt",
+        "data/prepared/test.pt",
+        "metrics/data.json",
+        "models/vae.pt",
+    ]
     outputs += ["models/mlflow_run.json", "metrics/train.json", "metrics/train_history.csv"]
     outputs += ["models/evaluator.pt", "metrics/evaluator.json", "data/fid_ref/classifier.npy"]
     outputs += ["models/sampler.npz", "metrics/sampler.json"]
@@ -73,7 +78,7 @@ def test_repro_then_nothing_then_a_temp_experiment(tmp_path):
     assert images.shape == (64, 28, 28) and images.min() >= 0 and images.max() <= 1
     fid = json.loads((root / "metrics/fid.json").read_text())
     assert fid["fid_classifier"] > fid["fid_floor_classifier"] > 0
-    assert {"kid_classifier", "digit_entropy", "confident_share", "digit_histogram"} <= set(fid)
+    assert {"kid_classifier", "class_entropy", "confident_share", "class_histogram"} <= set(fid)
     robust = json.loads((root / "metrics/robustness.json").read_text())
     assert 0 <= robust["auroc_neg_elbo_gaussian"] <= 1
 

@@ -64,7 +64,15 @@ def test_report_of_a_latent_sweep(latent_sweep):
         "fid_floor_classifier",
         "kid_classifier",
     }
-    wanted |= {"digit_entropy", "train_loss", "test_loss", "dvc_exp_name", "model_version"}
+    # Runs logged before other datasets named it digit_entropy: read as class_entropy.
+    wanted |= {
+        "dataset",
+        "class_entropy",
+        "train_loss",
+        "test_loss",
+        "dvc_exp_name",
+        "model_version",
+    }
     assert wanted <= set(table.columns)
     for fig in ("fig6a_fid_vs_zdim.png", "fig5_loss_vs_zdim.png", "fig2_loss_curves.png"):
         assert (out / fig).stat().st_size > 1000, fig

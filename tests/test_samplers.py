@@ -56,7 +56,7 @@ def test_conditional_gmm_draws_from_the_mixture_of_the_asked_digit():
     asked = torch.full((500,), 7)
     z = sampler.sample(500, torch.Generator().manual_seed(0), asked)
     assert torch.linalg.norm(z - centres[7], dim=1).max() < 1.0
-    with pytest.raises(BamError, match="needs the digits"):
+    with pytest.raises(BamError, match="needs the classes"):
         sampler.sample(5, torch.Generator())
 
 
@@ -181,7 +181,7 @@ def test_auto_resolves_to_the_default_of_the_models_latents(latent_kind, kind):
 def test_more_components_than_latents_is_refused():
     sampler = build_sampler(config("gmm", components=10), 2, True)
     labels = torch.tensor([0] * 30 + [1] * 5 + list(range(2, 10)) * 20)
-    with pytest.raises(BamError, match="components: 10 is more than the 5 latents of digit 1"):
+    with pytest.raises(BamError, match="components: 10 is more than the 5 latents of class 1"):
         sampler.fit(torch.randn(len(labels), 2), labels)
 
 

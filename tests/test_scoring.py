@@ -81,10 +81,10 @@ def test_generation_is_seeded_and_labels_are_balanced():
     prior = build_sampler(GenerateConfig(sampler="prior"), 3, False)
     assert torch.equal(sample(vae, prior, 6, 5, None), sample(vae, prior, 6, 5, None))
     assert not torch.equal(sample(vae, prior, 6, 5, None), sample(vae, prior, 6, 6, None))
-    labels = sample_labels(1024, seed=0, digit=None)
+    labels = sample_labels(1024, seed=0, label=None)
     assert torch.bincount(labels, minlength=10).tolist() == [103] * 4 + [102] * 6
-    assert torch.equal(labels, sample_labels(1024, seed=0, digit=None))
-    assert set(sample_labels(8, seed=0, digit=7).tolist()) == {7}
+    assert torch.equal(labels, sample_labels(1024, seed=0, label=None))
+    assert set(sample_labels(8, seed=0, label=7).tolist()) == {7}
 
 
 @pytest.mark.parametrize("seed", range(4))

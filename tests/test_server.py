@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import time
 import urllib.request
@@ -15,7 +14,7 @@ from pathlib import Path
 
 import mlflow
 import pytest
-from conftest import env_with_venv
+from conftest import env_with_venv, free_port
 from test_pipeline import copy_repo
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
@@ -45,12 +44,6 @@ def database():
     assert made.returncode == 0, made.stderr
     yield f"postgresql://bam:bam@127.0.0.1:5432/{name}"
     as_postgres("dropdb", "--if-exists", "--force", name)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_healthy(uri: str, proc: subprocess.Popen, log: Path) -> None:

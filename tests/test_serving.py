@@ -4,57 +4,20 @@ requests from here, the pipeline's own images back, 400s for bad requests, nothi
 from __future__ import annotations
 
 import json
-import os
-import signal
-import socket
 import subprocess
 import sys
-import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import env_with_venv
+from conftest import SERVE_DEADLINE, bam_serve, post
+from conftest import served_images as images
 
 from bam_vae.stages.fit_sampler import fit_sampler
 from bam_vae.stages.generate import generate
 from bam_vae.stages.train import fit
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
-DEADLINE = 300  # seconds; only catches hangs
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def post(port: int, body: bytes) -> tuple[int, dict]:
-    request = urllib.request.Request(
-        f"http://127.0.0.1:{port}/invocations", body, {"Content-Type": "application/json"}
-    )
-    try:
-        with urllib.request.urlopen(request, timeout=DEADLINE) as reply:
-            return reply.status, json.loads(reply.read())
-    except urllib.error.HTTPError as err:
-        return err.code, json.loads(err.read() or b"{}")
-
-
-def images(port: int, **row) -> np.ndarray:
-    status, reply = post(port, json.dumps({"dataframe_records": [row]}).encode())
-    assert status == 200, reply
-    return np.asarray(reply["predictions"], dtype=np.float32)
-
-
-def group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    return True
 
 
 @pytest.fixture
@@ -64,31 +27,8 @@ def served(project, tiny):
     fit(params)
     fit_sampler(params)
     generate(params)
-    port, log = free_port(), project / "serve.log"
-    with log.open("w") as out:
-        proc = subprocess.Popen(
-            ["bam", "serve", "--model", "models:/bam-vae-cnn/1", "--port", str(port)],
-            cwd=project, env=env_with_venv(), stdout=out, stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )  # fmt: skip
-    deadline = time.monotonic() + DEADLINE
-    while True:
-        assert proc.poll() is None, f"bam serve exited:\n{log.read_text()}"
-        assert time.monotonic() < deadline, f"no answer on /ping:\n{log.read_text()}"
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=5) as reply:
-                if reply.status == 200:
-                    break
-        except OSError:
-            time.sleep(0.5)
-    yield port, project
-    os.killpg(proc.pid, signal.SIGTERM)  # as Ctrl-C in a terminal: bam serve stops its server
-    try:
-        proc.wait(timeout=60)
-    finally:
-        if proc.poll() is None or group_alive(proc.pid):
-            os.killpg(proc.pid, signal.SIGKILL)
-            pytest.fail(f"bam serve left processes behind:\n{log.read_text()}")
+    with bam_serve("models:/bam-vae-cnn/1", project) as port:
+        yield port, project
 
 
 def test_a_served_version_answers_with_the_pipelines_digits(served):
@@ -135,7 +75,7 @@ def test_readmes_python_client_saves_a_grid_of_the_served_digits(served):
     block = readme.split("<!-- serving-client -->")[1].split("```python\n")[1].split("```")[0]
     client = project / "client.py"
     client.write_text(block.replace("127.0.0.1:5001", f"127.0.0.1:{port}"))
-    subprocess.run([sys.executable, str(client)], cwd=project, check=True, timeout=DEADLINE)
+    subprocess.run([sys.executable, str(client)], cwd=project, check=True, timeout=SERVE_DEADLINE)
     from PIL import Image
 
     grid = np.asarray(Image.open(project / "digits.png"))

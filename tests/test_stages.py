@@ -37,7 +37,7 @@ MODELS = {
     "introvae": {"intro": {"warmup_epochs": 0}},
 }
 SCORING = {
-    "generate": {"n": 60, "per_digit": 1},
+    "generate": {"n": 60, "per_class": 1},
     "fid": {"kid_subsets": 3, "kid_subset_size": 50},
     "tsne": {"n": 100, "perplexity": 10},
     "robustness": {"n": 20},
@@ -101,24 +101,26 @@ def test_every_arch_runs_every_stage(arch, project, tiny, evaluator_file):
     request = pd.DataFrame({"n": [60], "seed": [params.generate.seed]})
     np.testing.assert_allclose(served.predict(request), images, atol=1e-6)
     if arch == "cvae":
-        request["digit"] = [7]
+        request["digit"] = [7]  # MNIST's name for the class column
+        assert served.predict(request).shape == (60, 28, 28)
+        request = request.drop(columns="digit").assign(**{"class": ["7"]})  # by class name
         assert served.predict(request).shape == (60, 28, 28)
 
 
-def test_digit_option_draws_one_digit_from_a_conditional_model(project, tiny):
+def test_class_option_draws_one_class_from_a_conditional_model(project, tiny):
     params = tiny(model={"arch": "cvae", "z_dim": 4, "channels": [8, 16]}, train={"epochs": 1},
-                  generate={"n": 12, "per_digit": 1, "gmm": {"components": 2}})  # fmt: skip
+                  generate={"n": 12, "per_class": 1, "gmm": {"components": 2}})  # fmt: skip
     fit(params)
     fit_sampler(params)
-    generate(params, digit=7)
+    generate(params, label=7)
     assert set(np.load(project / "data/generated/labels.npy").tolist()) == {7}
 
 
-def test_digit_option_is_refused_for_unconditional_models(project, tiny):
-    params = tiny(train={"epochs": 1}, generate={"n": 12, "per_digit": 1, "sampler": "prior"})
+def test_class_option_is_refused_for_unconditional_models(project, tiny):
+    params = tiny(train={"epochs": 1}, generate={"n": 12, "per_class": 1, "sampler": "prior"})
     fit(params)
-    with pytest.raises(BamError, match="--digit 3: model CNNVAE is not conditional"):
-        generate(params, digit=3)
+    with pytest.raises(BamError, match="--class 3: model CNNVAE is not conditional"):
+        generate(params, label=3)
     assert not (project / "data/generated/images.npy").exists()
 
 
@@ -212,7 +214,7 @@ def test_reference_is_cached_per_machine_and_resumes_from_its_saved_chunks(
 
 
 def test_registered_version_generates_with_its_own_logged_sampler(project, tiny):
-    params = tiny(train={"epochs": 1}, generate={"n": 32, "per_digit": 1, **FAST_SAMPLERS})
+    params = tiny(train={"epochs": 1}, generate={"n": 32, "per_class": 1, **FAST_SAMPLERS})
     fit(params)
     fit_sampler(params)
     generate(params)
@@ -221,13 +223,13 @@ def test_registered_version_generates_with_its_own_logged_sampler(project, tiny)
     generate(params, model_uri="models:/bam-vae-cnn/1", out_dir=project / "gen",
              fig_dir=project / "fig")  # fmt: skip
     np.testing.assert_allclose(np.load(project / "gen/images.npy"), expected, atol=1e-6)
-    two_stage = tiny(generate={"n": 32, "per_digit": 1, "sampler": "two-stage"})
+    two_stage = tiny(generate={"n": 32, "per_class": 1, "sampler": "two-stage"})
     with pytest.raises(BamError, match="has no sampler/two-stage.npz artifact"):
         generate(two_stage, model_uri="models:/bam-vae-cnn/1", out_dir=project / "gen")
 
 
 def test_sampler_of_an_older_model_is_refused_and_nothing_is_overwritten(project, tiny):
-    params = tiny(train={"epochs": 1}, generate={"n": 16, "per_digit": 1, **FAST_SAMPLERS})
+    params = tiny(train={"epochs": 1}, generate={"n": 16, "per_class": 1, **FAST_SAMPLERS})
     fit(params)
     fit_sampler(params)
     generate(params)
@@ -239,7 +241,7 @@ def test_sampler_of_an_older_model_is_refused_and_nothing_is_overwritten(project
 
 
 def test_compare_samplers_draws_one_panel_per_sampler(project, tiny, capsys):
-    params = tiny(train={"epochs": 1}, generate={"per_digit": 1, **FAST_SAMPLERS})
+    params = tiny(train={"epochs": 1}, generate={"per_class": 1, **FAST_SAMPLERS})
     fit(params)
     fit_sampler(params)  # gmm is logged in the run; two-stage is fitted on the fly
     out = compare_samplers(params, out=project / "samplers.png")

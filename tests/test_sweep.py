@@ -10,7 +10,6 @@ import re
 import secrets
 import shutil
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -21,7 +20,7 @@ from pathlib import Path
 import psutil
 import pytest
 import yaml
-from conftest import REPO, copy_checkout, env_with_venv
+from conftest import REPO, copy_checkout, env_with_venv, free_port
 
 from bam_vae.errors import BamError
 from bam_vae.sweep import guard
@@ -284,7 +283,7 @@ def make_project(dst: Path, data: Path) -> Path:
     run(["git", "init", "-q", "-b", "main"], root)
     run(["git", "remote", "add", "origin", str(dst / "origin.git")], root)
     run(["dvc", "remote", "add", "-d", "store", str(dst / "dvc-store")], root)
-    run(["dvc", "add", "data/mnist"], root)
+    run(["dvc", "add", "data/prepared"], root)
     run(["dvc", "repro", "fid-reference@classifier"], root)  # evaluator, reference
     run(["dvc", "push"], root)
     run(["git", "add", "-A"], root)
@@ -296,12 +295,6 @@ def make_project(dst: Path, data: Path) -> Path:
 @pytest.fixture(scope="module")
 def sweep_project(tmp_path_factory, tiny_mnist) -> Path:
     return make_project(tmp_path_factory.mktemp("sweep"), tiny_mnist)
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 class Cluster:

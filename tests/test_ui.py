@@ -10,18 +10,12 @@ import urllib.request
 
 import mlflow
 import pytest
-from conftest import env_with_venv
+from conftest import env_with_venv, free_port
 
 from bam_vae.tracking import store as tracking
 
 pytestmark = pytest.mark.slow
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture

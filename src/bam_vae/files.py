@@ -282,19 +282,34 @@ def load_saved_model(
 
 
 def save_model(model: torch.nn.Module, cfg: Any, path: Path) -> None:
-    """A VAE and its ``ModelConfig`` as ``{"config", "state_dict"}``: plain tensors."""
-    save_torch({"config": cfg.model_dump(), "state_dict": model.state_dict()}, path)
+    """A VAE and its ``ModelConfig`` as ``{"config", "state_dict"}``: plain tensors. A
+    conditional model's config also holds its ``n_classes`` (the dataset's)."""
+    save_torch({"config": model_config(model, cfg), "state_dict": model.state_dict()}, path)
+
+
+def model_config(model: Any, cfg: Any) -> dict:
+    """``cfg`` as saved with ``model``: plus ``n_classes`` for a conditional model."""
+    extra = {"n_classes": model.n_classes} if model.conditional else {}
+    return cfg.model_dump() | extra
+
+
+def build_saved(config: dict) -> Any:
+    """The VAE a saved config describes (``n_classes`` absent: MNIST's 10)."""
+    from bam_vae.config import ModelConfig
+    from bam_vae.models import build_model
+
+    rest = {k: v for k, v in config.items() if k != "n_classes"}
+    return build_model(ModelConfig.model_validate(rest), int(config.get("n_classes", 10)))
 
 
 def load_model(path: str | Path) -> tuple[Any, Any]:
     """(VAE in eval mode on the CPU, ``ModelConfig``) from ``models/vae.pt`` (plain tensors +
     config: safe with ``weights_only=True``)."""
     from bam_vae.config import ModelConfig
-    from bam_vae.models import build_model
 
-    build = lambda config: build_model(ModelConfig.model_validate(config))  # noqa: E731
     hint = "run `bam train` (or `dvc repro`)"
-    model, config = load_saved_model(path, "model", hint, build, _upgrade_model)
+    model, config = load_saved_model(path, "model", hint, build_saved, _upgrade_model)
+    config.pop("n_classes", None)
     return model, ModelConfig.model_validate(config)
 
 

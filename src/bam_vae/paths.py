@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 
 # prepare-mnist
-DATA_DIR = Path("data/mnist")
+DATA_DIR = Path("data/prepared")
 DATA_METRICS = Path("metrics/data.json")
 # train
 MODEL = Path("models/vae.pt")

@@ -22,8 +22,9 @@ __all__ = [
 ]
 
 
-def build_model(cfg: ModelConfig) -> VAE:
-    """The VAE for ``model.arch``; variants live in their own modules, imported on use."""
+def build_model(cfg: ModelConfig, n_classes: int = 10) -> VAE:
+    """The VAE for ``model.arch``; variants live in their own modules, imported on use.
+    ``n_classes``: the dataset's class count (only a conditional model uses it)."""
     if cfg.arch == "dense":
         return DenseVAE(cfg.z_dim, cfg.hidden)
     if cfg.arch == "cnn":
@@ -31,7 +32,7 @@ def build_model(cfg: ModelConfig) -> VAE:
     if cfg.arch == "cvae":
         from bam_vae.models.cvae import CVAE
 
-        return CVAE(cfg.z_dim, cfg.channels)
+        return CVAE(cfg.z_dim, cfg.channels, n_classes)
     if cfg.arch == "vqvae":
         from bam_vae.models.vqvae import VQVAE
 

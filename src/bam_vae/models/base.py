@@ -119,10 +119,11 @@ class VAE(nn.Module):
 
     Hooks (override in variants): ``loss``, ``configure_optimizers``, ``train_step``,
     ``on_epoch_end``, ``sample``, ``latent``.
-    Labels ``y`` (int64 digits) are passed everywhere; unconditional models ignore them.
+    Labels ``y`` (int64 class indices) are passed everywhere; unconditional models ignore them.
     """
 
     conditional: ClassVar[bool] = False  # True: encoder and decoder see the label
+    n_classes: int = 0  # a conditional model's classes (the dataset's)
     # What samplers are fitted to: "continuous" posterior means, or discrete "codes".
     latent_kind: ClassVar[str] = "continuous"
     encoder: nn.Module

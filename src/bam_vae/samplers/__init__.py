@@ -67,28 +67,35 @@ def check_supported(kind: str, latent_kind: str) -> None:
         )
 
 
-def _make(kind: str, z_dim: int, conditional: bool, max_dim: int, config: dict) -> LatentSampler:
+def _make(
+    kind: str, z_dim: int, conditional: bool, max_dim: int, config: dict, n_classes: int
+) -> LatentSampler:
     cls = sampler_class(kind)
     if cls.config_type is None:
-        return cls(z_dim, conditional, max_dim)
-    return cls(z_dim, conditional, max_dim, cls.config_type.model_validate(config))
+        sampler = cls(z_dim, conditional, max_dim)
+    else:
+        sampler = cls(z_dim, conditional, max_dim, cls.config_type.model_validate(config))
+    sampler.n_classes = n_classes
+    return sampler
 
 
 def build_sampler(
-    cfg: GenerateConfig, z_dim: int, conditional: bool, latent_kind: str = "continuous"
-) -> LatentSampler:
+    cfg: GenerateConfig, z_dim: int, conditional: bool, latent_kind: str = "continuous",
+    n_classes: int = 10,
+) -> LatentSampler:  # fmt: skip
     """An unfitted sampler of kind ``cfg.sampler`` (``auto`` resolved) for a model whose
-    latents are ``latent_kind`` (``VAE.latent_kind``) of ``z_dim`` dims."""
+    latents are ``latent_kind`` (``VAE.latent_kind``) of ``z_dim`` dims; a conditional one
+    draws for ``n_classes`` classes."""
     kind = resolve_kind(cfg.sampler, latent_kind)
     check_supported(kind, latent_kind)
     field = REGISTRY[kind][2]
     dumped = getattr(cfg, field).model_dump() if field else {}
-    return _make(kind, z_dim, conditional, cfg.max_dim, dumped)
+    return _make(kind, z_dim, conditional, cfg.max_dim, dumped, n_classes)
 
 
 def sampler_for(cfg: GenerateConfig, vae: VAE) -> LatentSampler:
     """:func:`build_sampler` for a loaded model."""
-    return build_sampler(cfg, vae.z_dim, vae.conditional, vae.latent_kind)
+    return build_sampler(cfg, vae.z_dim, vae.conditional, vae.latent_kind, vae.n_classes)
 
 
 def load_sampler(path: Path, kind: str, model_sha256: str) -> LatentSampler:
@@ -104,18 +111,22 @@ def load_sampler(path: Path, kind: str, model_sha256: str) -> LatentSampler:
             f"sampler file {path} was fitted to another model (sha256"
             f" {meta['model_sha256'][:12]}, expected {model_sha256[:12]}); run `bam fit-sampler`"
         )
-    sampler = _make(kind, meta["z_dim"], meta["conditional"], meta["max_dim"], meta["config"])
+    # Files written before other datasets existed are MNIST's: 10 classes.
+    n_classes = meta.get("n_classes", 10)
+    sampler = _make(kind, meta["z_dim"], meta["conditional"], meta["max_dim"], meta["config"],
+                    n_classes)  # fmt: skip
     sampler.load_arrays(arrays)
     sampler.pca = Pca.from_arrays(arrays)
     return sampler
 
 
-def sample_labels(n: int, seed: int, digit: int | None) -> torch.Tensor:
-    """Balanced digits (n // 10 or n // 10 + 1 each), shuffled with ``seed``; or all ``digit``."""
-    if digit is not None:
-        return torch.full((n,), digit, dtype=torch.int64)
+def sample_labels(n: int, seed: int, label: int | None, n_classes: int = 10) -> torch.Tensor:
+    """Balanced classes (n // n_classes or one more each), shuffled with ``seed``; or all
+    ``label``. int64, shape n."""
+    if label is not None:
+        return torch.full((n,), label, dtype=torch.int64)
     gen = torch.Generator().manual_seed(seed + 1)
-    return (torch.arange(n) % 10)[torch.randperm(n, generator=gen)]
+    return (torch.arange(n) % n_classes)[torch.randperm(n, generator=gen)]
 
 
 @torch.no_grad()

@@ -44,6 +44,7 @@ class LatentSampler:
         self.z_dim = z_dim
         self.conditional = conditional
         self.max_dim = max_dim
+        self.n_classes = 10  # a conditional sampler's classes (set by the registry)
         self.pca: Pca | None = None
         self.device = torch.device("cpu")  # where it is fitted: the model's (``encode``)
 
@@ -92,9 +93,9 @@ class LatentSampler:
 
     @torch.no_grad()
     def sample(self, n: int, generator: torch.Generator, labels: Tensor | None = None) -> Tensor:
-        """``n`` latents (float32, n x z_dim); conditional samplers draw digit ``labels[i]``."""
+        """``n`` latents (float32, n x z_dim); conditional samplers draw class ``labels[i]``."""
         if self.conditional and labels is None:
-            raise BamError(f"{self.kind} sampler of a conditional model needs the digits to draw")
+            raise BamError(f"{self.kind} sampler of a conditional model needs the classes to draw")
         z = self._sample(n, generator, labels if self.conditional else None).double()
         if self.pca is not None:
             z = self.pca.restore(z, generator)
@@ -109,7 +110,7 @@ class LatentSampler:
     def save(self, path: Path, model_sha256: str) -> None:
         meta = {
             "format": FORMAT, "kind": self.kind, "z_dim": self.z_dim,
-            "conditional": self.conditional, "max_dim": self.max_dim,
+            "conditional": self.conditional, "n_classes": self.n_classes, "max_dim": self.max_dim,
             "model_sha256": model_sha256, "config": self.config(),
         }  # fmt: skip
         arrays = self.arrays() | ({} if self.pca is None else self.pca.arrays())

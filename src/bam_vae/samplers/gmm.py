@@ -7,7 +7,7 @@ stopping rule -- but vectorised over components in torch, in float64, on
 default mixture takes most of a minute on two cores (``bench/sampler_fit.py`` prints both;
 ``tests/test_samplers.py`` checks that both reach the same mixture). Sampling is ours too,
 from the saved weights, means and covariance factors, with the stage's torch generator. A
-conditional model gets one mixture per digit, so ``--digit`` and balanced labels keep their
+conditional model gets one mixture per class, so ``--class`` and balanced labels keep their
 meaning.
 """
 
@@ -25,7 +25,6 @@ from bam_vae.config import GmmConfig
 from bam_vae.errors import BamError
 from bam_vae.samplers.base import LatentSampler
 
-N_CLASSES = 10
 TOL = 1e-3  # stop when the mean log-likelihood per point improves by less (scikit-learn's)
 REG_COVAR = 1e-6  # added to each covariance's diagonal (scikit-learn's default)
 CHUNK = 4096  # points per E-step block: bounds memory at CHUNK x components x dims
@@ -133,7 +132,7 @@ class GmmSampler(LatentSampler):
     def __init__(self, z_dim: int, conditional: bool, max_dim: int, cfg: GmmConfig) -> None:
         super().__init__(z_dim, conditional, max_dim)
         self.cfg = cfg
-        # One mixture per group (digit) -- a single group for unconditional models.
+        # One mixture per group (class) -- a single group for unconditional models.
         self.weights = self.means = self.scales = np.zeros(0)
 
     def config(self) -> dict[str, Any]:
@@ -147,12 +146,12 @@ class GmmSampler(LatentSampler):
                 f" {self.cfg.max_points}"
             )
         x = latents.numpy()
-        groups = [x] if labels is None else [x[labels.numpy() == d] for d in range(N_CLASSES)]
+        groups = [x] if labels is None else [x[labels.numpy() == c] for c in range(self.n_classes)]
         rng = np.random.default_rng(self.cfg.seed)
         fitted, loglik, converged = [], 0.0, True
         for g, points in enumerate(groups):
             if len(points) < self.cfg.components:
-                what = "latents" if labels is None else f"latents of digit {g}"
+                what = "latents" if labels is None else f"latents of class {g}"
                 raise BamError(
                     f"generate.gmm.components: {self.cfg.components} is more than the"
                     f" {len(points)} {what}; expected at most {len(points)}"

@@ -3,7 +3,7 @@
 The first VAE's aggregate posterior q(z) is not N(0, I); a second VAE u -> z learns it, and
 new latents are drawn as z = decoder(u), u ~ N(0, I). As in the paper, its decoder is a
 Gaussian with a learned variance gamma (which lets it fit q(z) sharply), and u has the size of
-z. Conditional models give it the digit as a one-hot input on both sides.
+z. Conditional models give it the class as a one-hot input on both sides.
 """
 
 from __future__ import annotations
@@ -20,8 +20,6 @@ from bam_vae.models.base import adam, kl_per_image, reparameterize
 from bam_vae.samplers.base import LatentSampler, tensor_digest
 from bam_vae.training.checkpoints import Checkpoint, checkpoint_path, config_key
 from bam_vae.training.loop import Loop, fit
-
-N_CLASSES = 10
 
 
 def mlp(d_in: int, hidden: int, d_out: int) -> nn.Sequential:
@@ -70,7 +68,7 @@ class TwoStageSampler(LatentSampler):
         return self.cfg.model_dump()
 
     def _build(self, dim: int) -> SecondStage:
-        return SecondStage(dim, self.cfg.hidden, N_CLASSES if self.conditional else 0)
+        return SecondStage(dim, self.cfg.hidden, self.n_classes if self.conditional else 0)
 
     def _fit(self, latents: Tensor, labels: Tensor | None) -> dict[str, float]:
         # Standardised inputs: the same learning rate works for any latent scale.

@@ -1,9 +1,9 @@
-"""The MNIST classifier that scores generated digits (trained by stage ``train-evaluator``).
+"""The dataset's classifier that scores generated images (trained by stage ``train-evaluator``).
 
-Its penultimate layer (``feature_dim`` ReLU units) is the feature space for an MNIST-specific
-FID, and its softmax gives digit metrics: which digits a generator draws, how evenly, and how
-many images look like a clear digit at all. It has to be a good classifier (>= 99% test
-accuracy) for either to mean anything.
+Its penultimate layer (``feature_dim`` ReLU units) is the feature space for a dataset-specific
+FID, and its softmax gives class metrics: which classes a generator draws, how evenly, and how
+many images look like a clear member of a class at all. It has to be a good classifier (>= 99%
+test accuracy on MNIST; each dataset states its own floor) for either to mean anything.
 """
 
 from __future__ import annotations
@@ -17,7 +17,9 @@ from torch import nn
 
 from bam_vae import paths
 from bam_vae.config import EvaluatorConfig
-from bam_vae.files import load_saved_model
+from bam_vae.datasets.base import MNIST_CLASSES
+from bam_vae.errors import BamError
+from bam_vae.files import load_saved_model, load_tensors
 from bam_vae.models import on_device
 
 
@@ -28,14 +30,15 @@ def _conv(c_in: int, c_out: int) -> list[nn.Module]:
 
 
 class Evaluator(nn.Module):
-    """Small CNN: 1x28x28 in [0, 1] -> ``feature_dim`` ReLU features -> 10 logits.
+    """Small CNN: 1x28x28 in [0, 1] -> ``feature_dim`` ReLU features -> one logit per class.
 
     One conv per resolution (28, 14, 7): the usual conv32-conv32-pool-conv64-conv64-pool
     trains about twice as slowly on a CPU for accuracy MNIST scoring does not need.
     """
 
-    def __init__(self, feature_dim: int = 128) -> None:
+    def __init__(self, feature_dim: int = 128, classes: tuple[str, ...] = MNIST_CLASSES) -> None:
         super().__init__()
+        self.classes = tuple(classes)
         self.body = nn.Sequential(
             *_conv(1, 32),
             nn.MaxPool2d(2),
@@ -47,7 +50,7 @@ class Evaluator(nn.Module):
             nn.Linear(64 * 7 * 7, feature_dim),
             nn.ReLU(),
         )
-        self.head = nn.Linear(feature_dim, 10)
+        self.head = nn.Linear(feature_dim, len(self.classes))
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         return self.body(x)
@@ -64,9 +67,32 @@ def as_images(images: torch.Tensor | np.ndarray) -> torch.Tensor:
     return x.unsqueeze(1) if x.dim() == 3 else x
 
 
+def saved_config(cfg: EvaluatorConfig, classes: tuple[str, ...]) -> dict:
+    """The config saved with the weights: the params and the class names of its dataset."""
+    return cfg.model_dump() | {"classes": list(classes)}
+
+
+class NoClassifier(BamError):
+    """The data has no labels, so ``train-evaluator`` trained no classifier."""
+
+
 def load_evaluator(path: str | Path = paths.EVALUATOR) -> Evaluator:
-    """Load the classifier written by stage ``train-evaluator``, in eval mode, on the CPU."""
-    build = lambda config: Evaluator(EvaluatorConfig.model_validate(config).feature_dim)  # noqa: E731
+    """Load the classifier written by stage ``train-evaluator``, in eval mode, on the CPU
+    (a file without class names is MNIST's). Raises :class:`NoClassifier` for data without
+    labels (the file then records that no classifier exists), BamError for a bad file."""
+    blob_config = load_tensors(path, "evaluator", "run `bam train-evaluator`")
+    config = blob_config.get("config") if isinstance(blob_config, dict) else None
+    if isinstance(config, dict) and config.get("classes") == []:
+        raise NoClassifier(
+            f"{path}: the dataset has no labels, so there is no classifier: its feature space"
+            " and class metrics are skipped; expected fid.features=[inception] for such data"
+        )
+
+    def build(config: dict) -> Evaluator:
+        rest = {k: v for k, v in config.items() if k != "classes"}
+        classes = tuple(map(str, config.get("classes", MNIST_CLASSES)))
+        return Evaluator(EvaluatorConfig.model_validate(rest).feature_dim, classes)
+
     return load_saved_model(path, "evaluator", "run `bam train-evaluator`", build)[0]
 
 
@@ -75,7 +101,7 @@ def load_evaluator(path: str | Path = paths.EVALUATOR) -> Evaluator:
 def predict(
     model: Evaluator, images: torch.Tensor | np.ndarray, batch_size: int = 500
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(features N x feature_dim, probabilities N x 10), both float64, for images in [0, 1].
+    """(features N x feature_dim, probabilities N x classes), float64, for images in [0, 1].
 
     Images may be N x 1 x 28 x 28 or N x 28 x 28; the model is put in eval mode.
     """
@@ -88,31 +114,33 @@ def predict(
         feats.append(f.double().cpu())
         probs.append(torch.softmax(model.head(f).double(), dim=1).cpu())
     if not feats:
-        return np.zeros((0, model.head.in_features)), np.zeros((0, 10))
+        return np.zeros((0, model.head.in_features)), np.zeros((0, model.head.out_features))
     return torch.cat(feats).numpy(), torch.cat(probs).numpy()
 
 
 def _check_probs(probs: np.ndarray) -> np.ndarray:
     probs = np.asarray(probs, dtype=np.float64)
-    if probs.ndim != 2 or probs.shape[1] != 10 or len(probs) == 0:
-        raise ValueError(f"expected probabilities of shape (N>0, 10), got {probs.shape}")
+    if probs.ndim != 2 or probs.shape[1] < 2 or len(probs) == 0:
+        raise ValueError(f"expected probabilities of shape (N>0, K>=2), got {probs.shape}")
     return probs
 
 
-def digit_metrics(probs: np.ndarray, threshold: float = 0.9) -> dict:
-    """Share of each predicted digit, its normalised entropy, and the share of confident images.
+def class_metrics(probs: np.ndarray, threshold: float = 0.9) -> dict:
+    """Share of each predicted class, its normalised entropy, and the share of confident images.
 
-    ``digit_entropy`` is 1 when all ten digits are predicted equally often and 0 when only one
-    is (mode collapse); ``confident_share`` is low for blurry or ambiguous images.
+    ``probs``: N x K softmax outputs. ``class_entropy`` is 1 when all K classes are predicted
+    equally often and 0 when only one is (mode collapse); ``confident_share`` is low for
+    blurry or ambiguous images. (Named ``digit_*`` before datasets other than MNIST.)
     """
     probs = _check_probs(probs)
-    hist = np.bincount(probs.argmax(axis=1), minlength=10) / len(probs)
+    k = probs.shape[1]
+    hist = np.bincount(probs.argmax(axis=1), minlength=k) / len(probs)
     seen = hist[hist > 0]
-    # sum p * log(1/p) rather than -sum p * log(p): no -0.0 when a single digit takes all.
-    entropy = float((seen * np.log(1.0 / seen)).sum() / math.log(10))
+    # sum p * log(1/p) rather than -sum p * log(p): no -0.0 when a single class takes all.
+    entropy = float((seen * np.log(1.0 / seen)).sum() / math.log(k))
     return {
-        "digit_histogram": [float(h) for h in hist],
-        "digit_entropy": entropy,
+        "class_histogram": [float(h) for h in hist],
+        "class_entropy": entropy,
         "confident_share": float((probs.max(axis=1) >= threshold).mean()),
     }
 

@@ -1,4 +1,4 @@
-"""Out-of-distribution scores: how well a per-image score tells noise from digits."""
+"""Out-of-distribution scores: how well a per-image score tells noise from test images."""
 
 from __future__ import annotations
 

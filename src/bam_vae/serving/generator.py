@@ -12,7 +12,8 @@ without unpickling anything and without bam-vae installed:
 ``predict`` takes a DataFrame with one row per request and returns their images, float32
 (N x 28 x 28) in [0, 1], the rows' images one after the other. Columns: ``n`` (images,
 1..``MAX_N``), ``seed`` (int >= 0), optional ``sampler`` (one of the version's; default
-``samplers/default.json``), ``digit`` (0..9, conditional models only), ``latents`` (n lists
+``samplers/default.json``), ``class`` (conditional models only: a class index 0..K-1 or a
+class name of the version's dataset; ``digit`` is the same column for MNIST), ``latents`` (n lists
 of ``z_dim`` floats, or 7 x 7 code grids for ``vqvae``: decoded as they are). Same request,
 same images: latents are drawn on the CPU by :func:`bam_vae.samplers.sample` with the
 request's seed, exactly as stage ``generate-1024`` draws them.
@@ -59,22 +60,25 @@ def _integer(row: dict, key: str, low: int, high: int | None = None) -> int:
 
 
 class GeneratorModel(mlflow.pyfunc.PythonModel):
-    """A registered VAE version as a generator of digits (see the module docstring)."""
+    """A registered VAE version as a generator of images (see the module docstring)."""
 
     def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
-        from bam_vae.config import ModelConfig
-        from bam_vae.models import build_model
+        from bam_vae.files import build_saved
 
         model_json = Path(context.artifacts["model"])
         root = model_json.parent
-        config = ModelConfig.model_validate(json.loads(model_json.read_text()))
         with np.load(context.artifacts["weights"], allow_pickle=False) as arrays:
             state = {k: torch.from_numpy(arrays[k]) for k in arrays.files}
-        vae = build_model(config)
+        vae = build_saved(json.loads(model_json.read_text()))
         vae.load_state_dict(state)
         wanted = (context.model_config or {}).get("device")
         device = wanted or ("cuda" if torch.cuda.is_available() else "cpu")
         self.vae = vae.eval().to(device)
+        # Versions registered before other datasets existed are MNIST's.
+        dataset = Path(context.artifacts.get("dataset", root / "absent.json"))
+        info = json.loads(dataset.read_text()) if dataset.is_file() else {}
+        self.dataset = info.get("name", "mnist")
+        self.classes = list(info.get("classes", [str(d) for d in range(10)]))
         digest = Path(context.artifacts["digest"]).read_text()
         self.samplers = self._load_samplers(root / "samplers", digest)
         default = root / "samplers" / "default.json"
@@ -101,16 +105,11 @@ class GeneratorModel(mlflow.pyfunc.PythonModel):
     def _generate(self, row: dict) -> np.ndarray:
         from bam_vae.samplers import sample, sample_labels
 
-        digit = row.get("digit")
+        label = self._label(row)
         labels = None
-        if not _missing(digit):
-            if not self.vae.conditional:
-                name = type(self.vae).__name__
-                raise bad_request(f"digit: not allowed for {name}; expected no digit (only cvae)")
-            digit = _integer(row, "digit", 0, 9)
         latents = row.get("latents")
         if latents is not None and not (isinstance(latents, float) and math.isnan(latents)):
-            return self._decode(latents, digit)
+            return self._decode(latents, label)
         n = _integer(row, "n", 1, MAX_N)
         seed = _integer(row, "seed", 0)
         kind = row.get("sampler")
@@ -119,11 +118,34 @@ class GeneratorModel(mlflow.pyfunc.PythonModel):
             raise bad_request(f"sampler: {kind!r} is not fitted for this version; expected one"
                               f" of {', '.join(self.samplers)}")  # fmt: skip
         if self.vae.conditional:
-            labels = sample_labels(n, seed, None if _missing(digit) else digit)
+            labels = sample_labels(n, seed, label, len(self.classes))
         return sample(self.vae, self.samplers[kind], n, seed, labels)[:, 0].numpy()
 
+    def _label(self, row: dict) -> int | None:
+        """The ``class`` asked for (``digit`` for MNIST), as an index; None if not given."""
+        given = [key for key in ("class", "digit") if not _missing(row.get(key))]
+        if not given:
+            return None
+        key = given[0]
+        if len(given) == 2:
+            raise bad_request("digit: give class or digit, not both; expected one of them")
+        if key == "digit" and self.dataset != "mnist":
+            raise bad_request(f"digit: only for MNIST; this {self.dataset} model takes class")
+        if not self.vae.conditional:
+            name = type(self.vae).__name__
+            raise bad_request(f"{key}: not allowed for {name}; expected no {key} (only cvae)")
+        value = row[key]
+        if isinstance(value, str) and value in self.classes:
+            return self.classes.index(value)
+        if isinstance(value, str) and key == "class":
+            names = ", ".join(self.classes[:12]) + (", ..." if len(self.classes) > 12 else "")
+            raise bad_request(
+                f"class: {value!r} is not a class; expected an index or one of {names}"
+            )
+        return _integer(row, key, 0, len(self.classes) - 1)
+
     @torch.no_grad()
-    def _decode(self, latents: Any, digit: Any) -> np.ndarray:
+    def _decode(self, latents: Any, label: int | None) -> np.ndarray:
         codes = self.vae.latent_kind == "codes"
         try:
             z = np.asarray(_nested(latents), dtype=np.int64 if codes else np.float32)
@@ -138,9 +160,9 @@ class GeneratorModel(mlflow.pyfunc.PythonModel):
         if not good:
             raise bad_request(f"latents: expected {shape}, at most {MAX_N} of them")
         if self.vae.conditional:
-            if _missing(digit):
-                raise bad_request("digit: required with latents for a conditional model")
-            labels = torch.full((len(z),), digit, dtype=torch.int64, device=self.vae.device)
+            if label is None:
+                raise bad_request("class: required with latents for a conditional model")
+            labels = torch.full((len(z),), label, dtype=torch.int64, device=self.vae.device)
         else:
             labels = None
         z = self.vae.embed_codes(z) if codes else z.to(self.vae.device)

@@ -20,8 +20,9 @@ import pandas as pd
 import torch
 
 import bam_vae
+from bam_vae.datasets.base import DatasetInfo
 from bam_vae.errors import BamError
-from bam_vae.files import file_sha256
+from bam_vae.files import file_sha256, model_config
 from bam_vae.serving import model_code
 from bam_vae.tracking import store
 
@@ -29,7 +30,8 @@ SAMPLERS = "artifacts/samplers"  # in the logged model, beside the weights
 
 
 def signature(conditional: bool) -> mlflow.models.ModelSignature:
-    """Input columns (``n`` and ``seed``, or ``latents``; optional ``sampler``, ``digit``) and
+    """Input columns (``n`` and ``seed``, or ``latents``; optional ``sampler``, ``class``,
+    ``digit`` (MNIST's name for class)) and
     the output, images as float32 N x 28 x 28: what the MLflow UI shows under the version.
     All optional and the numbers untyped for MLflow, so that what is missing or not an integer
     gets the wrapper's own one-line error (MLflow's JSON parsing would cast 1.5 to 1)."""
@@ -38,6 +40,7 @@ def signature(conditional: bool) -> mlflow.models.ModelSignature:
     inputs = Schema([
         ColSpec(AnyType(), "n", required=False), ColSpec(AnyType(), "seed", required=False),
         ColSpec("string", "sampler", required=False),
+        ColSpec(AnyType(), "class", required=False),
         ColSpec(AnyType(), "digit", required=False),
         ColSpec(AnyType(), "latents", required=False),
     ])  # fmt: skip
@@ -58,30 +61,35 @@ def requirements() -> list[str]:
     return [f"{name}=={version}" for name, version in versions.items()]
 
 
-def log_generator(vae: torch.nn.Module, model_cfg, model_file: Path) -> tuple[str, str]:
+def log_generator(
+    vae: torch.nn.Module, model_cfg, model_file: Path, dataset: DatasetInfo
+) -> tuple[str, str]:
     """Log ``vae`` (saved as ``model_file``) as the active run's registered generator and
-    register it as a new version of ``bam-vae-<arch>``. Returns (model URI, version).
+    register it as a new version of ``bam-vae-<arch>`` (``bam-vae-<dataset>-<arch>`` for
+    another dataset than MNIST). Returns (model URI, version).
 
     A rerun after a stop between registration and the end of the stage reuses that version."""
-    arch = model_cfg.arch
+    name = store.registered_name(model_cfg.arch, dataset.name)
     run_id = mlflow.active_run().info.run_id
-    found = store.version_of_run(run_id, arch)
+    found = store.version_of_run(run_id, name)
     if found:
         return found
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        (folder / "model.json").write_text(json.dumps(model_cfg.model_dump(mode="json")))
+        (folder / "model.json").write_text(json.dumps(model_config(vae, model_cfg)))
         state = {k: v.detach().cpu().numpy() for k, v in vae.state_dict().items()}
         with (folder / "weights.npz").open("wb") as fh:
             np.savez(fh, **state)
         (folder / "model.sha256").write_text(file_sha256(model_file))
+        info = {"name": dataset.name, "classes": list(dataset.classes)}
+        (folder / "dataset.json").write_text(json.dumps(info))
         example = pd.DataFrame({"n": [2], "seed": [0]})
         if vae.conditional:
-            example["digit"] = [7]
+            example["class"] = [min(7, dataset.n_classes - 1)]
         with warnings.catch_warnings():  # pandas 3 deprecation inside MLflow's example handling
             warnings.filterwarnings("ignore", "Operation with range is deprecated")
             info = _log_pyfunc(folder, vae.conditional, example)
-    return info.model_uri, register(info.model_uri, run_id, arch)
+    return info.model_uri, register(info.model_uri, run_id, name)
 
 
 def _log_pyfunc(folder: Path, conditional: bool, example: pd.DataFrame):
@@ -92,6 +100,7 @@ def _log_pyfunc(folder: Path, conditional: bool, example: pd.DataFrame):
             "model": str(folder / "model.json"),
             "weights": str(folder / "weights.npz"),
             "digest": str(folder / "model.sha256"),
+            "dataset": str(folder / "dataset.json"),
         },  # fmt: skip
         code_paths=[str(Path(bam_vae.__file__).parent)],
         signature=signature(conditional),
@@ -100,19 +109,19 @@ def _log_pyfunc(folder: Path, conditional: bool, example: pd.DataFrame):
     )
 
 
-def register(model_uri: str, run_id: str, arch: str) -> str:
-    """A new version of ``bam-vae-<arch>`` for ``model_uri``; its number."""
+def register(model_uri: str, run_id: str, name: str) -> str:
+    """A new version of registered model ``name`` for ``model_uri``; its number."""
     with store.store_lock():
         for attempt in range(5):  # parallel writers on a server can race for a version number
             try:
-                version = mlflow.register_model(model_uri, store.registered_name(arch))
+                version = mlflow.register_model(model_uri, name)
                 return str(version.version)
             except mlflow.exceptions.MlflowException:
                 time.sleep(0.5 * (attempt + 1))
-                found = store.version_of_run(run_id, arch)  # registered, but the reply was lost
+                found = store.version_of_run(run_id, name)  # registered, but the reply was lost
                 if found:
                     return found[1]
-    raise BamError(f"could not register {store.registered_name(arch)} for run {run_id}")
+    raise BamError(f"could not register {name} for run {run_id}")
 
 
 def add_sampler(ref: dict[str, str], sampler_file: Path, kind: str) -> None:
@@ -134,7 +143,7 @@ def add_sampler(ref: dict[str, str], sampler_file: Path, kind: str) -> None:
     client.set_model_version_tag(name, version, "samplers", ",".join(fitted))
     client.update_model_version(
         name, version,
-        description=f"Generator of digits: decoder + samplers {', '.join(['prior', *fitted])};"
+        description=f"Generator of images: decoder + samplers {', '.join(['prior', *fitted])};"
         f" default sampler {kind}. POST /invocations with"
         ' {"dataframe_records": [{"n": 16, "seed": 0}]}.',
     )  # fmt: skip

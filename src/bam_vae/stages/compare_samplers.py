@@ -6,7 +6,7 @@ from pathlib import Path
 
 from bam_vae import paths
 from bam_vae.config import Params
-from bam_vae.data import load_split
+from bam_vae.datasets import load_split
 from bam_vae.errors import BamError
 from bam_vae.figures import image_panels
 from bam_vae.files import load_model

@@ -1,4 +1,4 @@
-"""Stage ``compute-fid``: FID, its floor, KID and the digit metrics of the generated images."""
+"""Stage ``compute-fid``: FID, its floor, KID and the class metrics of the generated images."""
 
 from __future__ import annotations
 
@@ -11,7 +11,13 @@ import numpy as np
 from bam_vae import paths
 from bam_vae.config import Params
 from bam_vae.files import write_json
-from bam_vae.scoring.evaluator import digit_metrics, label_accuracy, load_evaluator, predict
+from bam_vae.scoring.evaluator import (
+    NoClassifier,
+    class_metrics,
+    label_accuracy,
+    load_evaluator,
+    predict,
+)
 from bam_vae.scoring.fid import (
     as_images,
     check_enough,
@@ -45,11 +51,17 @@ def compute(params: Params, metrics_path: Path = paths.FID_METRICS) -> dict:
         warnings += notes
     for note in warnings:
         print(f"compute-fid: warning: {note}", file=sys.stderr)
-    _, probs = predict(load_evaluator(paths.EVALUATOR).to(device), generated)
-    metrics |= digit_metrics(probs, cfg.confidence)
-    labels_path = paths.GENERATED.with_name("labels.npy")
-    if labels_path.is_file():  # a conditional model: did it draw the digits it was asked for?
-        metrics["label_accuracy"] = label_accuracy(probs, np.load(labels_path))
+    try:
+        evaluator = load_evaluator(paths.EVALUATOR)
+    except NoClassifier as why:
+        print(f"compute-fid: {why}", file=sys.stderr)
+        warnings.append(str(why))
+    else:
+        _, probs = predict(evaluator.to(device), generated)
+        metrics |= class_metrics(probs, cfg.confidence) | {"classes": list(evaluator.classes)}
+        labels_path = paths.GENERATED.with_name("labels.npy")
+        if labels_path.is_file():  # a conditional model: did it draw the classes asked for?
+            metrics["label_accuracy"] = label_accuracy(probs, np.load(labels_path))
 
     metrics["warnings"] = warnings  # stored with the scores, in fid.json and in MLflow
     scalars = {f"{sampler}/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}
@@ -62,5 +74,8 @@ def compute(params: Params, metrics_path: Path = paths.FID_METRICS) -> dict:
     write_json(metrics_path, metrics)
     shown = [k for k in metrics if k.startswith(("fid", "kid_")) and "subset" not in k]
     summary = ", ".join(f"{k} {metrics[k]:.3f}" for k in shown)
-    print(f"compute-fid ({sampler}): {summary}, digit entropy {metrics['digit_entropy']:.3f}")
+    entropy = (
+        f", class entropy {metrics['class_entropy']:.3f}" if "class_entropy" in metrics else ""
+    )
+    print(f"compute-fid ({sampler}): {summary}{entropy}")
     return metrics

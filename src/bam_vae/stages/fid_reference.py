@@ -10,7 +10,7 @@ from tqdm import tqdm
 
 from bam_vae import paths
 from bam_vae.config import Params
-from bam_vae.data import load_split, sha256
+from bam_vae.datasets import load_split, sha256
 from bam_vae.errors import BamError, Interrupted
 from bam_vae.files import atomic_path, exclusive, file_sha256
 from bam_vae.scoring.fid import feature_extractor, load_array

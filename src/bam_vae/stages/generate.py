@@ -2,11 +2,11 @@
 reconstruct.
 
 Writes ``data/generated/images.npy`` (float32, N x 28 x 28, values in [0, 1]; for a
-conditional model also ``labels.npy``, the digits asked for; ``meta.json`` names the sampler),
-the sample grid
-``figures/samples.png`` (32 x 32 for 1024) and ``figures/reconstructions.png``: the first
-``generate.per_digit`` test images of each digit 0-9 (in test-set order) above their
-reconstructions from the posterior mean. Both PNGs are logged into the model's MLflow run.
+conditional model also ``labels.npy``, the classes asked for; ``meta.json`` names the sampler),
+the sample grid ``figures/samples.png`` (32 x 32 for 1024) and ``figures/reconstructions.png``:
+the first ``generate.per_class`` test images of each class (of the first 10 classes, in
+test-set order) above their reconstructions from the posterior mean. Both PNGs are logged
+into the model's MLflow run.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import torch
 
 from bam_vae import paths
 from bam_vae.config import Params
-from bam_vae.data import reconstruction_set
+from bam_vae.datasets import reconstruction_set
 from bam_vae.errors import BamError
 from bam_vae.figures import image_grid, image_rows
 from bam_vae.files import load_model, staged_outputs, write_json
@@ -33,7 +33,7 @@ from bam_vae.training.runtime import resolve_device
 def generate(
     params: Params,
     model_uri: str | None = None,
-    digit: int | None = None,
+    label: int | None = None,
     out_dir: Path = paths.GENERATED_DIR,
     fig_dir: Path = paths.FIGURES,
 ) -> dict:
@@ -44,11 +44,16 @@ def generate(
     vae, _ = load_model(model_path)
     vae.to(device)
     sampler = fitted_sampler(cfg, vae, model_path, run_id if model_uri else None)
-    if digit is not None and not vae.conditional:
-        raise BamError(f"--digit {digit}: model {type(vae).__name__} is not conditional (use cvae)")
-    labels = sample_labels(cfg.n, cfg.seed, digit) if vae.conditional else None
+    if label is not None and not vae.conditional:
+        raise BamError(f"--class {label}: model {type(vae).__name__} is not conditional (use cvae)")
+    if label is not None and label >= vae.n_classes:
+        raise BamError(
+            f"--class {label}: the model has {vae.n_classes} classes;"
+            f" expected 0..{vae.n_classes - 1}"
+        )
+    labels = sample_labels(cfg.n, cfg.seed, label, vae.n_classes) if vae.conditional else None
     images = sample(vae, sampler, cfg.n, cfg.seed, labels)
-    x, y = reconstruction_set(params.data.out_dir, cfg.per_digit)
+    x, y = reconstruction_set(params.data.out_dir, cfg.per_class)
     with torch.no_grad():
         rebuilt = vae.reconstruct(*on_device(device, x, y if vae.conditional else None)).cpu()
 
@@ -57,14 +62,14 @@ def generate(
         np.save(out.path(out_dir / "images.npy"), images[:, 0].numpy().astype(np.float32))
         if labels is None:
             out.remove(out_dir / "labels.npy")
-        else:  # the digits asked for, for label accuracy in compute-fid
+        else:  # the classes asked for, for label accuracy in compute-fid
             np.save(out.path(out_dir / "labels.npy"), labels.numpy())
         meta = {"sampler": sampler.kind, "n": cfg.n, "seed": cfg.seed,
                 "model_uri": model_uri or str(paths.MODEL)}  # fmt: skip
         write_json(out.path(out_dir / "meta.json"), meta)
         grid, recon = out.path(fig_dir / "samples.png"), out.path(fig_dir / "reconstructions.png")
         image_grid(images, grid, nrow=math.ceil(math.sqrt(cfg.n)))
-        title = f"first {cfg.per_digit} test images of each digit (top) and reconstructions"
+        title = f"first {cfg.per_class} test images of each class (top) and reconstructions"
         image_rows([x, rebuilt], ["test", "recon"], title + " (bottom)", recon)
         with tracking.reopen_run(run_id):
             mlflow.log_artifact(str(grid), f"figures/{sampler.kind}")

@@ -5,6 +5,8 @@ filter), writes ``reports/runs.csv`` and ``reports/runs.md`` and redraws the rep
 from whatever those runs contain: 6a (FID vs z_dim per arch, log-x), 6b (FID vs the k1 share),
 5 (final train/test loss vs z_dim) and 2 (loss per epoch, one curve per value of the swept
 param). A figure that the selected runs cannot support is listed as missing, with the reason.
+Runs of different datasets (tag ``dataset``; runs logged before it existed are MNIST's) are
+never on one curve: every curve is one dataset's, and ``--dataset`` keeps one dataset only.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ COLUMNS = {
     "dvc_exp_name": "tags.dvc_exp_name",
     "sweep": "tags.sweep",
     "model_version": "tags.registered_model_version",
+    "dataset": "tags.dataset",
     "arch": "params.model.arch",
     "z_dim": "params.model.z_dim",
     "k1": "params.train.k1",
@@ -45,7 +48,7 @@ COLUMNS = {
 # Scores of one sampler, logged by compute-fid as ``<sampler>/<name>``.
 SCORES = [
     *(f"{m}_{s}" for s in SPACES for m in ("fid", "fid_floor", "kid")),
-    "digit_entropy", "confident_share", "label_accuracy", "n_generated",
+    "class_entropy", "confident_share", "label_accuracy", "n_generated",
 ]  # fmt: skip
 NUMERIC = ["z_dim", "k1", "k2", "epochs", "train_fraction"]
 # The params a sweep can vary, in the order used to group the loss curves of Figure 2.
@@ -70,9 +73,11 @@ def search_filter(sweep: str | None, exp_names: list[str] | None, query: str | N
 
 
 def collect(
-    sweep: str | None = None, exp_names: list[str] | None = None, query: str | None = None
-) -> pd.DataFrame:
-    """One row per selected training run, with the report's columns (missing ones as NaN)."""
+    sweep: str | None = None, exp_names: list[str] | None = None, query: str | None = None,
+    dataset: str | None = None,
+) -> pd.DataFrame:  # fmt: skip
+    """One row per selected training run, with the report's columns (missing ones as NaN);
+    with ``dataset``, only that dataset's runs."""
     tracking.init()
     try:
         runs = mlflow.search_runs(
@@ -87,6 +92,12 @@ def collect(
     if runs.empty:
         return pd.DataFrame(columns=[*COLUMNS, "sampler", *SCORES])
     base = pd.DataFrame({name: runs.get(col, np.nan) for name, col in COLUMNS.items()})
+    base["dataset"] = base["dataset"].fillna("mnist")  # runs from before other datasets
+    if dataset:
+        base = base[base["dataset"] == dataset]
+    if base.empty:
+        return pd.DataFrame(columns=[*COLUMNS, "sampler", *SCORES])
+    runs = runs.loc[base.index]
     table = pd.concat([_scored(base, runs, sampler) for sampler in KINDS] + [base.assign(
         sampler=np.nan, **dict.fromkeys(SCORES, np.nan))], ignore_index=True)  # fmt: skip
     # One row per (run, sampler scored); a run scored by no sampler keeps its bare row.
@@ -94,21 +105,26 @@ def collect(
     table = table[scored | ~table["run_id"].isin(table.loc[scored, "run_id"])]
     for col in NUMERIC:
         table[col] = pd.to_numeric(table[col], errors="coerce")
-    order = ["arch", "z_dim", "k1", "epochs", "train_fraction", "sampler"]
+    order = ["dataset", "arch", "z_dim", "k1", "epochs", "train_fraction", "sampler"]
     return table.sort_values(order).reset_index(drop=True)
 
 
 def _scored(base: pd.DataFrame, runs: pd.DataFrame, sampler: str) -> pd.DataFrame:
     """The rows of ``runs`` scored with ``sampler``, its scores as plain columns.
 
-    Runs scored before samplers existed logged bare names (``fid_classifier``): z ~ N(0, I).
+    Runs scored before samplers existed logged bare names (``fid_classifier``): z ~ N(0, I);
+    runs scored before other datasets logged ``digit_entropy`` for ``class_entropy``.
     """
 
-    def column(name: str) -> pd.Series:
+    def logged(name: str) -> pd.Series:
         values = runs.get(f"metrics.{sampler}/{name}", pd.Series(np.nan, index=runs.index))
         if sampler == "prior" and f"metrics.{name}" in runs:
             values = values.fillna(runs[f"metrics.{name}"])
         return values
+
+    def column(name: str) -> pd.Series:
+        values = logged(name)
+        return values.fillna(logged("digit_entropy")) if name == "class_entropy" else values
 
     scores = pd.DataFrame({name: column(name) for name in SCORES})
     keep = scores.notna().any(axis=1)
@@ -161,12 +177,16 @@ def fig_fid_vs(table: pd.DataFrame, x: str, path: Path, title: str, logx: bool) 
     fig, axes = subplots(1, len(spaces), figsize=(6 * len(spaces), 4), squeeze=False)
     for ax, space in zip(axes[0], spaces, strict=True):
         scored = table.dropna(subset=[f"fid_{space}"])
-        for (arch, sampler), group in scored.groupby(["arch", "sampler"]):
+        several = scored["dataset"].nunique() > 1
+        for (dataset, arch, sampler), group in scored.groupby(["dataset", "arch", "sampler"]):
             g = group.groupby(x)[[f"fid_{space}", f"fid_floor_{space}"]].mean().sort_index()
-            ax.plot(g.index, g[f"fid_{space}"], marker="o", label=f"{arch}, {sampler}")
-        floor = table[f"fid_floor_{space}"].mean()
-        if not np.isnan(floor):
-            ax.axhline(floor, color="grey", ls="--", label="floor (real vs real)")
+            name = f"{dataset} {arch}" if several else arch
+            ax.plot(g.index, g[f"fid_{space}"], marker="o", label=f"{name}, {sampler}")
+        for dataset, group in table.groupby("dataset"):  # each dataset has its own floor
+            floor = group[f"fid_floor_{space}"].mean()
+            if not np.isnan(floor):
+                what = f"{dataset} floor" if several else "floor"
+                ax.axhline(floor, color="grey", ls="--", label=f"{what} (real vs real)")
         ax.set(xlabel=x, ylabel=f"FID ({space} features)", title=title, yscale="log")
         if logx:
             ax.set_xscale("log", base=2)
@@ -181,10 +201,13 @@ def fig_loss_vs_zdim(table: pd.DataFrame, path: Path) -> str | None:
             f"needs finished runs with at least two z_dim values (have {table['z_dim'].nunique()})"
         )
     fig, ax = subplots(figsize=(6, 4))
-    for arch, group in table.drop_duplicates("run_id").groupby("arch"):
+    runs = table.drop_duplicates("run_id")
+    several = runs["dataset"].nunique() > 1
+    for (dataset, arch), group in runs.groupby(["dataset", "arch"]):
         g = group.groupby("z_dim")[["train_loss", "test_loss"]].mean().sort_index()
-        ax.plot(g.index, g["train_loss"], marker="o", label=f"{arch} train")
-        ax.plot(g.index, g["test_loss"], marker="s", ls="--", label=f"{arch} test")
+        name = f"{dataset} {arch}" if several else arch
+        ax.plot(g.index, g["train_loss"], marker="o", label=f"{name} train")
+        ax.plot(g.index, g["test_loss"], marker="s", ls="--", label=f"{name} test")
     ax.set(
         xlabel="z_dim", ylabel="final loss", title="Final train/test loss vs latent size (Fig. 5)"
     )
@@ -254,8 +277,9 @@ def report(
     exp_names: list[str] | None = None,
     query: str | None = None,
     out_dir: Path = paths.REPORTS,
+    dataset: str | None = None,
 ) -> dict[str, str]:
-    table = collect(sweep, exp_names, query)
+    table = collect(sweep, exp_names, query, dataset)
     out_dir.mkdir(parents=True, exist_ok=True)
     missing: dict[str, str] = {}
     comparable, note = same_n(table)
@@ -271,6 +295,8 @@ def report(
         "fig2_loss_curves.png": lambda p: fig_curves(table, p),
     }
     selection = search_filter(sweep, exp_names, query)
+    if dataset:
+        selection = f"{selection} AND dataset = {dataset}" if selection else f"dataset = {dataset}"
     # Drawn aside and logged first; then all files replace the earlier report's together.
     with tempfile.TemporaryDirectory() as tmp, staged_outputs() as staged:
         drawn = Path(tmp)

@@ -17,7 +17,7 @@ import torch
 
 from bam_vae import paths
 from bam_vae.config import Params, TrainConfig
-from bam_vae.data import data_sha256, load_split
+from bam_vae.datasets import data_sha256, load_info, load_split
 from bam_vae.errors import BamError, Interrupted
 from bam_vae.files import save_model, staged_outputs, write_json
 from bam_vae.machine import cpu_name
@@ -112,13 +112,14 @@ def fit(
     train_images, train_labels = load_split(params.data.out_dir, "train")
     test_images, test_labels = load_split(params.data.out_dir, "test")
     digest = data_sha256(train_images, test_images)
+    dataset = load_info(params.data.out_dir)
 
     seed_everything(cfg.seed)
     x_train, y_train = training_images(cfg, train_images, train_labels)
     x_test = test_images.float().div_(255.0).unsqueeze(1)
     # Moved once: batches are sliced on the device, no per-batch host copies.
     x_train, y_train, x_test, y_test = on_device(device, x_train, y_train, x_test, test_labels)
-    model = build_model(params.model).to(device)
+    model = build_model(params.model, dataset.n_classes).to(device)
     autocast = fast_path(model, cfg.precision, device)
     optimizers = model.configure_optimizers(cfg)
 
@@ -140,12 +141,14 @@ def fit(
                 for split, (images, labels, context) in splits.items():
                     path = Path(params.data.out_dir) / f"{split}.pt"
                     sha = data_sha256(images, labels)
-                    tracking.log_dataset(path, sha, context, len(images))
+                    tracking.log_dataset(path, sha, context, len(images), dataset)
                 mlflow.log_params(tracking.flat_params(params.model_dump(mode="json")))
                 mlflow.log_params({"n_parameters": n_parameters(model),
                                    "n_train_images": len(x_train), "torch_threads": threads,
                                    "device": str(device), "cpu": cpu_name()})  # fmt: skip
-                mlflow.set_tags(tracking.run_tags(digest, cfg.sweep, key))
+                mlflow.set_tags(
+                    tracking.run_tags(digest, cfg.sweep, key) | {"dataset": dataset.name}
+                )
 
             train_step = training_step(model, cfg.cuda_graphs)
 
@@ -171,12 +174,14 @@ def fit(
                         ckpt.remove()
                         raise BamError(_untrained(state.history))
                     outputs = (model_path, metrics_path, history_path, run_ref_path)
-                    final, version = _export(params, model, state, outputs, ckpt, stopped)
+                    final, name, version = _export(
+                        params, model, state, outputs, ckpt, stopped, dataset
+                    )
             except (Interrupted, KeyboardInterrupt):
                 mlflow.end_run(status="KILLED")
                 raise
         ckpt.remove()
-    print(f"train: registered {tracking.registered_name(params.model.arch)} version {version}")
+    print(f"train: registered {name} version {version}")
     return final
 
 
@@ -189,10 +194,11 @@ def _untrained(history: list[dict[str, float]]) -> str:
     )
 
 
-def _export(params, model, state, outputs, ckpt, stopped) -> tuple[dict, str]:
-    """Log, register and write the trained model; checks for a signal between steps."""
+def _export(params, model, state, outputs, ckpt, stopped, dataset) -> tuple[dict, str, str]:
+    """Log, register and write the trained model; checks for a signal between steps.
+    Returns (final metrics, registered model name, version)."""
     model_path, metrics_path, history_path, run_ref_path = outputs
-    cfg, arch = params.train, params.model.arch
+    cfg, name = params.train, tracking.registered_name(params.model.arch, dataset.name)
 
     def check() -> None:
         if stopped():
@@ -207,21 +213,23 @@ def _export(params, model, state, outputs, ckpt, stopped) -> tuple[dict, str]:
         save_model(model, params.model, out.path(model_path))
         mlflow.log_artifact(str(out.path(model_path)), artifact_path="checkpoint")
         check()
-        model_uri, version = publish.log_generator(model, params.model, out.path(model_path))
+        model_uri, version = publish.log_generator(
+            model, params.model, out.path(model_path), dataset
+        )
         check()
         final = {k: v for k, v in state.history[-1].items() if k != "epoch"}
         final |= {"epochs": cfg.epochs, "n_parameters": n_parameters(model)}
         write_json(out.path(metrics_path), final)
         pd.DataFrame(state.history).to_csv(out.path(history_path), index=False)
         mlflow.log_artifact(str(out.path(history_path)))
-        mlflow.set_tag("registered_model_version", f"{tracking.registered_name(arch)}/{version}")
+        mlflow.set_tag("registered_model_version", f"{name}/{version}")
         tracking.write_run_ref(
             out.path(run_ref_path),
             run_id=state.run_id,
             experiment_id=mlflow.active_run().info.experiment_id,
-            model_name=tracking.registered_name(arch),
+            model_name=name,
             model_version=version,
             model_uri=model_uri,
         )
         check()
-    return final, version
+    return final, name, version

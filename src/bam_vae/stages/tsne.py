@@ -1,7 +1,7 @@
-"""Stage ``tsne``: the latent space of unseen test images, coloured by digit (section 2.5).
+"""Stage ``tsne``: the latent space of unseen test images, coloured by class (section 2.5).
 
 ``tsne.n`` test images are encoded to their posterior means. z_dim = 1 is drawn as one strip
-per digit, z_dim = 2 directly, z_dim >= 3 through scikit-learn's t-SNE (after PCA to 50
+per class, z_dim = 2 directly, z_dim >= 3 through scikit-learn's t-SNE (after PCA to 50
 dimensions when z_dim > 50, the usual speed-up). Writes ``figures/tsne.png`` and the 2-D
 coordinates ``metrics/tsne.csv`` (a ``dvc plots`` scatter).
 """
@@ -19,7 +19,7 @@ from sklearn.manifold import TSNE
 
 from bam_vae import paths
 from bam_vae.config import Params
-from bam_vae.data import load_split
+from bam_vae.datasets import DatasetInfo, load_info, load_split
 from bam_vae.figures import colormap, save_figure, subplots
 from bam_vae.files import load_model, staged_outputs
 from bam_vae.models import VAE
@@ -60,21 +60,30 @@ def embed(z: np.ndarray, perplexity: float, seed: int, threads: int = 1) -> tupl
     return tsne.fit_transform(z), method
 
 
-def plot(xy: np.ndarray, labels: np.ndarray, z_dim: int, method: str, path: Path) -> None:
-    colours = colormap("tab10")
-    fig, ax = subplots(figsize=(7, 6) if z_dim > 1 else (8, 4))
-    for d in range(10):
-        pts = xy[labels == d]
-        if z_dim == 1:  # one horizontal strip per digit, jittered so points do not overlap
-            jitter = np.random.default_rng(d).uniform(-0.3, 0.3, len(pts))
-            ax.scatter(pts[:, 0], d + jitter, s=3, color=colours(d), label=str(d))
+def plot(
+    xy: np.ndarray, labels: np.ndarray, info: DatasetInfo, z_dim: int, method: str, path: Path
+) -> None:
+    """Scatter coloured by class, legend of class names (``tab10`` up to 10 classes,
+    ``tab20`` up to 20, then a continuous map and every class name in a 3-column legend)."""
+    names = list(info.classes) if info.labelled else ["all images"]
+    k = len(names)
+    colours = colormap("tab10" if k <= 10 else "tab20" if k <= 20 else "turbo")
+    colour = (lambda c: colours(c)) if k <= 20 else (lambda c: colours(c / max(k - 1, 1)))
+    what = "digit" if info.name == "mnist" else "class"
+    fig, ax = subplots(figsize=(7 if k <= 20 else 10, 6) if z_dim > 1 else (8, 4))
+    for c, name in enumerate(names):
+        pts = xy[labels == c]
+        if z_dim == 1:  # one horizontal strip per class, jittered so points do not overlap
+            jitter = np.random.default_rng(c).uniform(-0.3, 0.3, len(pts))
+            ax.scatter(pts[:, 0], c + jitter, s=3, color=colour(c), label=name)
         else:
-            ax.scatter(pts[:, 0], pts[:, 1], s=3, color=colours(d), label=str(d), alpha=0.7)
+            ax.scatter(pts[:, 0], pts[:, 1], s=3, color=colour(c), label=name, alpha=0.7)
     if z_dim == 1:
-        ax.set_yticks(range(10))
-        ax.set_ylabel("digit")
+        ax.set_yticks(range(k), names if k <= 20 else None)
+        ax.set_ylabel(what)
         ax.set_xlabel("latent mean")
-    ax.legend(title="digit", markerscale=4, loc="center left", bbox_to_anchor=(1, 0.5))
+    ax.legend(title=f"{info.name} {what}", markerscale=4, loc="center left",
+              bbox_to_anchor=(1, 0.5), ncol=1 if k <= 20 else 3, fontsize="small")  # fmt: skip
     ax.set_title(f"Latent means of {len(xy)} test images, z_dim={z_dim}: {method}")
     save_figure(fig, path)
 
@@ -91,10 +100,10 @@ def tsne(
     labels = labels[: cfg.n].numpy()
     xy, method = embed(z, cfg.perplexity, cfg.seed, configure_threads(params.train.threads))
     with staged_outputs() as out:
-        plot(xy, labels, z.shape[1], method, out.path(figure))
+        plot(xy, labels, load_info(params.data.out_dir), z.shape[1], method, out.path(figure))
         with out.path(coords).open("w", newline="") as fh:  # numpy's shortest float text
             rows = zip(map(str, xy[:, 0]), map(str, xy[:, 1]), labels.tolist(), strict=True)
-            csv.writer(fh, lineterminator="\n").writerows([("x", "y", "digit"), *rows])
+            csv.writer(fh, lineterminator="\n").writerows([("x", "y", "label"), *rows])
         with tracking.reopen_run(run_id):
             mlflow.log_artifact(str(out.path(figure)), "figures")
     print(f"tsne: {len(z)} test images, {method} -> {figure}")

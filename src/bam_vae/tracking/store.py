@@ -19,7 +19,7 @@ import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import mlflow
 from filelock import FileLock
@@ -29,6 +29,9 @@ from bam_vae import paths
 from bam_vae.errors import BamError
 from bam_vae.files import write_json
 from bam_vae.paths import project_root
+
+if TYPE_CHECKING:
+    from bam_vae.datasets.base import DatasetInfo
 
 EXPERIMENT = "bam-vae"
 RUN_REF = paths.RUN_REF
@@ -194,8 +197,9 @@ def run_tags(data_sha256: str, sweep: str, run_key: str) -> dict[str, str]:
     return tags
 
 
-def log_dataset(path: Path, sha256: str, context: str, n: int) -> None:
-    """The data a run saw, as an MLflow dataset input: its file, SHA-256 and size."""
+def log_dataset(path: Path, sha256: str, context: str, n: int, info: DatasetInfo) -> None:
+    """The data a run saw, as an MLflow dataset input ``<dataset>-<split>``: its file,
+    SHA-256, size and class names (JSON, in the input's tags)."""
     import warnings
 
     from mlflow.data.dataset_source_registry import resolve_dataset_source
@@ -204,9 +208,11 @@ def log_dataset(path: Path, sha256: str, context: str, n: int) -> None:
     with warnings.catch_warnings():  # "can be interpreted in multiple ways": both are local
         warnings.simplefilter("ignore")
         source = resolve_dataset_source(str(Path(path).resolve()))
-    name = f"mnist-{Path(path).stem}"
+    name = f"{info.name}-{Path(path).stem}"
     dataset = MetaDataset(source=source, name=name, digest=sha256[:32])  # digest: 36 chars max
-    tags = {"sha256": sha256, "n_images": str(n)}
+    classes = json.dumps(list(info.classes))[:5000]  # within MLflow's tag length
+    tags = {"sha256": sha256, "n_images": str(n), "dataset": info.name, "classes": classes,
+            "labelled": str(info.labelled)}  # fmt: skip
     # The store looks a dataset up, then inserts it: two runs starting together on a server both
     # insert and one fails on the unique key, its transaction rolled back. Again, it finds the row.
     for attempt in range(3):
@@ -231,14 +237,17 @@ def flat_params(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def registered_name(arch: str) -> str:
-    return f"bam-vae-{arch}"
+def registered_name(arch: str, dataset: str = "mnist") -> str:
+    """``bam-vae-<arch>`` for MNIST (the names of the report's models), else
+    ``bam-vae-<dataset>-<arch>``: one champion per dataset and architecture."""
+    return f"bam-vae-{arch}" if dataset == "mnist" else f"bam-vae-{dataset}-{arch}"
 
 
-def version_of_run(run_id: str, arch: str) -> tuple[str, str] | None:
-    """(model URI, version) of the version of ``bam-vae-<arch>`` that ``run_id`` registered."""
+def version_of_run(run_id: str, name: str) -> tuple[str, str] | None:
+    """(model URI, version) of the version of registered model ``name`` that ``run_id``
+    registered."""
     for found in client().search_model_versions(f"run_id = '{run_id}'"):
-        if found.name == registered_name(arch):
+        if found.name == name:
             return found.source, str(found.version)
     return None
 

@@ -1,0 +1,135 @@
+"""``data.dataset: images``: a folder of the user's image files (``data.path``).
+
+Layouts, found in this order:
+
+1. ``train/<class>/*`` and ``test/<class>/*``: the splits as given (same class folders);
+2. ``<class>/*``: each class split by a seeded rule: ``data.test_fraction`` of its files
+   (at least one) after shuffling their sorted names with ``data.split_seed`` go to test;
+3. image files directly in the folder: no classes (unlabelled), split the same way.
+
+Classes are the subfolder names in sorted order. Files: ``.png``, ``.jpg``, ``.jpeg``,
+``.bmp``, ``.gif``, ``.webp`` (case-insensitive). Each is read with PIL, converted to 8-bit
+grayscale (``convert("L")``: ITU-R 601-2 luma) and, unless already 28 x 28, resized to
+28 x 28 with Lanczos (antialiased; the aspect ratio is not kept); ``data.resize: false``
+refuses other sizes instead. The counts converted are recorded in ``metrics/data.json``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from bam_vae.config import DataConfig
+from bam_vae.datasets.base import SIZE, Prepared, Split, check
+from bam_vae.errors import BamError
+
+SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"}
+RULE = "PIL convert('L') (ITU-R 601-2 luma), then resize to 28x28 with Lanczos (antialiased)"
+
+
+def _files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in SUFFIXES)
+
+
+def _subfolders(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+class _Reader:
+    """Reads images one by one, counting what it converted."""
+
+    def __init__(self, resize: bool):
+        self.resize = resize
+        self.grayscale = self.resized = 0
+
+    def __call__(self, path: Path) -> np.ndarray:
+        from PIL import Image, UnidentifiedImageError
+
+        try:
+            with Image.open(path) as img:
+                img.load()  # decode now: a truncated file fails here, not later
+                mode, size = img.mode, img.size
+                gray = img.convert("L")
+        except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as exc:
+            raise BamError(
+                f"{path}: not a readable image ({exc}); expected a PNG or JPEG"
+            ) from None
+        self.grayscale += mode not in ("L", "1")
+        if size != (SIZE, SIZE):
+            if not self.resize:
+                raise BamError(
+                    f"{path}: {size[0]}x{size[1]} pixels with data.resize=false; expected"
+                    f" {SIZE}x{SIZE} (or data.resize=true)"
+                )
+            gray = gray.resize((SIZE, SIZE), Image.Resampling.LANCZOS)
+            self.resized += 1
+        return np.asarray(gray, dtype=np.uint8)
+
+
+def _split_rule(files: list[Path], fraction: float, seed: int, what: str) -> tuple[list, list]:
+    if len(files) < 2:
+        raise BamError(
+            f"{what}: {len(files)} image(s); expected at least 2 to split into train/test"
+        )
+    order = np.random.default_rng(seed).permutation(len(files))
+    n_test = max(1, round(fraction * len(files)))
+    test = sorted(files[i] for i in order[:n_test])
+    return sorted(files[i] for i in order[n_test:]), test
+
+
+def _read_split(read: _Reader, groups: list[list[Path]]) -> Split:
+    images = [read(p) for group in groups for p in group]
+    labels = [c for c, group in enumerate(groups) for _ in group]
+    empty = np.zeros((0, SIZE, SIZE), np.uint8)
+    return Split(np.stack(images) if images else empty, np.asarray(labels, dtype=np.int64))
+
+
+def load_images(cfg: DataConfig, name: str) -> Prepared:
+    root = Path(cfg.path)
+    if not root.is_dir():
+        raise BamError(f"data.path {root}: no such folder; expected a folder of images")
+    read = _Reader(cfg.resize)
+    split = {"test_fraction": cfg.test_fraction, "split_seed": cfg.split_seed}
+    if (root / "train").is_dir() and (root / "test").is_dir():
+        classes = [p.name for p in _subfolders(root / "train")]
+        test_classes = [p.name for p in _subfolders(root / "test")]
+        if classes != test_classes:
+            raise BamError(
+                f"{root}: class folders differ, train {classes} vs test {test_classes};"
+                " expected the same classes in both"
+            )
+        groups = {s: [_files(root / s / c) for c in classes] for s in ("train", "test")}
+        for s, per_class in groups.items():
+            for c, files in zip(classes, per_class, strict=True):
+                if not files:
+                    raise BamError(f"{root / s / c}: no images; expected at least one per class")
+        layout, split = "train/<class>, test/<class>", None
+    elif _subfolders(root):
+        classes = [p.name for p in _subfolders(root)]
+        pairs = [_split_rule(_files(root / c), cfg.test_fraction, cfg.split_seed, str(root / c))
+                 for c in classes]  # fmt: skip
+        groups = {"train": [p[0] for p in pairs], "test": [p[1] for p in pairs]}
+        layout = "<class> folders, split by data.test_fraction and data.split_seed"
+    else:
+        classes = []
+        train, test = _split_rule(_files(root), cfg.test_fraction, cfg.split_seed, str(root))
+        groups = {"train": [train], "test": [test]}
+        layout = "images without classes, split by data.test_fraction and data.split_seed"
+    n_files = sum(len(g) for s in groups.values() for g in s)
+    print(f"prepare: reading {n_files} images from {root} ({layout})")
+    train, test = _read_split(read, groups["train"]), _read_split(read, groups["test"])
+    extra = {
+        "layout": layout,
+        "split_rule": split,
+        "conversion": {
+            "rule": RULE,
+            "converted_to_grayscale": read.grayscale,
+            "resized": read.resized,
+            "images": n_files,
+        },  # fmt: skip
+    }
+    data = Prepared(name, tuple(classes), train, test, source=f"images:{root}",
+                    labelled=bool(classes), extra=extra)  # fmt: skip
+    check(data)
+    return data
