@@ -99,3 +99,39 @@ def test_one_epoch_trains_and_registers_a_pyfunc_generator(project, tiny):
     # Drawn from its prior, one digit asked for: the classifier is not needed to see the shape.
     assert generator.predict(pd.DataFrame({"n": [5], "seed": [0], "digit": [7]})).shape == (
         5, 28, 28)  # fmt: skip
+
+
+def test_a_cvae_of_another_dataset_conditions_on_its_classes(project, tiny_mnist, tmp_path):
+    """Three classes with names: the model, its file and its registered generator follow them;
+    the generator takes ``class`` (index or name), and ``digit`` only for MNIST."""
+    from mlflow.exceptions import MlflowException
+
+    from bam_vae.config import parse_params
+    from bam_vae.stages.train import fit
+
+    data = tmp_path / "three"
+    data.mkdir()
+    for split in ("train", "test"):
+        blob = torch.load(tiny_mnist / f"{split}.pt", weights_only=True)
+        keep = blob["labels"] < 3
+        torch.save({k: v[keep].clone() for k, v in blob.items()}, data / f"{split}.pt")
+    (data / "dataset.json").write_text(
+        json.dumps({"name": "abc", "classes": ["zero", "one", "two"], "labelled": True})
+    )
+    params = parse_params({"data": {"out_dir": str(data)},
+                           "model": {"arch": "cvae", "z_dim": 4, "channels": [8, 16]},
+                           "train": {"epochs": 1, "batch_size": 64, "threads": 1}})  # fmt: skip
+    fit(params)
+    vae, _ = load_model(project / "models/vae.pt")
+    assert vae.n_classes == 3 and vae.posterior.in_features == 16 * 7 * 7 + 3
+    generator = mlflow.pyfunc.load_model("models:/bam-vae-abc-cvae/1")
+    by_name = generator.predict(pd.DataFrame({"n": [4], "seed": [0], "class": ["two"]}))
+    by_index = generator.predict(pd.DataFrame({"n": [4], "seed": [0], "class": [2]}))
+    np.testing.assert_array_equal(by_name, by_index)
+    for row, message in (
+        ({"class": [3]}, "class: 3 is not allowed; expected an integer from 0 to 2"),
+        ({"class": ["seven"]}, "class: 'seven' is not a class; expected an index or one of zero"),
+        ({"digit": [1]}, "digit: only for MNIST; this abc model takes class"),
+    ):
+        with pytest.raises(MlflowException, match=message):
+            generator.predict(pd.DataFrame({"n": [2], "seed": [0], **row}))

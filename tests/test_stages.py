@@ -326,3 +326,43 @@ def test_scores_say_how_many_images_they_come_from(project, tiny, evaluator_file
     assert logged["prior/n_generated"] == 10 and logged["prior/kid_subset_size_classifier"] == 10
     stored = mlflow.artifacts.load_dict(f"runs:/{run_id}/metrics/fid_prior.json")
     assert stored["warnings"] == metrics["warnings"]
+
+
+def test_images_without_labels_go_through_every_stage_in_the_inception_space(project):
+    """A folder of images with no classes: no classifier (said in one line), the Inception
+    space scored, class metrics skipped, every figure drawn."""
+    from PIL import Image
+
+    from bam_vae.config import parse_params
+    from bam_vae.stages.prepare import prepare
+
+    rng = np.random.default_rng(0)
+    folder = project / "faces"
+    folder.mkdir()
+    for i in range(40):
+        Image.fromarray(rng.integers(0, 256, (28, 28), dtype=np.uint8)).save(folder / f"{i}.png")
+    params = parse_params({
+        "data": {"dataset": "images", "path": str(folder), "out_dir": str(project / "prepared")},
+        "model": {"z_dim": 4, "channels": [8, 16]}, "train": {"epochs": 1, "threads": 1},
+        "generate": {"n": 8, "per_class": 1, "gmm": {"components": 2}},
+        "fid": {"features": ["inception"], "kid_subsets": 2, "kid_subset_size": 4},
+        "tsne": {"n": 20, "perplexity": 3}, "robustness": {"n": 10},
+    })  # fmt: skip
+    prepare(params.data, metrics_path=project / "data.json")
+    fit(params)
+    skipped = train_evaluator(params.evaluator, params.data.out_dir)
+    assert "has no labels" in skipped["skipped"] and skipped["n_classes"] == 0
+    with pytest.raises(BamError, match="no labels, so there is no classifier") as err:
+        reference(params, "classifier")
+    assert "\n" not in str(err.value)
+    reference(params, "inception")
+    fit_sampler(params)
+    generate(params)
+    scores = compute(params)
+    assert scores["fid_inception"] > 0 and "class_entropy" not in scores
+    assert any("no labels" in w for w in scores["warnings"])
+    assert "gaussian_confident_class_share" not in robustness(params)
+    tsne(params)
+    for figure in ("samples", "reconstructions", "tsne", "robustness"):
+        assert (project / f"figures/{figure}.png").is_file(), figure
+    assert tracking.read_run_ref()["model_name"] == "bam-vae-faces-cnn"
