@@ -156,6 +156,22 @@ def group_alive(pgid: int) -> bool:
     return True
 
 
+def wait_for_http(url: str, proc: subprocess.Popen, log: Path, deadline_s: float) -> None:
+    """Until ``url`` answers 200; fails with the server's log if it exits or never answers."""
+    import pytest
+
+    deadline = time.monotonic() + deadline_s
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, f"{proc.args[:2]} exited:\n{log.read_text()}"
+        try:
+            with urllib.request.urlopen(url, timeout=5) as reply:
+                if reply.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.5)
+    pytest.fail(f"no answer on {url}:\n{log.read_text()}")
+
+
 @contextlib.contextmanager
 def bam_serve(model_uri: str, cwd: Path):
     """``bam serve --model model_uri`` in ``cwd``, waited for on /ping; yields its port.
@@ -170,16 +186,7 @@ def bam_serve(model_uri: str, cwd: Path):
             start_new_session=True,
         )  # fmt: skip
     try:
-        deadline = time.monotonic() + SERVE_DEADLINE
-        while True:
-            assert proc.poll() is None, f"bam serve exited:\n{log.read_text()}"
-            assert time.monotonic() < deadline, f"no answer on /ping:\n{log.read_text()}"
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=5) as reply:
-                    if reply.status == 200:
-                        break
-            except OSError:
-                time.sleep(0.5)
+        wait_for_http(f"http://127.0.0.1:{port}/ping", proc, log, SERVE_DEADLINE)
         yield port
     finally:
         os.killpg(proc.pid, signal.SIGTERM)  # as Ctrl-C in a terminal: bam serve stops it

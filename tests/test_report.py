@@ -17,13 +17,17 @@ from bam_vae.tracking import store as tracking
 
 
 def fake_run(
-    arch: str, z_dim: int, k1: float, fid: float, sweep: str, epochs: int = 3, n: int = 1024
-) -> None:
-    """A finished training run as `train` + `compute-fid` leave it (no model weights)."""
+    arch: str, z_dim: int, k1: float, fid: float, sweep: str, epochs: int = 3, n: int = 1024,
+    dataset: str | None = None,
+) -> None:  # fmt: skip
+    """A finished training run as `train` + `compute-fid` leave it (no model weights); without
+    ``dataset``, as runs logged before other datasets existed (no tag: MNIST)."""
     with mlflow.start_run():
         params = {"model.arch": arch, "model.z_dim": z_dim, "train.k1": k1, "train.k2": 1 - k1}
         mlflow.log_params(params | {"train.epochs": epochs, "train.train_fraction": 1.0})
         mlflow.set_tags({"sweep": sweep, "dvc_exp_name": f"{arch}-{z_dim}-{k1}"})
+        if dataset:
+            mlflow.set_tag("dataset", dataset)
         for step in range(1, epochs + 1):
             mlflow.log_metrics(
                 {"train_loss": 30 / step + z_dim / 100, "test_loss": 31 / step}, step=step
@@ -91,6 +95,21 @@ def test_report_of_a_latent_sweep(latent_sweep):
         experiment_names=["bam-vae"], filter_string="tags.bam_kind = 'report'"
     )
     assert len(reports) == 1
+
+
+def test_runs_of_two_datasets_are_never_on_one_curve(latent_sweep):
+    tracking.init()
+    for z in (1, 4, 16, 128):
+        fake_run("cnn", z, 0.5, fid=1.0 + z, sweep="latent", dataset="fashion-mnist")
+    table = collect(sweep="latent")
+    assert table.groupby("dataset")["run_id"].nunique().to_dict() == {
+        "fashion-mnist": 4, "mnist": 8}  # fmt: skip
+    only = collect(sweep="latent", dataset="fashion-mnist")
+    assert set(only["dataset"]) == {"fashion-mnist"} and only["run_id"].nunique() == 4
+    out = latent_sweep / "reports"
+    report(sweep="latent", out_dir=out, dataset="mnist")
+    assert set(pd.read_csv(out / "runs.csv")["dataset"]) == {"mnist"}
+    assert "dataset = mnist" in (out / "runs.md").read_text()
 
 
 def test_scores_from_another_number_of_images_are_listed_not_drawn(latent_sweep, capsys):

@@ -8,13 +8,12 @@ import os
 import shutil
 import subprocess
 import time
-import urllib.request
 import uuid
 from pathlib import Path
 
 import mlflow
 import pytest
-from conftest import env_with_venv, free_port
+from conftest import env_with_venv, free_port, wait_for_http
 from test_pipeline import copy_repo
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
@@ -46,19 +45,6 @@ def database():
     as_postgres("dropdb", "--if-exists", "--force", name)
 
 
-def wait_healthy(uri: str, proc: subprocess.Popen, log: Path) -> None:
-    deadline = time.monotonic() + DEADLINE
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, f"bam server exited:\n{log.read_text()}"
-        try:
-            with urllib.request.urlopen(f"{uri}/health", timeout=2) as reply:
-                if reply.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.5)
-    pytest.fail(f"bam server never answered:\n{log.read_text()}")
-
-
 @pytest.fixture(scope="module")
 def server(database, tmp_path_factory):
     root = tmp_path_factory.mktemp("server")
@@ -70,7 +56,7 @@ def server(database, tmp_path_factory):
             cwd=root, env=env_with_venv(), stdout=out, stderr=subprocess.STDOUT,
         )  # fmt: skip
     uri = f"http://127.0.0.1:{port}"
-    wait_healthy(uri, proc, log)
+    wait_for_http(f"{uri}/health", proc, log, DEADLINE)
     yield {"uri": uri, "artifacts": root / "artifacts", "proc": proc, "log": log}
     if proc.poll() is None:
         proc.terminate()  # bam server stops its whole process group

@@ -8,9 +8,8 @@ supported (each class the same count, checked). No offline package: a local fold
 from __future__ import annotations
 
 import string
-from pathlib import Path
 
-from bam_vae.datasets.idx import IdxDataset
+from bam_vae.datasets.idx import IdxDataset, torchvision_download
 
 _MERGED = set("cijklmopsuvwxyz")  # lowercase letters merged with their uppercase in balanced
 BALANCED_CLASSES = tuple(
@@ -26,23 +25,13 @@ def _files(split: str) -> tuple[tuple[str, str], ...]:
     )
 
 
-def _torchvision(split: str):
-    def download(root: Path) -> Path:
-        from torchvision.datasets import EMNIST as TorchEMNIST
-
-        TorchEMNIST(root, split=split, download=True)
-        return root / "EMNIST" / "raw"
-
-    return download
-
-
 def emnist(split: str, classes: tuple[str, ...], train: int, test: int) -> IdxDataset:
     return IdxDataset(
         name=f"emnist-{split}",
         classes=classes,
         train_counts=(train,) * len(classes),
         test_counts=(test,) * len(classes),
-        torchvision=_torchvision(split),
+        torchvision=torchvision_download("EMNIST", split=split),
         files=_files(split),
         # Not pinned: no copy was at hand to pin from; torchvision checks its download's MD5.
         sha256=None,

@@ -8,15 +8,18 @@ pinned SHA-256 are of the unpacked bytes (equal to upstream's)."""
 
 from __future__ import annotations
 
-import hashlib
 import shutil
 import subprocess
 from pathlib import Path
 
 from bam_vae.config import DataConfig
 from bam_vae.datasets.base import SourceUnavailable
-from bam_vae.datasets.idx import IdxDataset, read_idx_folder
-from bam_vae.errors import BamError
+from bam_vae.datasets.idx import (
+    IdxDataset,
+    read_idx_folder,
+    torchvision_download,
+    verify_sha256,
+)
 from bam_vae.paths import user_cache
 
 DEB_PACKAGE = "dataset-fashion-mnist"
@@ -48,10 +51,7 @@ def fetch_deb(cfg: DataConfig, installed: Path = Path("/") / DEB_FOLDER):
             if done.returncode != 0 or not deb.is_file():
                 last = (done.stderr.strip().splitlines() or ["no output"])[-1]
                 raise SourceUnavailable(f"apt-get download {DEB_PACKAGE} failed: {last}")
-        digest = hashlib.sha256(deb.read_bytes()).hexdigest()
-        if digest != DEB_SHA256:
-            deb.unlink()  # a bad cached copy would fail forever otherwise
-            raise BamError(f"corrupt package {deb}: SHA-256 {digest}, expected {DEB_SHA256}")
+        verify_sha256(deb, DEB_SHA256, "package")
         staging = cache / f".unpack-{DEB_VERSION}"
         shutil.rmtree(staging, ignore_errors=True)
         done = subprocess.run(["dpkg-deb", "-x", str(deb), str(staging)], capture_output=True,
@@ -61,14 +61,6 @@ def fetch_deb(cfg: DataConfig, installed: Path = Path("/") / DEB_FOLDER):
             raise SourceUnavailable(f"dpkg-deb -x {deb} failed: {done.stderr.strip()[:200]}")
         staging.rename(cache / f"{DEB_PACKAGE}_{DEB_VERSION}")  # whole, or not at all
     return read_idx_folder(unpacked)
-
-
-def _torchvision(root: Path) -> Path:
-    from torchvision.datasets import FashionMNIST
-
-    for train in (True, False):
-        FashionMNIST(root, train=train, download=True)
-    return root / "FashionMNIST" / "raw"
 
 
 FASHION_MNIST = IdxDataset(
@@ -87,7 +79,7 @@ FASHION_MNIST = IdxDataset(
     ),  # fmt: skip
     train_counts=(6000,) * 10,
     test_counts=(1000,) * 10,
-    torchvision=_torchvision,
+    torchvision=torchvision_download("FashionMNIST"),
     package=fetch_deb,
     package_name=f"debian:{DEB_PACKAGE}={DEB_VERSION}",
     sha256=(

