@@ -196,3 +196,14 @@ def bam_serve(model_uri: str, cwd: Path):
             if proc.poll() is None or group_alive(proc.pid):
                 os.killpg(proc.pid, signal.SIGKILL)
                 pytest.fail(f"bam serve left processes behind:\n{log.read_text()}")
+        # Nothing of the server may outlive it: its uvicorn workers are in a group of their own.
+        deadline = time.monotonic() + 5
+        while listening(port):
+            if time.monotonic() > deadline:
+                pytest.fail(f"port {port} still served after bam serve stopped:\n{log.read_text()}")
+            time.sleep(0.2)
+
+
+def listening(port: int) -> bool:
+    with socket.socket() as probe:
+        return probe.connect_ex(("127.0.0.1", port)) == 0

@@ -108,6 +108,21 @@ def test_override_that_is_not_yaml_is_one_line(tmp_path):
     assert "'model.hidden=[64,'" in str(info.value) and "not valid YAML" in str(info.value)
 
 
+@pytest.mark.parametrize("key", ["train.sweep", "data.path", "fid.inception_weights"])
+def test_strings_longer_than_mlflow_keeps_are_refused(tmp_path, key):
+    # MLflow cuts a param at 6000 characters: the run would record another value, and a sweep
+    # tag cut short would never be found by `bam report --sweep`.
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(DEFAULTS))
+    load_params(path, [f"{key}={'x' * 6000}"])  # at the limit: fine
+    with pytest.raises(ConfigError) as info:
+        load_params(path, [f"{key}={'x' * 6001}"])
+    assert str(info.value) == (
+        f"{key}: 6001 characters is too long; expected at most 6000 (MLflow's limit for a"
+        " param, which would cut it)"
+    )
+
+
 def test_messages_never_dump_a_whole_section(tmp_path):
     path = tmp_path / "params.yaml"
     raw = {**DEFAULTS, "trian": DEFAULTS["train"]}

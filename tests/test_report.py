@@ -112,6 +112,20 @@ def test_runs_of_two_datasets_are_never_on_one_curve(latent_sweep):
     assert "dataset = mnist" in (out / "runs.md").read_text()
 
 
+def test_report_from_a_subfolder_writes_into_the_project_root(latent_sweep, monkeypatch):
+    from typer.testing import CliRunner
+
+    from bam_vae.cli import app
+
+    sub = latent_sweep / "src" / "bam_vae"
+    sub.mkdir(parents=True)
+    monkeypatch.chdir(sub)
+    done = CliRunner().invoke(app, ["report", "--sweep", "latent"])
+    assert done.exit_code == 0, done.output
+    assert (latent_sweep / "reports" / "runs.csv").is_file()
+    assert not (sub / "reports").exists()
+
+
 def test_scores_from_another_number_of_images_are_listed_not_drawn(latent_sweep, capsys):
     # Scored from 16 images: a low FID that must not join the N = 1024 curves.
     tracking.init()

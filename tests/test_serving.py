@@ -69,6 +69,23 @@ def test_bad_requests_are_400s_naming_the_field_and_the_server_survives(served, 
     assert images(port, n=2, seed=0).shape == (2, 28, 28)  # still serving
 
 
+def test_a_request_over_the_total_cap_is_refused_before_any_work(served):
+    # Each row within the per-row cap, 32 768 images together: refused up front, in one line
+    # naming the field and the cap, instead of computing past the HTTP timeout.
+    port, _ = served
+    rows = [{"n": 4096, "seed": s} for s in range(8)]
+    status, reply = post(port, json.dumps({"dataframe_records": rows}).encode())
+    assert status == 400, reply
+    assert reply["message"].splitlines()[-1] == (
+        "Error: n: the request asks for 32768 images in 8 rows; expected at most 4096 per"
+        " request (send several requests)"
+    )
+    latents = [{"latents": np.zeros((4096, 4)).tolist()}, {"latents": np.zeros((1, 4)).tolist()}]
+    status, reply = post(port, json.dumps({"dataframe_records": latents}).encode())
+    assert status == 400 and "latents: the request asks for 4097 images" in reply["message"]
+    assert images(port, n=2, seed=0).shape == (2, 28, 28)  # still serving
+
+
 def test_readmes_python_client_saves_a_grid_of_the_served_digits(served):
     port, project = served
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()

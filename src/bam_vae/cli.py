@@ -230,13 +230,18 @@ def report(
     dataset: Annotated[
         str | None, typer.Option(help="only runs of this dataset (e.g. mnist, fashion-mnist)")
     ] = None,
-    out: Annotated[Path, typer.Option(help="output folder")] = Path("reports"),
+    out: Annotated[
+        Path | None, typer.Option(help="output folder [default: reports/ in the project root]")
+    ] = None,
 ) -> None:
     """Compare runs from the MLflow store: table (CSV, Markdown) and Figures 2, 5, 6a, 6b
     (one curve per dataset, architecture and sampler)."""
+    from bam_vae.paths import REPORTS, project_root
     from bam_vae.stages.report import report as run
 
-    run(sweep=sweep, exp_names=exp, query=query, out_dir=out, dataset=dataset)
+    # From a subfolder too: the store is the project's, so its report goes beside it.
+    out_dir = out or project_root() / REPORTS
+    run(sweep=sweep, exp_names=exp, query=query, out_dir=out_dir, dataset=dataset)
 
 
 @app.command()

@@ -22,11 +22,19 @@ class ConfigError(BamError):
     """A value in params.yaml (or a --set override) is not allowed."""
 
 
+MLFLOW_PARAM_LIMIT = 6000  # characters of one MLflow param value
+
+
 class _Section(BaseModel):
     # Unknown keys are typos far more often than intentions: reject them. Strict types: no
     # bool where a number goes (`epochs: true` is not 1 epoch), no string for a number, no
     # float for an int; an int for a float is still fine (`lr: 1`). No inf/nan anywhere.
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True, allow_inf_nan=False)
+    # MLflow keeps a param up to 6000 characters (a tag 8000) and cuts longer ones silently, so
+    # a longer string would be logged as another value than the run used.
+    model_config = ConfigDict(
+        extra="forbid", strict=True, frozen=True, allow_inf_nan=False,
+        str_max_length=MLFLOW_PARAM_LIMIT,
+    )  # fmt: skip
 
 
 DataSource = Literal["local", "torchvision", "package"]
@@ -303,6 +311,11 @@ def _describe(err: dict[str, Any], where: str = "params") -> str:
         return f"{key}: {value} is not allowed; expected one of {err['ctx']['expected']}"
     if kind in ("model_type", "model_attributes_type", "dict_type"):
         return f"{key}: {value} is not allowed; expected a section of `key: value` lines"
+    if kind == "string_too_long" and err["ctx"]["max_length"] == MLFLOW_PARAM_LIMIT:
+        return (
+            f"{key}: {len(err['input'])} characters is too long; expected at most"
+            f" {MLFLOW_PARAM_LIMIT} (MLflow's limit for a param, which would cut it)"
+        )
     expected = err["msg"].removeprefix("Input should be ").removeprefix("List should have ")
     return f"{key}: {value} is not allowed; expected {expected}"
 

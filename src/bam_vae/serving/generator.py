@@ -37,6 +37,9 @@ from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
 MAX_N = 4096  # images per request row: 4096 x 28 x 28 floats is ~13 MB of JSON per 1 000
+# Images per request, all rows together: bounds one request's work and reply (~50 MB of JSON)
+# so a client cannot make a worker compute past the HTTP timeout.
+MAX_REQUEST = 4096
 
 
 def bad_request(message: str) -> MlflowException:
@@ -100,6 +103,13 @@ class GeneratorModel(mlflow.pyfunc.PythonModel):
         if not isinstance(model_input, pd.DataFrame) or model_input.empty:
             raise bad_request("input: expected one or more rows with columns n and seed")
         rows = model_input.to_dict("records")
+        total = sum(_count(row) for row in rows)
+        if total > MAX_REQUEST:
+            field = "latents" if any(_given(row.get("latents")) for row in rows) else "n"
+            raise bad_request(
+                f"{field}: the request asks for {total} images in {len(rows)} rows; expected at"
+                f" most {MAX_REQUEST} per request (send several requests)"
+            )
         return np.concatenate([self._generate(row) for row in rows]).astype(np.float32)
 
     def _generate(self, row: dict) -> np.ndarray:
@@ -108,7 +118,7 @@ class GeneratorModel(mlflow.pyfunc.PythonModel):
         label = self._label(row)
         labels = None
         latents = row.get("latents")
-        if latents is not None and not (isinstance(latents, float) and math.isnan(latents)):
+        if _given(latents):
             return self._decode(latents, label)
         n = _integer(row, "n", 1, MAX_N)
         seed = _integer(row, "seed", 0)
@@ -167,6 +177,18 @@ class GeneratorModel(mlflow.pyfunc.PythonModel):
             labels = None
         z = self.vae.embed_codes(z) if codes else z.to(self.vae.device)
         return torch.sigmoid(self.vae.decode(z, labels)).cpu()[:, 0].numpy()
+
+
+def _given(latents: Any) -> bool:
+    return latents is not None and not (isinstance(latents, float) and math.isnan(latents))
+
+
+def _count(row: dict) -> int:
+    """Images a request row asks for (its own checks come later, in ``_generate``)."""
+    latents = row.get("latents")
+    if _given(latents):
+        return len(latents) if hasattr(latents, "__len__") else 0
+    return _integer(row, "n", 1, MAX_N)
 
 
 def _nested(value: Any) -> Any:

@@ -19,7 +19,6 @@ import contextlib
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -31,6 +30,7 @@ from typing import Any
 
 from bam_vae.errors import reason
 from bam_vae.machine import available_cores
+from bam_vae.processes import stop_group
 from bam_vae.sweep import guard
 from bam_vae.sweep.grid import Point, label
 
@@ -57,32 +57,6 @@ class Trial:
     env: dict[str, str] = field(default_factory=dict)  # git identity, BAM_ARTIFACT_ROOT
 
 
-def _group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def stop_group(proc: subprocess.Popen, grace: float = STOP_GRACE_S) -> None:
-    """SIGTERM a guarded command's whole group (``bam train`` marks its run KILLED), then
-    SIGKILL whatever is left after ``grace`` seconds."""
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGTERM)
-    deadline = time.monotonic() + grace
-    while time.monotonic() < deadline:
-        proc.poll()
-        if not _group_alive(proc.pid):
-            return
-        time.sleep(0.2)
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-
-
 def run_guarded(cmd: list[str], cwd: Path, env: dict[str, str], log: Path, work: Path) -> int:
     """Run ``cmd`` under the guard, output appended to ``log``; returns its exit status.
 
@@ -101,7 +75,7 @@ def run_guarded(cmd: list[str], cwd: Path, env: dict[str, str], log: Path, work:
                 with contextlib.suppress(subprocess.TimeoutExpired):
                     return proc.wait(timeout=0.5)
         except BaseException:
-            stop_group(proc)
+            stop_group(proc, STOP_GRACE_S)
             raise
 
 

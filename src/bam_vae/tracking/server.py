@@ -9,7 +9,6 @@ figures through it and none writes to its own disk. Both servers are trees of pr
 from __future__ import annotations
 
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -17,10 +16,12 @@ import time
 from pathlib import Path
 
 from bam_vae.errors import BamError, reason
+from bam_vae.processes import stop_group
 from bam_vae.tracking import store as tracking
 from bam_vae.training.checkpoints import stop_on_signals
 
 DB_ENV = "BAM_SERVER_DB"
+STOP_GRACE_S = 10.0  # SIGTERM -> SIGKILL for a server's process group
 
 
 def check_port(host: str, port: int) -> None:
@@ -36,15 +37,9 @@ def run_until_stopped(command: list[str], what: str) -> None:
     with stop_on_signals() as stopped:
         while proc.poll() is None and not stopped():
             time.sleep(0.2)
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        return
-    if proc.returncode:
+    signalled = proc.poll() is None
+    stop_group(proc, STOP_GRACE_S)
+    if not signalled and proc.returncode:
         raise BamError(f"the {what} exited with status {proc.returncode}; see its log above")
 
 

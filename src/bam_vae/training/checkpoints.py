@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from bam_vae.errors import Interrupted, reason
+from bam_vae.errors import Interrupted
 from bam_vae.files import atomic_path, exclusive
 from bam_vae.paths import checkpoint_dir
 
@@ -85,23 +85,26 @@ class Checkpoint:
         # Restored if the file turns out unreadable half-way, so starting over starts clean.
         before = copy.deepcopy([self.model.state_dict(), *(o.state_dict() for o in self.stateful)])
         rng = torch.get_rng_state()
+        why = "it is truncated or not a complete torch file"
         try:
             blob = torch.load(self.path, weights_only=True)
+            why = "it holds the state of another model, optimiser or version of bam-vae"
             self.model.load_state_dict(blob["model"])
             for obj, saved in zip(self.stateful, blob["optimizers"], strict=True):
                 obj.load_state_dict(saved)
             torch.set_rng_state(blob["rng"])
             state = State(**blob["state"])
-        except Exception as exc:  # truncated, foreign, from an older version: start over
+        except Exception:  # truncated, foreign, from an older version: start over
             for obj, saved in zip([self.model, *self.stateful], before, strict=True):
                 obj.load_state_dict(saved)
             torch.set_rng_state(rng)
             stamp = time.strftime("%Y%m%d-%H%M%S")
             aside = self.path.with_name(f"{self.path.name}.corrupt-{stamp}")
             self.path.replace(aside)
-            why = reason(exc)
-            print(f"warning: {self.name}: checkpoint {self.path} is unreadable ({why});"
-                  f" kept as {aside}, starting over", file=sys.stderr)  # fmt: skip
+            # Full words, not torch's internals (its zip reader's message is cut mid-sentence).
+            print(f"warning: {self.name}: the resume checkpoint {self.path} cannot be used: {why}."
+                  f" It is kept as {aside} and {self.name} starts over from the first epoch.",
+                  file=sys.stderr)  # fmt: skip
             return State()
         print(f"{self.name}: resuming from {self.path} at epoch {state.epoch + 1},"
               f" batch {state.batch}")  # fmt: skip
