@@ -60,7 +60,7 @@ def test_failed_generate_keeps_the_previous_samples(
         match = "test.pt"
     else:  # what a fresh clone + `dvc pull` looks like: outputs, but an empty store
         monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'empty.db'}")
-        match = "is not in"
+        match = "generate: MLflow run .* is gone from .*not in this store"
     with pytest.raises(BamError, match=match) as err:
         generate(params.model_copy(update={"generate": params.generate.model_copy(
             update={"seed": 1})}))  # fmt: skip

@@ -37,7 +37,9 @@ def compute(params: Params, metrics_path: Path = paths.FID_METRICS) -> dict:
     cfg = params.fid
     device = resolve_device(cfg.device, "fid.device")
     ref = tracking.read_run_ref()
-    tracking.init()  # an unreachable tracking server fails here, before any work
+    # Before any work: a dead tracking server, or a run or version deleted underneath, fails here.
+    tracking.check_model_ref(ref, "compute-fid")
+    tracking.init()
     generated = as_images(load_generated())
     check_enough(len(generated))
     sampler = generated_sampler()

@@ -38,7 +38,9 @@ def fit_sampler(
     vae.to(resolve_device(cfg.device, "generate.device"))
     sampler = sampler_for(cfg, vae)
     ref = tracking.read_run_ref()
-    tracking.init()  # an unreachable tracking server fails here, before any work
+    # Before any work: a dead tracking server, or a run or version deleted underneath, fails here.
+    tracking.check_model_ref(ref, "fit-sampler")
+    tracking.init()
     start = time.perf_counter()
     metrics: dict = {"sampler": sampler.kind, "sampler_param": cfg.sampler, "z_dim": vae.z_dim}
     if sampler.kind != "prior":

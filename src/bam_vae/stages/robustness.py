@@ -51,8 +51,11 @@ def robustness(
     metrics_path: Path = paths.ROBUSTNESS_METRICS,
 ) -> dict:
     cfg = params.robustness
-    run_id = tracking.read_run_ref()["run_id"]
-    tracking.init()  # an unreachable tracking server fails here, before any work
+    ref = tracking.read_run_ref()
+    run_id = ref["run_id"]
+    # Before any work: a dead tracking server, or a run or version deleted underneath, fails here.
+    tracking.check_model_ref(ref, "robustness")
+    tracking.init()
     vae, _ = load_model(paths.MODEL)
     try:
         evaluator = load_evaluator(paths.EVALUATOR)

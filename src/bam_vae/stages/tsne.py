@@ -92,8 +92,11 @@ def tsne(
     params: Params, figure: Path = paths.TSNE_FIGURE, coords: Path = paths.TSNE_COORDS
 ) -> dict:
     cfg = params.tsne
-    run_id = tracking.read_run_ref()["run_id"]
-    tracking.init()  # an unreachable tracking server fails here, before any work
+    ref = tracking.read_run_ref()
+    run_id = ref["run_id"]
+    # Before any work: a dead tracking server, or a run or version deleted underneath, fails here.
+    tracking.check_model_ref(ref, "tsne")
+    tracking.init()
     vae, _ = load_model(paths.MODEL)
     images, labels = load_split(params.data.out_dir, "test")
     z = encode(vae, images[: cfg.n], labels[: cfg.n])

@@ -138,18 +138,64 @@ _checked: set[str] = set()
 
 def init(experiment: str = EXPERIMENT) -> str:
     """Point MLflow at the project store and return the experiment id (created if new)."""
+    uri = _connect()
+    with store_lock():
+        found = mlflow.get_experiment_by_name(experiment)
+        experiment_id = found.experiment_id if found else _create_experiment(experiment)
+    if found and found.lifecycle_stage == "deleted":
+        raise BamError(
+            f"MLflow experiment {experiment!r} ({experiment_id}) is deleted in {uri};"
+            f" `mlflow experiments restore --experiment-id {experiment_id}` brings it back, or"
+            " `mlflow gc` empties the trash and the next stage creates a new one"
+        )
+    if found and not is_remote(uri):
+        check_artifact_location(found.artifact_location)
+    mlflow.set_experiment(experiment_id=experiment_id)
+    return experiment_id
+
+
+def _connect() -> str:
+    """Point MLflow at the project's store (a server checked once to answer); its URI."""
     uri = tracking_uri()
     if uri not in _checked:
         check_server(uri)
         _checked.add(uri)
     mlflow.set_tracking_uri(uri)
-    with store_lock():
-        found = mlflow.get_experiment_by_name(experiment)
-        experiment_id = found.experiment_id if found else _create_experiment(experiment)
-    if found and not is_remote(uri):
-        check_artifact_location(found.artifact_location)
-    mlflow.set_experiment(experiment_id=experiment_id)
-    return experiment_id
+    return uri
+
+
+def check_model_ref(ref: dict[str, str], stage: str) -> None:
+    """Before a stage writes to the model's run and registered version (``ref``, from
+    ``models/mlflow_run.json``): the experiment, the run and the version still exist (in
+    MLflow's trash counts as gone), else one line saying what is gone and how to remake it."""
+    uri = _connect()
+    c = client()
+    retrain = "run `bam train` (or `dvc repro -f train`) to train and register the model again"
+
+    def gone(what: str, how: str) -> BamError:
+        return BamError(
+            f"{stage}: {what} is gone from {uri} ({how}; {RUN_REF} names it); {retrain}"
+        )
+
+    try:
+        run = c.get_run(ref["run_id"])
+    except mlflow.exceptions.MlflowException:
+        # Deleted for good, or another store (a fresh clone with `dvc pull` but no store).
+        how = "not in this store: point MLFLOW_TRACKING_URI at the one that has it"
+        raise gone(f"MLflow run {ref['run_id']}", how) from None
+    experiment = c.get_experiment(run.info.experiment_id)
+    if experiment is None or experiment.lifecycle_stage == "deleted":
+        restore = f"`mlflow experiments restore --experiment-id {run.info.experiment_id}`"
+        raise gone(f"MLflow experiment {run.info.experiment_id}", f"deleted; {restore} undoes it")
+    if run.info.lifecycle_stage == "deleted":
+        restore = f"`mlflow runs restore --run-id {ref['run_id']}`"
+        raise gone(f"MLflow run {ref['run_id']}", f"deleted; {restore} undoes it")
+    if "model_name" in ref:
+        try:
+            c.get_model_version(ref["model_name"], ref["model_version"])
+        except mlflow.exceptions.MlflowException:
+            what = f"registered version {ref['model_name']}/{ref['model_version']}"
+            raise gone(what, "deleted from the model registry") from None
 
 
 def check_artifact_location(location: str) -> None:
