@@ -16,7 +16,7 @@ from typing import Annotated, Any
 import typer
 
 from bam_vae.config import Params, load_params
-from bam_vae.errors import BamError, Interrupted
+from bam_vae.errors import BamError, Interrupted, storage_error
 
 app = typer.Typer(
     help="bam-vae: VAEs on MNIST as a reproducible DVC + MLflow pipeline.",
@@ -70,6 +70,11 @@ def _run(fn: Callable[..., Any], lock: bool, *args: Any, **kwargs: Any) -> Any:
         _fail(str(exc), 130 if isinstance(exc, Interrupted) else 2)
     except KeyboardInterrupt:
         _fail("interrupted; nothing was written (outputs and the MLflow store are as before)", 130)
+    except Exception as exc:  # a full disk, a quota, a read-only mount: one line, no traceback
+        line = storage_error(exc)
+        if line is None:
+            raise
+        _fail(line, 2)
     finally:
         _locks = None
         signal.signal(signal.SIGTERM, previous)

@@ -43,6 +43,11 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         os.umask(umask)
         tmp_path.chmod(0o666 & ~umask)
         os.replace(tmp_path, path)
+    except OSError as exc:
+        # A failed write(2) (a full disk) names no file: name the one being written.
+        if exc.filename is None:
+            exc.filename = str(path)
+        raise
     finally:
         tmp_path.unlink(missing_ok=True)
 
@@ -139,7 +144,11 @@ def exclusive(lock_file: Path, what: str, wait: bool = False) -> Iterator[None]:
         command = " ".join(Path(a).name if i == 0 else a for i, a in enumerate(sys.argv[:2]))
         holder = f"pid {os.getpid()} ({command}, since {time.strftime('%H:%M:%S')})"
         os.ftruncate(fd, 0)
-        os.pwrite(fd, holder.encode(), 0)
+        try:
+            os.pwrite(fd, holder.encode(), 0)
+        except OSError as exc:  # a full disk: name the lock file, as any other write
+            exc.filename = str(lock_file)
+            raise
         yield
     finally:
         lock_file.unlink(missing_ok=True)  # while still held, so nobody locks a stale file

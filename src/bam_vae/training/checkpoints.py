@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from bam_vae.errors import Interrupted
-from bam_vae.files import atomic_path, exclusive
+from bam_vae.files import exclusive, save_torch
 from bam_vae.paths import checkpoint_dir
 
 SAVE_EVERY_S = 30.0  # default bound on the work a SIGKILL loses; BAM_CHECKPOINT_SECONDS sets it
@@ -112,16 +112,15 @@ class Checkpoint:
 
     def save(self, state: State) -> None:
         self.last_save = time.monotonic()
-        with atomic_path(self.path) as tmp:
-            torch.save(
-                {
-                    "model": self.model.state_dict(),
-                    "optimizers": [obj.state_dict() for obj in self.stateful],
-                    "rng": torch.get_rng_state(),
-                    "state": state.__dict__,
-                },
-                tmp,
-            )
+        # Through a buffer: a full disk is then an OSError naming the file (ENOSPC), not
+        # torch's "[enforce fail at inline_container.cc] unexpected pos".
+        blob = {
+            "model": self.model.state_dict(),
+            "optimizers": [obj.state_dict() for obj in self.stateful],
+            "rng": torch.get_rng_state(),
+            "state": state.__dict__,
+        }
+        save_torch(blob, self.path)
 
     def interrupted(self, state: State) -> Interrupted:
         """Save, and return the error that stops the loop and says how to go on."""
