@@ -397,3 +397,42 @@ def test_prepared_files_are_byte_identical_across_runs(tmp_path):
         prepare(cfg, metrics_path=tmp_path / f"{name}.json")
     for f in ("train.pt", "test.pt", "dataset.json"):
         assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes()
+
+
+@pytest.mark.parametrize("how", [{"name": "mnist"}, {"folder": "MNIST"}, {"name": "fashion-mnist"}])
+def test_own_data_cannot_take_a_named_datasets_name(tmp_path, how):
+    # Its runs and registered models (bam-vae-<arch>) would mix with the real MNIST's.
+    root = tmp_path / how.get("folder", "mine")
+    for i in range(4):
+        _png(root / f"{i}.png")
+    cfg = DataConfig(dataset="images", path=str(root), name=how.get("name", ""))
+    with pytest.raises(BamError, match=r"data.name: '[a-z-]+' .* is the name of the named"):
+        acquire(cfg)
+
+
+def test_sixteen_bit_images_are_scaled_not_clipped(tmp_path):
+    root = tmp_path / "deep"
+    root.mkdir()
+    ramp = (np.arange(28 * 28, dtype=np.uint16).reshape(28, 28) * 83).astype(np.uint16)
+    for i in range(2):
+        Image.fromarray(ramp).save(root / f"{i}.png")
+    assert Image.open(root / "0.png").mode.startswith("I")
+    data, _ = acquire(DataConfig(dataset="images", path=str(root), name="deep"))
+    expected = np.rint(ramp.astype(np.float64) * 255 / 65535).astype(np.uint8)
+    np.testing.assert_array_equal(data.train.images[0], expected)
+    assert len(np.unique(data.train.images[0])) > 200  # PIL's convert("L") leaves 5 levels
+
+
+def test_a_file_where_a_folder_is_expected_and_back(tmp_path):
+    path = _npz(tmp_path, x_train=small(4, 1).images, x_test=small(2, 1).images)
+    with pytest.raises(BamError, match=r"bad.npz: a file, not a folder; expected a folder"):
+        acquire(DataConfig(dataset="images", path=str(path)))
+    with pytest.raises(BamError, match=r"data.path .*: a folder, not a file; expected an .npz"):
+        acquire(DataConfig(dataset="npz", path=str(tmp_path)))
+
+
+def test_a_bad_dataset_name_says_what_is_allowed():
+    from bam_vae.config import ConfigError, parse_params
+
+    with pytest.raises(ConfigError, match=r"data.name: 'MINE' is not allowed; expected lower-case"):
+        parse_params({"data": {"name": "MINE"}})

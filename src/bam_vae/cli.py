@@ -19,7 +19,8 @@ from bam_vae.config import Params, load_params
 from bam_vae.errors import BamError, Interrupted, storage_error
 
 app = typer.Typer(
-    help="bam-vae: VAEs on MNIST as a reproducible DVC + MLflow pipeline.",
+    help="bam-vae: VAEs on MNIST, Fashion-MNIST or your own images as a reproducible DVC + MLflow"
+    " pipeline.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,

@@ -311,6 +311,11 @@ def _describe(err: dict[str, Any], where: str = "params") -> str:
         return f"{key}: {value} is not allowed; expected one of {err['ctx']['expected']}"
     if kind in ("model_type", "model_attributes_type", "dict_type"):
         return f"{key}: {value} is not allowed; expected a section of `key: value` lines"
+    if kind == "string_pattern_mismatch":  # data.name: it names registered models
+        return (
+            f"{key}: {value} is not allowed; expected lower-case letters, digits and '-',"
+            " starting with a letter or digit"
+        )
     if kind == "string_too_long" and err["ctx"]["max_length"] == MLFLOW_PARAM_LIMIT:
         return (
             f"{key}: {len(err['input'])} characters is too long; expected at most"

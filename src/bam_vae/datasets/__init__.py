@@ -21,6 +21,7 @@ from bam_vae.datasets.base import (
     reconstruction_set,
     sha256,
 )
+from bam_vae.errors import BamError
 
 __all__ = [
     "DatasetInfo", "Prepared", "acquire", "data_sha256", "dataset_name", "load_info", "sha256",
@@ -58,5 +59,12 @@ def dataset_name(cfg: DataConfig) -> str:
 def acquire(cfg: DataConfig) -> tuple[Prepared, list[str]]:
     """The checked dataset of ``cfg`` and the sources skipped on the way (named datasets)."""
     if cfg.dataset in USER:
-        return _attr(*USER[cfg.dataset])(cfg, dataset_name(cfg)), []
+        name = dataset_name(cfg)
+        if name in NAMED:  # its runs and registered models would mix with the real one's
+            raise BamError(
+                f"data.name: {name!r} (from {'data.name' if cfg.name else 'data.path'}) is the"
+                f" name of the named dataset {name}; expected another name for your own data"
+                " (set data.name)"
+            )
+        return _attr(*USER[cfg.dataset])(cfg, name), []
     return _attr(*NAMED[cfg.dataset]).load(cfg)

@@ -94,14 +94,28 @@ def check(data: Prepared, counts: tuple[tuple[int, ...], tuple[int, ...]] | None
             raise BamError(f"{where}: class {empty!r} has no images; expected every class used")
 
 
+def user_path(cfg, folder: bool, expected: str) -> Path:
+    """``data.path`` checked to be a folder (``folder``) or a file; else one line."""
+    path = Path(cfg.path)
+    kind = "folder" if folder else "file"
+    if not path.exists():
+        raise BamError(f"data.path {path}: no such {kind}; expected {expected}")
+    if path.is_dir() != folder:
+        found = "a folder" if path.is_dir() else "a file"
+        raise BamError(f"data.path {path}: {found}, not a {kind}; expected {expected}")
+    return path
+
+
 def sha256(array: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(array).tobytes()).hexdigest()
 
 
 def split_summary(split: Split, n_classes: int) -> dict:
+    """Counts and digests of a split (``n_classes`` 0: data without labels, no class counts)."""
+    counts = np.bincount(split.labels, minlength=n_classes) if n_classes else []
     return {
         "count": int(len(split.labels)),
-        "class_counts": [int(c) for c in np.bincount(split.labels, minlength=n_classes)],
+        "class_counts": [int(c) for c in counts],
         "sha256_images": sha256(split.images),
         "sha256_labels": sha256(split.labels),
     }

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from bam_vae.config import DataConfig
-from bam_vae.datasets.base import Prepared, SourceUnavailable, Split, check
+from bam_vae.datasets.base import Prepared, SourceUnavailable, Split, check, user_path
 from bam_vae.errors import BamError
 from bam_vae.paths import user_cache
 
@@ -212,13 +212,13 @@ class IdxDataset:
 # ---------------------------------------------------------------------------- the user's own
 def load_user_idx(cfg: DataConfig, name: str) -> Prepared:
     """``data.dataset: idx``: the four standard files in ``data.path``; classes 0..max label."""
-    folder = Path(cfg.path)
-    if not folder.is_dir():
-        raise BamError(f"data.path {folder}: no such folder; expected the four IDX files there")
+    folder = user_path(cfg, folder=True, expected="the four IDX files")
     try:
         arrays = read_idx_folder(folder)
     except SourceUnavailable as why:
-        raise BamError(f"data.path: {why}; expected {', '.join(STANDARD_FILES.values())}") from None
+        raise BamError(
+            f"data.path: {why}; expected all four IDX files there (.gz or not)"
+        ) from None
     for key in ("train_images", "test_images"):
         if arrays[key].ndim != 3:
             raise BamError(

@@ -9,9 +9,10 @@ Layouts, found in this order:
 
 Classes are the subfolder names in sorted order. Files: ``.png``, ``.jpg``, ``.jpeg``,
 ``.bmp``, ``.gif``, ``.webp`` (case-insensitive). Each is read with PIL, converted to 8-bit
-grayscale (``convert("L")``: ITU-R 601-2 luma) and, unless already 28 x 28, resized to
-28 x 28 with Lanczos (antialiased; the aspect ratio is not kept); ``data.resize: false``
-refuses other sizes instead. The counts converted are recorded in ``metrics/data.json``.
+grayscale (``convert("L")``: ITU-R 601-2 luma; 16-bit grayscale scaled from 0..65535) and,
+unless already 28 x 28, resized to 28 x 28 with Lanczos (antialiased; the aspect ratio is not
+kept); ``data.resize: false`` refuses other sizes instead. The counts converted are recorded
+in ``metrics/data.json``. Other files (a README, labels.csv) are ignored.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from bam_vae.config import DataConfig
-from bam_vae.datasets.base import SIZE, Prepared, Split, check
+from bam_vae.datasets.base import SIZE, Prepared, Split, check, user_path
 from bam_vae.errors import BamError
 
 SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"}
@@ -50,10 +51,11 @@ class _Reader:
             with Image.open(path) as img:
                 img.load()  # decode now: a truncated file fails here, not later
                 mode, size = img.mode, img.size
-                gray = img.convert("L")
+                gray = _gray8(img)
         except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as exc:
             raise BamError(
-                f"{path}: not a readable image ({exc}); expected a PNG or JPEG"
+                f"{path}: not a readable image ({exc}); expected an image file PIL reads"
+                f" ({', '.join(sorted(s[1:] for s in SUFFIXES))})"
             ) from None
         self.grayscale += mode not in ("L", "1")
         if size != (SIZE, SIZE):
@@ -65,6 +67,17 @@ class _Reader:
             gray = gray.resize((SIZE, SIZE), Image.Resampling.LANCZOS)
             self.resized += 1
         return np.asarray(gray, dtype=np.uint8)
+
+
+def _gray8(img):
+    """8-bit grayscale. 16-bit and 32-bit grayscale (``I;16``, ``I``) are scaled from their
+    full range (0..65535) to 0..255: PIL's ``convert("L")`` would clip them at 255."""
+    from PIL import Image
+
+    if img.mode.startswith("I;16") or img.mode == "I":
+        wide = np.asarray(img, dtype=np.float64)
+        return Image.fromarray(np.rint(np.clip(wide, 0, 65535) * (255 / 65535)).astype(np.uint8))
+    return img.convert("L")
 
 
 def _split_rule(files: list[Path], fraction: float, seed: int, what: str) -> tuple[list, list]:
@@ -86,9 +99,7 @@ def _read_split(read: _Reader, groups: list[list[Path]]) -> Split:
 
 
 def load_images(cfg: DataConfig, name: str) -> Prepared:
-    root = Path(cfg.path)
-    if not root.is_dir():
-        raise BamError(f"data.path {root}: no such folder; expected a folder of images")
+    root = user_path(cfg, folder=True, expected="a folder of images")
     read = _Reader(cfg.resize)
     split = {"test_fraction": cfg.test_fraction, "split_seed": cfg.split_seed}
     if (root / "train").is_dir() and (root / "test").is_dir():

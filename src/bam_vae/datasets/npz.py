@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from bam_vae.config import DataConfig
-from bam_vae.datasets.base import SIZE, Prepared, Split, check
+from bam_vae.datasets.base import SIZE, Prepared, Split, check, user_path
 from bam_vae.errors import BamError
 
 
@@ -45,9 +45,7 @@ def _labels(y: np.ndarray, n: int, path: Path, key: str) -> np.ndarray:
 
 
 def load_npz(cfg: DataConfig, name: str) -> Prepared:
-    path = Path(cfg.path)
-    if not path.is_file():
-        raise BamError(f"data.path {path}: no such file; expected an .npz with x_train, x_test")
+    path = user_path(cfg, folder=False, expected="an .npz with x_train, x_test")
     try:
         with np.load(path, allow_pickle=False) as npz:
             arrays = {key: npz[key] for key in npz.files}
