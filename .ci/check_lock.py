@@ -22,6 +22,13 @@ def produced_paths(lock: Path) -> set[str]:
     return {out["path"] for stage in stages.values() for out in stage.get("outs", [])}
 
 
+def is_produced(dep: str, produced: set[str]) -> bool:
+    """``dep`` is an output, a file inside an output folder, or a folder of outputs."""
+    path = Path(dep)
+    return any(path == Path(out) or Path(out) in path.parents or path in Path(out).parents
+               for out in produced)  # fmt: skip
+
+
 def problems(status: dict, produced: set[str]) -> list[str]:
     found = []
     for stage, changes in status.items():
@@ -32,7 +39,7 @@ def problems(status: dict, produced: set[str]) -> list[str]:
             for dep, how in change.get("changed deps", {}).items():
                 if isinstance(how, dict):  # a params file: {key: modified | new | deleted}
                     found += [f"{stage}: param {key} {what}" for key, what in how.items()]
-                elif not (how == "deleted" and dep in produced):
+                elif not (how == "deleted" and is_produced(dep, produced)):
                     found.append(f"{stage}: dependency {dep} {how}")
     return found
 
