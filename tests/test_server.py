@@ -122,8 +122,10 @@ def test_runs_starting_together_share_one_dataset_row(server, tmp_path):
     from concurrent.futures import ThreadPoolExecutor
     from threading import Barrier
 
+    from bam_vae.datasets.base import MNIST_CLASSES, DatasetInfo
     from bam_vae.tracking import store as tracking
 
+    info = DatasetInfo("mnist", MNIST_CLASSES)
     assert server["proc"].poll() is None, "runs before the test that stops the server"
     client = mlflow.MlflowClient(server["uri"])
     experiment = client.create_experiment(f"race-{uuid.uuid4().hex[:6]}")
@@ -139,7 +141,7 @@ def test_runs_starting_together_share_one_dataset_row(server, tmp_path):
             def start_and_log(_: int, sha=sha, barrier=barrier) -> str:
                 with mlflow.start_run(experiment_id=experiment) as run:
                     barrier.wait(timeout=DEADLINE)
-                    tracking.log_dataset(data, sha, "training", 1)
+                    tracking.log_dataset(data, sha, "training", 1, info)
                     return run.info.run_id
 
             with ThreadPoolExecutor(writers) as pool:
