@@ -278,7 +278,7 @@ def make_project(dst: Path, data: Path) -> Path:
     a bare origin, a folder as DVC remote, and the stages every trial shares (evaluator, FID
     reference) computed once, pushed and locked."""
     root = copy_checkout(dst / "project", TINY, DROPPED_STAGES)
-    shutil.copytree(data, root / "data" / "mnist")
+    shutil.copytree(data, root / "data" / "prepared")
     run(["git", "init", "-q", "--bare", "-b", "main", str(dst / "origin.git")], dst)
     run(["git", "init", "-q", "-b", "main"], root)
     run(["git", "remote", "add", "origin", str(dst / "origin.git")], root)
