@@ -129,10 +129,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def post(port: int, body: bytes) -> tuple[int, dict]:
-    """POST ``body`` (JSON) to the model server's /invocations: (HTTP status, reply)."""
+def post(port: int, body: bytes, content_type: str = "application/json") -> tuple[int, dict]:
+    """POST ``body`` to the model server's /invocations: (HTTP status, reply)."""
     request = urllib.request.Request(
-        f"http://127.0.0.1:{port}/invocations", body, {"Content-Type": "application/json"}
+        f"http://127.0.0.1:{port}/invocations", body, {"Content-Type": content_type}
     )
     try:
         with urllib.request.urlopen(request, timeout=SERVE_DEADLINE) as reply:

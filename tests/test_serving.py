@@ -1,4 +1,4 @@
-"""Serving a registered version for real: `bam serve` (mlflow models serve) on 127.0.0.1, HTTP
+"""Serving a registered version for real: `bam serve` (MLflow's scoring server) on 127.0.0.1, HTTP
 requests from here, the pipeline's own images back, 400s for bad requests, nothing left."""
 
 from __future__ import annotations
@@ -66,6 +66,35 @@ def test_bad_requests_are_400s_naming_the_field_and_the_server_survives(served, 
     assert last.startswith(f"Error: {field}:") and "expected" in last, last
     status, reply = post(port, b'{"dataframe_records": [{"n": 2,')  # malformed JSON
     assert status == 400, reply
+    assert images(port, n=2, seed=0).shape == (2, 28, 28)  # still serving
+
+
+def test_csv_requests_get_the_same_images_and_the_same_errors_as_json(served):
+    port, _ = served
+    status, reply = post(port, b"n,seed,sampler\r\n16,0,\r\n4,1,prior\r\n", "text/csv")
+    assert status == 200, reply
+    both = np.asarray(reply["predictions"], dtype=np.float32)
+    np.testing.assert_array_equal(both[:16], images(port, n=16, seed=0))
+    np.testing.assert_array_equal(both[16:], images(port, n=4, seed=1, sampler="prior"))
+    z = np.zeros((2, 4)).tolist()
+    status, reply = post(port, f'latents\n"{json.dumps(z)}"\n'.encode(), "text/csv; charset=utf-8")
+    assert status == 200, reply
+    np.testing.assert_array_equal(reply["predictions"], images(port, latents=z))
+    # A bad value: the generator's own one-line error, as for JSON.
+    status, reply = post(port, b"n,seed\n4,1.5\n", "text/csv")
+    assert status == 400
+    assert reply["message"].splitlines()[-1] == (
+        "Error: seed: 1.5 is not allowed; expected an integer >= 0"
+    )
+    # Not CSV with a header and rows: one line naming what was expected.
+    for body, expected in [
+        (b"n,seed\n4\n", "text/csv: line 2 has 1 cells; expected 2, one per column"),
+        (b"n,seed\n", "text/csv: expected a header line of column names"),
+        (b"n\n\xff\n", "text/csv: the body is not UTF-8"),
+    ]:
+        status, reply = post(port, body, "text/csv")
+        assert status == 400 and reply["message"].startswith(expected), reply
+        assert "\n" not in reply["message"]
     assert images(port, n=2, seed=0).shape == (2, 28, 28)  # still serving
 
 

@@ -286,7 +286,7 @@ def serve(
     port: Annotated[int, typer.Option(help="port on 127.0.0.1")] = 5001,
     workers: Annotated[int, typer.Option(min=1, help="server worker processes")] = 1,
 ) -> None:
-    """Serve a registered version over HTTP (mlflow models serve): POST /invocations."""
+    """Serve a registered version over HTTP (MLflow's scoring server): POST /invocations."""
     from bam_vae.tracking.server import serve_model
 
     serve_model(model, port, workers)

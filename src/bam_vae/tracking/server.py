@@ -30,10 +30,10 @@ def check_port(host: str, port: int) -> None:
             raise BamError(f"--port {port}: {host}:{port} is already in use; pick another port")
 
 
-def run_until_stopped(command: list[str], what: str) -> None:
+def run_until_stopped(command: list[str], what: str, env: dict | None = None) -> None:
     """Run ``command`` in its own process group until it exits or we get SIGINT/SIGTERM,
     then stop the whole group, so no server is left listening."""
-    proc = subprocess.Popen(command, start_new_session=True)
+    proc = subprocess.Popen(command, start_new_session=True, env=env)
     with stop_on_signals() as stopped:
         while proc.poll() is None and not stopped():
             time.sleep(0.2)
@@ -131,26 +131,38 @@ def serve(db: str | None, artifacts: str, host: str, port: int, workers: int) ->
 
 
 # ---------------------------------------------------------------------------- bam serve
-def model_server_command(model_uri: str, port: int, workers: int) -> list[str]:
-    """Exactly ``mlflow models serve`` of a registered version, in this environment."""
-    return [
-        sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri,
-        "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port),
-        "--workers", str(workers),
+def model_server_command(model_dir: Path, port: int, workers: int) -> tuple[list[str], dict]:
+    """What ``mlflow models serve --env-manager local`` runs for a downloaded model folder
+    (uvicorn, MLflow's environment: model path, request timeout), with the app of
+    :mod:`bam_vae.serving.app` (MLflow's scoring app that also reads ``text/csv``)."""
+    from mlflow.pyfunc import scoring_server
+
+    _, env = scoring_server.get_cmd(str(model_dir), port, "127.0.0.1", None, workers)
+    command = [
+        sys.executable, "-m", "uvicorn", "--host", "127.0.0.1", "--port", str(port),
+        "--workers", str(workers), "--factory", "bam_vae.serving.app:create_app",
     ]  # fmt: skip
+    return command, env
 
 
 def serve_model(model_uri: str, port: int, workers: int) -> None:
-    """``mlflow models serve`` of ``model_uri`` (``models:/bam-vae-cnn@champion``...) from the
-    project's store, on 127.0.0.1, until Ctrl-C or SIGTERM."""
+    """MLflow's scoring server for ``model_uri`` (``models:/bam-vae-cnn@champion``...) from the
+    project's store, on 127.0.0.1, until Ctrl-C or SIGTERM: the server ``mlflow models serve``
+    runs, which also takes ``text/csv`` requests (:mod:`bam_vae.serving.app`)."""
+    import tempfile
+
+    import mlflow
+
     check_port("127.0.0.1", port)
     tracking.init()
     tracking.model_run_id(model_uri)  # an unknown name, version or alias: one line, now
-    os.environ["MLFLOW_TRACKING_URI"] = tracking.tracking_uri()  # for models:/ in the child
-    print(
-        f"serving {model_uri} at http://127.0.0.1:{port}/invocations  (Ctrl-C stops it)\n"
-        f"  curl -s http://127.0.0.1:{port}/invocations -H 'Content-Type: application/json'"
-        """ -d '{"dataframe_records": [{"n": 16, "seed": 0}]}'""",
-        flush=True,
-    )
-    run_until_stopped(model_server_command(model_uri, port, workers), "model server")
+    with tempfile.TemporaryDirectory(prefix="bam-serve-") as tmp:
+        model_dir = Path(mlflow.artifacts.download_artifacts(model_uri, dst_path=tmp))
+        print(
+            f"serving {model_uri} at http://127.0.0.1:{port}/invocations  (Ctrl-C stops it)\n"
+            f"  curl -s http://127.0.0.1:{port}/invocations -H 'Content-Type: application/json'"
+            """ -d '{"dataframe_records": [{"n": 16, "seed": 0}]}'""",
+            flush=True,
+        )
+        command, env = model_server_command(model_dir, port, workers)
+        run_until_stopped(command, "model server", env)
