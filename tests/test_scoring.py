@@ -1,4 +1,5 @@
-"""FID, floor and KID behave as distances; t-SNE embedding and noise images are as documented."""
+"""FID, floor and KID behave as distances; precision/recall are the papers' definitions;
+t-SNE embedding and noise images are as documented."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import torch
 
 from bam_vae.config import FidConfig
 from bam_vae.errors import BamError
-from bam_vae.scoring.fid import fid, kid, load_generated, load_reference
+from bam_vae.scoring.fid import fid, kid, load_generated, load_reference, precision_recall
 from bam_vae.stages.tsne import embed
 
 
@@ -44,6 +45,35 @@ def test_kid_is_unbiased_near_zero_for_same_distribution_and_positive_otherwise(
     assert diff_mean > 0
 
 
+def _knn_radius(x: np.ndarray, k: int) -> np.ndarray:
+    d = np.linalg.norm(x[:, None] - x[None], axis=-1)
+    return np.sort(d, axis=1)[:, k]  # column 0 is the point itself
+
+
+def test_precision_recall_density_coverage_are_the_papers_definitions(features):
+    # Fixed features, the definitions written out by brute force: a sample is "precise" when it
+    # lies in some real image's k-NN ball (Kynkäänniemi et al. 2019, k = 3); density counts the
+    # balls, coverage the real images with a sample in theirs (Naeem et al. 2020, k = 5).
+    rng = np.random.default_rng(3)
+    real = features[:300]
+    fake = features[300:500] * 1.3 + rng.normal(0, 0.5, size=(200, 16))
+    cross = np.linalg.norm(real[:, None] - fake[None], axis=-1)  # real x fake
+    r3, f3, r5 = _knn_radius(real, 3), _knn_radius(fake, 3), _knn_radius(real, 5)
+    expected = {
+        "precision": (cross < r3[:, None]).any(0).mean(),
+        "recall": (cross < f3[None, :]).any(1).mean(),
+        "density": (cross < r5[:, None]).sum(0).mean() / 5,
+        "coverage": (cross.min(1) < r5).mean(),
+    }
+    got = precision_recall(real, fake)
+    assert got == pytest.approx(expected, abs=1e-6)
+    assert 0 < got["precision"] < 1 and 0 < got["recall"] < 1
+    same = precision_recall(real, real)
+    assert same["precision"] == same["recall"] == same["coverage"] == 1.0
+    far = precision_recall(real, real + 100.0)
+    assert far == {"precision": 0.0, "recall": 0.0, "density": 0.0, "coverage": 0.0}
+
+
 @pytest.mark.parametrize(
     ("z_dim", "method"), [(1, "1-D"), (2, "no projection"), (8, "t-SNE"), (64, "PCA")]
 )
@@ -58,7 +88,7 @@ def test_embedding_by_latent_size(z_dim, method):
 
 def test_missing_inputs_name_the_file_and_the_fix(tmp_path):
     with pytest.raises(BamError, match="classifier.npy not found; run `bam fid-reference"):
-        load_reference("classifier", tmp_path)
+        load_reference("classifier", ref_dir=tmp_path)
     with pytest.raises(BamError, match="images.npy not found; run `bam generate`"):
         load_generated(tmp_path / "images.npy")
     bad = tmp_path / "bad.npy"

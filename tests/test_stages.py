@@ -80,6 +80,16 @@ def test_every_arch_runs_every_stage(arch, project, tiny, evaluator_file):
     images = np.load(project / "data/generated/images.npy")
     assert images.shape == (60, 28, 28) and images.min() >= 0 and images.max() <= 1
     assert np.isfinite(metrics["fid_classifier"]) and metrics["fid_floor_classifier"] >= 0
+    for share in ("precision", "recall", "coverage"):
+        assert 0 <= metrics[f"{share}_classifier"] <= 1
+    # What the scores come from: N, the reference and the floor's images, network, precision.
+    protocol = metrics["protocol"]
+    assert protocol["n_generated"] == 60
+    assert protocol["spaces"]["classifier"] | {"network": "", "dim": 0} == {
+        "network": "", "dim": 0, "precision": "fp32", "reference": "256 test images",
+        "floor": "60 training images against the 256 test images",
+        "precision_recall": "60 test images; prdc, P/R k=3, D/C k=5",
+    }  # fmt: skip
     assert metrics["sampler"] == FITTED[arch]
     assert ("label_accuracy" in metrics) == (arch == "cvae")
     assert 0 <= robust["auroc_neg_elbo_gaussian"] <= 1
@@ -89,6 +99,8 @@ def test_every_arch_runs_every_stage(arch, project, tiny, evaluator_file):
     assert ref["model_name"] == f"bam-vae-{arch}"
     run = mlflow.get_run(ref["run_id"])
     assert f"{FITTED[arch]}/fid_classifier" in run.data.metrics
+    assert f"{FITTED[arch]}/precision_classifier" in run.data.metrics
+    assert run.data.tags[f"{FITTED[arch]}/protocol"] == "N=60 vs 256 test images; classifier fp32"
     assert "auroc_neg_elbo_uniform" in run.data.metrics
     artifacts = {a.path for a in tracking.client().list_artifacts(ref["run_id"], "figures")}
     assert artifacts == {f"figures/{FITTED[arch]}", "figures/reconstructions.png",
@@ -135,7 +147,7 @@ def test_workers_starting_together_compute_the_reference_once(
     (project / "models").mkdir()
     shutil.copy(evaluator_file, project / "models/evaluator.pt")
     expected = np.load(reference(params, "classifier", chunk=64))
-    (cached,) = (tmp_path / "machine-cache/fid-reference").glob("classifier-*.npy")
+    (cached,) = (tmp_path / "machine-cache/fid-reference").glob("classifier-test-*.npy")
     features = cached.read_bytes()
     cached.unlink()
     calls: list[int] = []
@@ -174,7 +186,7 @@ def test_reference_is_cached_per_machine_and_resumes_from_its_saved_chunks(
     (project / "models").mkdir()
     shutil.copy(evaluator_file, project / "models/evaluator.pt")
     expected = np.load(reference(params, "classifier", chunk=64))  # 256 test images: 4 chunks
-    (cached,) = cache.glob("classifier-*.npy")
+    (cached,) = cache.glob("classifier-test-*.npy")
 
     calls: list[int] = []
     real = fid.feature_extractor
@@ -202,7 +214,9 @@ def test_reference_is_cached_per_machine_and_resumes_from_its_saved_chunks(
     reference(params, "classifier", chunk=64)
     assert calls == [64, 64]  # only the chunks that were missing
     np.testing.assert_array_equal(np.load(out), expected)
-    assert [p.name for p in cache.iterdir()] == [cached.name]  # chunks gone, features kept
+    kept = sorted(p.name for p in cache.iterdir() if not p.name.startswith("."))
+    assert kept == sorted([cached.name, *[p.name for p in cache.glob("classifier-train-*.npy")]])
+    assert len(kept) == 2  # chunks gone, features of the test and the floor's images kept
 
     # Another checkout on this machine: the features come from the cache, nothing is computed.
     calls.clear()

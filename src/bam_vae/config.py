@@ -199,6 +199,7 @@ class FidConfig(_Section):
     inception_weights: str | None = None
     kid_subsets: int = Field(100, ge=1)
     kid_subset_size: int = Field(1000, ge=2)
+    floor_n: int = Field(10_000, ge=2)  # training images of the FID floor (fid-reference)
     confidence: float = Field(0.9, gt=0, le=1)
     seed: int = Field(0, ge=0)
     # Inception features only: bf16 is faster (bench/inception_throughput.py); fp32 is the

@@ -6,13 +6,20 @@ Feature spaces (``fid.features``):
 
 The test-set features of each space are computed once (stage ``fid-reference@<space>``) and
 reused by every model (stage ``compute-fid``). FID is :func:`frechet_distance` (pytorch-fid's
-formula, with any scipy). Because N = 1024 samples bias FID upwards, the same space also
-gives the *floor* (1024 real test images against the whole test set) and KID, which is
-unbiased.
+formula, with any scipy). Because N samples bias FID upwards (N = 1024 by several points), the
+same space also gives the *floor* (N held-out training images against the test set: what a
+perfect generator scores at this N), KID, which is unbiased, and precision/recall and
+density/coverage (:func:`precision_recall`), which tell sample quality from coverage.
+
+The literature's MNIST protocol (Heusel et al. 2017; the tables of Ghosh et al. 2020 and Dai &
+Wipf 2019) is 10 000 samples against the 10 000 test images in Inception pool3 features, fp32:
+``generate.n=10000`` with ``fid.features=[classifier,inception]`` (docs/results.md).
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -135,10 +142,18 @@ def load_array(path: Path, what: str, shape: str, ok: Callable[[np.ndarray], boo
     return array
 
 
-def load_reference(space: str, ref_dir: Path = paths.FID_REFERENCE_DIR) -> np.ndarray:
+def reference_path(space: str, split: str, ref_dir: Path = paths.FID_REFERENCE_DIR) -> Path:
+    """``<space>.npy`` (the test images) or ``<space>-train.npy`` (the floor's training images)."""
+    return ref_dir / (f"{space}.npy" if split == "test" else f"{space}-{split}.npy")
+
+
+def load_reference(
+    space: str, split: str = "test", ref_dir: Path = paths.FID_REFERENCE_DIR
+) -> np.ndarray:
     hint = f"run `bam fid-reference --space {space}`"
     ok = lambda a: a.ndim == 2 and len(a) >= 2  # noqa: E731
-    return load_array(ref_dir / f"{space}.npy", "FID reference", "(N >= 2, D)", ok, hint)
+    path = reference_path(space, split, ref_dir)
+    return load_array(path, "FID reference", "(N >= 2, D)", ok, hint)
 
 
 def load_generated(path: Path = paths.GENERATED) -> np.ndarray:
@@ -158,15 +173,21 @@ def check_enough(n: int, path: Path = paths.GENERATED) -> None:
 
 def score_space(
     space: str, generated: torch.Tensor, cfg: FidConfig
-) -> tuple[dict[str, float], list[str]]:
-    """FID, its floor and KID of ``generated`` (N x 1 x 28 x 28, N >= 2) in one feature space,
-    with the KID subset size actually used; and warnings for scores N makes unreliable."""
+) -> tuple[dict[str, float], list[str], dict]:
+    """The scores of ``generated`` (N x 1 x 28 x 28, N >= 2) in one feature space: FID against
+    the test images, its floor, KID with the subset size actually used, precision, recall,
+    density and coverage; warnings for scores N makes unreliable; and what they were computed
+    from (images, network, precision) for the run's protocol record."""
     real = load_reference(space)
+    train = load_reference(space, "train")
     fake = feature_extractor(space, cfg)[0](generated)
     n, dim = fake.shape
-    # The floor: as many real test images as there are samples, against the full test set.
     rng = np.random.default_rng(cfg.seed)
-    real_subset = real[rng.choice(len(real), min(n, len(real)), replace=False)]
+    # The floor: as many real training images as there are samples, against the test images:
+    # the FID of a perfect generator at this N (held-out images, as samples are).
+    floor = train[rng.choice(len(train), min(n, len(train)), replace=False)]
+    # P/R compare sets of equal size (Kynkäänniemi et al. 2019): N test images, seeded.
+    real_n = real[rng.choice(len(real), min(n, len(real)), replace=False)]
     subset_size = min(cfg.kid_subset_size, len(real), n)
     kid_mean, kid_std = kid(real, fake, cfg.kid_subsets, subset_size, cfg.seed)
     warnings = []
@@ -176,6 +197,11 @@ def score_space(
             " dimensions make the covariance singular and FID biased upwards; compare it only"
             " with scores from the same number of images"
         )
+    if len(floor) < n:
+        warnings.append(
+            f"fid_floor_{space} from {len(floor)} training images, fewer than the {n} generated"
+            f" (fid.floor_n={cfg.floor_n}): the floor is biased upwards"
+        )
     if subset_size < cfg.kid_subset_size:
         warnings.append(
             f"kid_{space} from subsets of {subset_size} images, not"
@@ -183,12 +209,50 @@ def score_space(
         )
     scores = {
         f"fid_{space}": fid(real, fake),
-        f"fid_floor_{space}": fid(real, real_subset),
+        f"fid_floor_{space}": fid(real, floor),
         f"kid_{space}": kid_mean,
         f"kid_std_{space}": kid_std,
         f"kid_subset_size_{space}": subset_size,
     }
-    return scores, warnings
+    if min(n, len(real_n)) > DC_K + 1:
+        scores |= {f"{k}_{space}": v for k, v in precision_recall(real_n, fake).items()}
+    else:
+        warnings.append(f"precision/recall_{space}: {n} images, expected more than {DC_K + 1}")
+    protocol = {
+        "network": NETWORKS[space],
+        "dim": dim,
+        "precision": cfg.precision if space == "inception" else "fp32",
+        "reference": f"{len(real)} test images",
+        "floor": f"{len(floor)} training images against the {len(real)} test images",
+        "precision_recall": f"{len(real_n)} test images; prdc, P/R k={PR_K}, D/C k={DC_K}",
+    }
+    return scores, warnings, protocol
+
+
+NETWORKS = {
+    "classifier": "the dataset's evaluator (models/evaluator.pt), penultimate layer",
+    "inception": "pytorch-fid InceptionV3 pool3 (pt_inception-2015-12-05-6726825d.pth)",
+}
+PR_K = 3  # improved precision/recall: k-NN radii of Kynkäänniemi et al. 2019
+DC_K = 5  # density/coverage: Naeem et al. 2020's recommended k
+
+
+def precision_recall(real: np.ndarray, fake: np.ndarray) -> dict[str, float]:
+    """Improved precision and recall (Kynkäänniemi et al. 2019; k = 3 nearest neighbours) and
+    density and coverage (Naeem et al. 2020; k = 5) of ``fake`` (M x D) against ``real``
+    (N x D) features, both more than 6 rows, computed by the ``prdc`` package (Naeem et al.'s
+    code) in float32. Precision, recall and coverage are shares in [0, 1]; density is >= 0,
+    about 1 when the two sets come from one distribution."""
+    from prdc import compute_prdc
+
+    real32, fake32 = (np.ascontiguousarray(a, dtype=np.float32) for a in (real, fake))
+    with contextlib.redirect_stdout(io.StringIO()):  # prdc prints the set sizes
+        pr = compute_prdc(real32, fake32, PR_K)
+        dc = compute_prdc(real32, fake32, DC_K)
+    return {
+        "precision": float(pr["precision"]), "recall": float(pr["recall"]),
+        "density": float(dc["density"]), "coverage": float(dc["coverage"]),
+    }  # fmt: skip
 
 
 def generated_sampler(path: Path = paths.GENERATED) -> str:

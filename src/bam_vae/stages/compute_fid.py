@@ -47,10 +47,13 @@ def compute(params: Params, metrics_path: Path = paths.FID_METRICS) -> dict:
     metrics: dict = {"sampler": sampler, "n_generated": len(generated)}
     metrics["kid_subsets"] = cfg.kid_subsets
     warnings: list[str] = []
+    # What the scores were computed from, so that no ranking mixes protocols (see `bam promote`).
+    protocol: dict = {"n_generated": len(generated), "spaces": {}}
     for space in cfg.features:
-        scores, notes = score_space(space, generated, cfg)
+        scores, notes, protocol["spaces"][space] = score_space(space, generated, cfg)
         metrics |= scores
         warnings += notes
+    metrics["protocol"] = protocol
     for note in warnings:
         print(f"compute-fid: warning: {note}", file=sys.stderr)
     try:
@@ -70,14 +73,24 @@ def compute(params: Params, metrics_path: Path = paths.FID_METRICS) -> dict:
     with tracking.reopen_run(ref["run_id"]):
         mlflow.log_metrics(scalars)
         mlflow.log_dict(metrics, f"metrics/fid_{sampler}.json")
+        mlflow.set_tag(f"{sampler}/protocol", protocol_tag(protocol))
     client = tracking.client()
     for key, value in scalars.items():
         client.set_model_version_tag(ref["model_name"], ref["model_version"], key, f"{value:.6g}")
+
     write_json(metrics_path, metrics)
-    shown = [k for k in metrics if k.startswith(("fid", "kid_")) and "subset" not in k]
+    shown = [k for k in metrics if k.startswith(("fid", "kid_", "precision", "recall"))]
+    shown = [k for k in shown if "subset" not in k]
     summary = ", ".join(f"{k} {metrics[k]:.3f}" for k in shown)
     entropy = (
         f", class entropy {metrics['class_entropy']:.3f}" if "class_entropy" in metrics else ""
     )
     print(f"compute-fid ({sampler}): {summary}{entropy}")
     return metrics
+
+
+def protocol_tag(protocol: dict) -> str:
+    """One line for the run's tags: ``N=10000 vs 10000 test images; inception fp32, ...``."""
+    spaces = ", ".join(f"{k} {v['precision']}" for k, v in protocol["spaces"].items())
+    reference = next(iter(protocol["spaces"].values()))["reference"]
+    return f"N={protocol['n_generated']} vs {reference}; {spaces}"
