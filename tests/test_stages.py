@@ -23,6 +23,7 @@ from bam_vae.stages.compute_fid import compute
 from bam_vae.stages.fid_reference import reference
 from bam_vae.stages.fit_sampler import fit_sampler
 from bam_vae.stages.generate import generate
+from bam_vae.stages.inspect import inspect
 from bam_vae.stages.robustness import robustness
 from bam_vae.stages.train import fit
 from bam_vae.stages.train_evaluator import train_evaluator
@@ -76,6 +77,7 @@ def test_every_arch_runs_every_stage(arch, project, tiny, evaluator_file):
     metrics = compute(params)
     tsne(params)
     robust = robustness(params)
+    looked = inspect(params)
 
     images = np.load(project / "data/generated/images.npy")
     assert images.shape == (60, 28, 28) and images.min() >= 0 and images.max() <= 1
@@ -93,7 +95,10 @@ def test_every_arch_runs_every_stage(arch, project, tiny, evaluator_file):
     assert metrics["sampler"] == FITTED[arch]
     assert ("label_accuracy" in metrics) == (arch == "cvae")
     assert 0 <= robust["auroc_neg_elbo_gaussian"] <= 1
-    for fig in ("samples", "reconstructions", "tsne", "robustness"):
+    assert 0 <= looked["copy_share"] <= 1 and looked["n_samples"] == 60
+    assert json.loads((project / "metrics/memorisation.json").read_text()) == looked
+    for fig in ("samples", "reconstructions", "tsne", "robustness", "nearest", "interpolations",
+                "traversals"):  # fmt: skip
         assert (project / f"figures/{fig}.png").stat().st_size > 500
     ref = json.loads((project / "models/mlflow_run.json").read_text())
     assert ref["model_name"] == f"bam-vae-{arch}"
@@ -104,7 +109,9 @@ def test_every_arch_runs_every_stage(arch, project, tiny, evaluator_file):
     assert "auroc_neg_elbo_uniform" in run.data.metrics
     artifacts = {a.path for a in tracking.client().list_artifacts(ref["run_id"], "figures")}
     assert artifacts == {f"figures/{FITTED[arch]}", "figures/reconstructions.png",
-                         "figures/tsne.png", "figures/robustness.png"}  # fmt: skip
+                         "figures/tsne.png", "figures/robustness.png", "figures/nearest.png",
+                         "figures/interpolations.png", "figures/traversals.png"}  # fmt: skip
+    assert f"{FITTED[arch]}/copy_share" in mlflow.get_run(ref["run_id"]).data.metrics
     version = tracking.client().get_model_version(ref["model_name"], ref["model_version"])
     assert f"{FITTED[arch]}/fid_classifier" in version.tags
     # The registered version is a pyfunc generator that serves the pipeline's own samples.

@@ -224,6 +224,15 @@ def robustness(params: ParamsFile = Path("params.yaml"), set_: Overrides = None)
 
 
 @app.command()
+@stage
+def inspect(params: ParamsFile = Path("params.yaml"), set_: Overrides = None) -> None:
+    """Stage inspect: nearest training images and memorisation, interpolations, traversals."""
+    from bam_vae.stages.inspect import inspect as run
+
+    run(_params(params, set_))
+
+
+@app.command()
 @command
 def report(
     sweep: Annotated[str | None, typer.Option(help="only runs with this sweep tag")] = None,

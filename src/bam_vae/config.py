@@ -214,6 +214,14 @@ class TsneConfig(_Section):
     seed: int = Field(0, ge=0)
 
 
+class InspectConfig(_Section):
+    rows: int = Field(8, ge=1, le=64)  # samples shown beside their nearest training images
+    pairs: int = Field(6, ge=1, le=32)  # pairs of test images interpolated
+    steps: int = Field(10, ge=2, le=32)  # decoded points per interpolation and traversal
+    dims: int = Field(8, ge=1, le=64)  # latent dimensions traversed
+    seed: int = Field(0, ge=0)
+
+
 class RobustnessConfig(_Section):
     n: int = Field(1000, ge=10)
     gaussian_mean: float = 0.5
@@ -231,6 +239,7 @@ class Params(_Section):
     fid: FidConfig = Field(default_factory=FidConfig)
     tsne: TsneConfig = Field(default_factory=TsneConfig)
     robustness: RobustnessConfig = Field(default_factory=RobustnessConfig)
+    inspect: InspectConfig = Field(default_factory=InspectConfig)
 
 
 class DuplicateKeyError(YAMLError):

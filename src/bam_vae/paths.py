@@ -37,6 +37,8 @@ TSNE_COORDS = Path("metrics/tsne.csv")
 # robustness
 ROBUSTNESS_FIGURE = FIGURES / "robustness.png"
 ROBUSTNESS_METRICS = Path("metrics/robustness.json")
+# inspect
+MEMORISATION_METRICS = Path("metrics/memorisation.json")
 # bam report
 REPORTS = Path("reports")
 
