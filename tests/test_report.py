@@ -34,6 +34,7 @@ def fake_run(
             )
         scores = {"fid_classifier": fid, "fid_floor_classifier": 2.0, "kid_classifier": fid / 10}
         scores |= {"digit_entropy": 0.95, "n_generated": n}
+        scores |= {"precision_classifier": 0.8 - fid / 200, "recall_classifier": 0.3 + z_dim / 400}
         mlflow.log_metrics({f"prior/{k}": v for k, v in scores.items()})
         # A good sampler on the same model: every score again under its name.
         mlflow.log_metrics({f"gmm/{k}": v / 2 for k, v in scores.items() if k != "n_generated"})
@@ -78,8 +79,12 @@ def test_report_of_a_latent_sweep(latent_sweep):
         "model_version",
     }
     assert wanted <= set(table.columns)
-    for fig in ("fig6a_fid_vs_zdim.png", "fig5_loss_vs_zdim.png", "fig2_loss_curves.png"):
+    for fig in ("fig6a_fid_vs_zdim.png", "fig5_loss_vs_zdim.png", "fig2_loss_curves.png",
+                "precision_recall.png"):  # fmt: skip
         assert (out / fig).stat().st_size > 1000, fig
+    assert {"precision_classifier", "recall_classifier"} <= set(table.columns)
+    np.testing.assert_allclose(table.groupby("run_id")["recall_classifier"].max(),
+                               0.3 + table.groupby("run_id")["z_dim"].first() / 400)  # fmt: skip
     # Only one k1 value in this sweep: Figure 6b cannot be drawn and the report says so.
     assert "fig6b_fid_vs_k1.png" in missing and not (out / "fig6b_fid_vs_k1.png").exists()
     markdown = (out / "runs.md").read_text()
@@ -149,7 +154,8 @@ def test_report_with_a_query_and_with_nothing_selected(latent_sweep):
     assert len(pd.read_csv(out / "runs.csv")) == 2
     missing = report(sweep="no-such-sweep", out_dir=out)
     assert set(missing) == {"fig6a_fid_vs_zdim.png", "fig6b_fid_vs_k1.png",
-                            "fig5_loss_vs_zdim.png", "fig2_loss_curves.png"}  # fmt: skip
+                            "fig5_loss_vs_zdim.png", "fig2_loss_curves.png",
+                            "precision_recall.png"}  # fmt: skip
     assert "(0 runs, 0 rows" in (out / "runs.md").read_text()
 
 

@@ -4,7 +4,8 @@ The report selects training runs (by sweep tag, DVC experiment names and/or an M
 filter), writes ``reports/runs.csv`` and ``reports/runs.md`` and redraws the report's figures
 from whatever those runs contain: 6a (FID vs z_dim per arch, log-x), 6b (FID vs the k1 share),
 5 (final train/test loss vs z_dim) and 2 (loss per epoch, one curve per value of the swept
-param). A figure that the selected runs cannot support is listed as missing, with the reason.
+param), and precision against recall per feature space. A figure that the selected runs
+cannot support is listed as missing, with the reason.
 Runs of different datasets (tag ``dataset``; runs logged before it existed are MNIST's) are
 never on one curve: every curve is one dataset's, and ``--dataset`` keeps one dataset only.
 """
@@ -48,7 +49,9 @@ COLUMNS = {
 # Scores of one sampler, logged by compute-fid as ``<sampler>/<name>``.
 SCORES = [
     *(f"{m}_{s}" for s in SPACES for m in ("fid", "fid_floor", "kid")),
+    *(f"{m}_{s}" for s in SPACES for m in ("precision", "recall", "density", "coverage")),
     "class_entropy", "confident_share", "label_accuracy", "n_generated",
+    "copy_share", "nn_ratio", "mw_z",  # stage inspect: memorisation
 ]  # fmt: skip
 NUMERIC = ["z_dim", "k1", "k2", "epochs", "train_fraction"]
 # The params a sweep can vary, in the order used to group the loss curves of Figure 2.
@@ -195,6 +198,27 @@ def fig_fid_vs(table: pd.DataFrame, x: str, path: Path, title: str, logx: bool) 
     return None
 
 
+def fig_precision_recall(table: pd.DataFrame, path: Path) -> str | None:
+    """Precision against recall (Kynkäänniemi et al. 2019), one point per run and sampler,
+    one panel per feature space: up and right is better; the corner is the test set's."""
+    spaces = [
+        s for s in SPACES if f"precision_{s}" in table and table[f"precision_{s}"].notna().any()
+    ]
+    if not spaces:
+        return "needs runs scored by compute-fid with precision/recall (run it again)"
+    fig, axes = subplots(1, len(spaces), figsize=(5 * len(spaces), 4.5), squeeze=False)
+    for ax, space in zip(axes[0], spaces, strict=True):
+        scored = table.dropna(subset=[f"precision_{space}"])
+        for (arch, sampler), g in scored.groupby(["arch", "sampler"], dropna=False):
+            ax.scatter(g[f"recall_{space}"], g[f"precision_{space}"], label=f"{arch} {sampler}")
+        ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="recall (test images covered)",
+               ylabel="precision (samples on the test manifold)", title=space)  # fmt: skip
+        ax.legend(fontsize=7)
+    fig.suptitle("Improved precision and recall, k = 3")
+    save_figure(fig, path)
+    return None
+
+
 def fig_loss_vs_zdim(table: pd.DataFrame, path: Path) -> str | None:
     if table["z_dim"].nunique() < 2 or table["test_loss"].isna().all():
         return (
@@ -292,6 +316,7 @@ def report(
             shares, "k1_share", p, "FID vs k1 / (k1 + k2) (Fig. 6b)", logx=False
         ),
         "fig5_loss_vs_zdim.png": lambda p: fig_loss_vs_zdim(table, p),
+        "precision_recall.png": lambda p: fig_precision_recall(comparable, p),
         "fig2_loss_curves.png": lambda p: fig_curves(table, p),
     }
     selection = search_filter(sweep, exp_names, query)
