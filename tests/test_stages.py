@@ -387,3 +387,23 @@ def test_images_without_labels_go_through_every_stage_in_the_inception_space(pro
     for figure in ("samples", "reconstructions", "tsne", "robustness"):
         assert (project / f"figures/{figure}.png").is_file(), figure
     assert tracking.read_run_ref()["model_name"] == "bam-vae-faces-cnn"
+
+
+def test_the_floor_holds_when_samples_are_as_many_as_the_test_images(project, tiny, evaluator_file):
+    # N = the whole test set (the literature's 10 000 of 10 000): the floor's real images are
+    # held-out training images, so it stays a positive FID instead of the test set against
+    # itself (0); fewer floor images than samples is said.
+    params = generated_by_prior(project, tiny, evaluator_file, n=256)
+    metrics = compute(params)
+    # The test set against itself would be 0 up to rounding (~1e-12).
+    assert metrics["fid_classifier"] / 10 > metrics["fid_floor_classifier"] > 1e-4
+    assert metrics["protocol"]["spaces"]["classifier"]["floor"] == (
+        "256 training images against the 256 test images"
+    )
+    fewer = params.model_copy(update={"fid": params.fid.model_copy(update={"floor_n": 100})})
+    reference(fewer, "classifier")
+    assert len(np.load(project / "data/fid_ref/classifier-train.npy")) == 100
+    assert (
+        "fid_floor_classifier from 100 training images, fewer than the 256 generated"
+        " (fid.floor_n=100): the floor is biased upwards"
+    ) in compute(fewer)["warnings"]
