@@ -24,7 +24,7 @@ for row in "${@:-${ORDER[@]}}"; do
   # shellcheck disable=SC2086
   dvc exp run -n "lit-$row" "${PROTOCOL[@]}" ${ROWS[$row]}
   mkdir -p "$OUT/$row"
-  cp metrics/*.json "$OUT/$row/"
+  cp metrics/*.json models/mlflow_run.json "$OUT/$row/"
   echo "{\"row\": \"$row\", \"wall_s\": $(( $(date +%s) - start )), \"processor\": \"$(lscpu | sed -n 's/^Model name: *//p')\", \"commit\": \"$(git rev-parse --short HEAD)\", \"date\": \"$(date -u +%F)\"}" > "$OUT/$row/run.json"
 done
 git checkout -- params.yaml

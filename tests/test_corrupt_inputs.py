@@ -19,6 +19,7 @@ from bam_vae.stages.compute_fid import compute
 from bam_vae.stages.fid_reference import reference
 from bam_vae.stages.fit_sampler import fit_sampler
 from bam_vae.stages.generate import generate
+from bam_vae.stages.inspect import inspect
 from bam_vae.stages.robustness import robustness
 from bam_vae.stages.train import fit
 from bam_vae.stages.train_evaluator import train_evaluator
@@ -47,7 +48,8 @@ STAGES = {
         lambda p: train_evaluator(p.evaluator, "data/prepared"), ["data/prepared/train.pt"],
     ),
     "fid-reference": (
-        lambda p: reference(p, "classifier"), ["models/evaluator.pt", "data/prepared/test.pt"],
+        lambda p: reference(p, "classifier"),
+        ["models/evaluator.pt", "data/prepared/test.pt", "data/prepared/train.pt"],
     ),
     "fit-sampler": (
         fit_sampler,
@@ -67,6 +69,11 @@ STAGES = {
     "robustness": (
         robustness,
         ["models/vae.pt", "models/evaluator.pt", "models/mlflow_run.json", "data/prepared/test.pt"],
+    ),
+    "inspect": (
+        inspect,
+        ["data/generated/images.npy", "models/vae.pt", "models/mlflow_run.json",
+         "data/prepared/train.pt", "data/prepared/test.pt"],
     ),
 }  # fmt: skip
 
@@ -127,6 +134,7 @@ def template(tiny_mnist, tmp_path_factory) -> Path:
         compute(PARAMS)
         tsne(PARAMS)
         robustness(PARAMS)
+        inspect(PARAMS)
     finally:
         os.chdir(cwd)
         os.environ.update({k: v for k, v in saved_env.items() if v is not None})

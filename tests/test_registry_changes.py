@@ -14,6 +14,7 @@ from bam_vae.stages.compute_fid import compute
 from bam_vae.stages.fid_reference import reference
 from bam_vae.stages.fit_sampler import fit_sampler
 from bam_vae.stages.generate import generate
+from bam_vae.stages.inspect import inspect
 from bam_vae.stages.robustness import robustness
 from bam_vae.stages.train import fit
 from bam_vae.stages.train_evaluator import train_evaluator
@@ -26,6 +27,7 @@ STAGES = {
     "compute-fid": compute,
     "tsne": tsne,
     "robustness": robustness,
+    "inspect": inspect,
 }
 
 

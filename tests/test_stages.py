@@ -384,7 +384,9 @@ def test_images_without_labels_go_through_every_stage_in_the_inception_space(pro
     assert any("no labels" in w for w in scores["warnings"])
     assert "gaussian_confident_class_share" not in robustness(params)
     tsne(params)
-    for figure in ("samples", "reconstructions", "tsne", "robustness"):
+    assert 0 <= inspect(params)["copy_share"] <= 1
+    for figure in ("samples", "reconstructions", "tsne", "robustness", "nearest",
+                   "interpolations", "traversals"):  # fmt: skip
         assert (project / f"figures/{figure}.png").is_file(), figure
     assert tracking.read_run_ref()["model_name"] == "bam-vae-faces-cnn"
 

@@ -33,7 +33,7 @@ from bam_vae.sweep.trial import Trial, run_guarded
 
 # Tiny trials on tiny data: the first 512/256 MNIST images (conftest's `tiny_mnist`) tracked
 # with `dvc add` in place of the prepare-mnist stage (which insists on the full MNIST), one
-# epoch, 64 samples scored. The tsne and robustness stages (leaves of the DAG, nothing reads
+# epoch, 64 samples scored. The tsne, robustness and inspect stages (leaves of the DAG, nothing
 # them) are left out too, which halves a trial; the sweep runs every stage the project has.
 TINY = {
     "model": {"z_dim": 3, "channels": [8, 16]},
@@ -42,7 +42,7 @@ TINY = {
     "generate": {"n": 64, "sampler": "prior"},
     "fid": {"kid_subsets": 5, "kid_subset_size": 50},
 }
-DROPPED_STAGES = ("prepare-mnist", "tsne", "robustness")
+DROPPED_STAGES = ("prepare-mnist", "tsne", "robustness", "inspect")
 DEADLINE = 900  # seconds for one sweep: catches hangs only (these machines can be very slow)
 
 

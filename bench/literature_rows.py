@@ -1,0 +1,69 @@
+"""The table of docs/results.md#the-literatures-protocol from bench/literature_table.sh's
+results: one markdown row per folder of ``OUT`` (default bench/results/literature).
+
+    python bench/literature_rows.py [OUT]
+
+Training time is the model's MLflow run from its start to its last epoch's metrics (the
+store in MLFLOW_TRACKING_URI or the project's); the rest comes from the copied metrics.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from bam_vae.tracking import store as tracking
+
+
+def training_minutes(run_id: str) -> float:
+    client = tracking.client()
+    run = client.get_run(run_id)
+    last = max(m.timestamp for m in client.get_metric_history(run_id, "test_loss"))
+    return (last - run.info.start_time) / 60_000
+
+
+def _run_id(folder: Path, name: str) -> str:
+    """The model's run: from the copied ``mlflow_run.json``, else the run trained under the
+    experiment's name (a row whose training came from DVC's run cache needs the file)."""
+    ref = folder / "mlflow_run.json"
+    if ref.is_file():
+        return json.loads(ref.read_text())["run_id"]
+    runs = tracking.client().search_runs(
+        [tracking.client().get_experiment_by_name(tracking.EXPERIMENT).experiment_id],
+        f"tags.dvc_exp_name = 'lit-{name}'",
+    )
+    if not runs:
+        raise SystemExit(f"{folder}: no mlflow_run.json and no run tagged lit-{name}")
+    return runs[0].info.run_id
+
+
+def row(folder: Path) -> str:
+    fid = json.loads((folder / "fid.json").read_text())
+    mem = json.loads((folder / "memorisation.json").read_text())
+    train = json.loads((folder / "train.json").read_text())
+    ran = json.loads((folder / "run.json").read_text())
+    run_id = _run_id(folder, ran["row"])
+    assert fid["protocol"]["n_generated"] == 10_000, folder  # only this protocol's rows
+    cells = [
+        ran["row"],
+        fid["sampler"],
+        str(train["epochs"]),
+        f"{training_minutes(run_id):.1f}",
+        f"**{fid['fid_inception']:.2f}**",
+        f"{fid['fid_classifier']:.1f}",
+        f"{fid['kid_inception']:.4f}",
+        f"{fid['precision_inception']:.3f} / {fid['recall_inception']:.3f}",
+        f"{fid['precision_classifier']:.3f} / {fid['recall_classifier']:.3f}",
+        f"{fid['density_inception']:.3f} / {fid['coverage_inception']:.3f}",
+        f"{mem['copy_share']:.3f} / {mem['mw_z']:.1f}",
+        f"{ran['processor']}, {ran['date']}, {ran['commit']}",
+    ]
+    return "| " + " | ".join(cells) + " |"
+
+
+if __name__ == "__main__":
+    tracking.init()
+    out = Path(sys.argv[1] if len(sys.argv) > 1 else "bench/results/literature")
+    for folder in sorted(p for p in out.iterdir() if (p / "run.json").is_file()):
+        print(row(folder))
