@@ -34,7 +34,7 @@ from bam_vae.sweep.trial import Trial, run_guarded
 # Tiny trials on tiny data: the first 512/256 MNIST images (conftest's `tiny_mnist`) tracked
 # with `dvc add` in place of the prepare-mnist stage (which insists on the full MNIST), one
 # epoch, 64 samples scored. The tsne, robustness and inspect stages (leaves of the DAG, nothing
-# them) are left out too, which halves a trial; the sweep runs every stage the project has.
+# reads them) are left out too, which halves a trial; the sweep runs every stage the project has.
 TINY = {
     "model": {"z_dim": 3, "channels": [8, 16]},
     "train": {"epochs": 1, "train_fraction": 0.5, "batch_size": 64},
