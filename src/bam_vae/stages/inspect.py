@@ -104,7 +104,8 @@ def _interpolations(vae, x, y, z, cfg, rng) -> tuple[list[torch.Tensor], list[st
         a = int(rng.integers(len(x)))
         # A conditional model decodes one class at a time: its pairs share a class.
         same = np.flatnonzero((y == y[a]).numpy()) if y is not None else np.arange(len(x))
-        b = int(rng.choice(same[same != a]))
+        others = same[same != a]
+        b = int(rng.choice(others)) if len(others) else a  # a class with one test image
         label = None if y is None else y[a : a + 1]
         paths_ = [("lin", lerp)] + ([] if vae.latent_kind == "codes" else [("sph", slerp)])
         for name, path in paths_:
