@@ -77,7 +77,6 @@ def compute(params: Params, metrics_path: Path = paths.FID_METRICS) -> dict:
     client = tracking.client()
     for key, value in scalars.items():
         client.set_model_version_tag(ref["model_name"], ref["model_version"], key, f"{value:.6g}")
-
     write_json(metrics_path, metrics)
     shown = [k for k in metrics if k.startswith(("fid", "kid_", "precision", "recall"))]
     shown = [k for k in shown if "subset" not in k]

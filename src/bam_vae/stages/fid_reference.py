@@ -14,7 +14,7 @@ from bam_vae import paths
 from bam_vae.config import Params
 from bam_vae.datasets import load_split, sha256
 from bam_vae.errors import BamError, Interrupted
-from bam_vae.files import atomic_path, exclusive, file_sha256
+from bam_vae.files import atomic_path, exclusive, file_sha256, staged_outputs
 from bam_vae.scoring.fid import feature_extractor, load_array, reference_path
 from bam_vae.training.checkpoints import config_key
 
@@ -42,12 +42,15 @@ def reference(
     floor = train[floor_indices(len(train), params.fid.floor_n, params.fid.seed)]
     extract, weights = feature_extractor(space, params.fid)
     precision = params.fid.precision if space == "inception" else "fp32"
-    for split, images in (("test", test), ("train", floor)):
-        feats = _cached(extract, (file_sha256(weights), precision, chunk), images, space, split)
-        out = reference_path(space, split, ref_dir)
-        with atomic_path(out) as tmp, tmp.open("wb") as fh:
-            np.save(fh, feats)
-        print(f"fid-reference: {space} features of {len(feats)} {split} images -> {out}")
+    network = (file_sha256(weights), precision, chunk)
+    feats = {split: _cached(extract, network, images, space, split)
+             for split, images in (("test", test), ("train", floor))}  # fmt: skip
+    with staged_outputs() as out:  # both files or neither
+        for split, array in feats.items():
+            np.save(out.path(reference_path(space, split, ref_dir)), array)
+    for split, array in feats.items():
+        print(f"fid-reference: {space} features of {len(array)} {split} images"
+              f" -> {reference_path(space, split, ref_dir)}")  # fmt: skip
     return reference_path(space, "test", ref_dir)
 
 
