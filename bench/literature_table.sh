@@ -2,7 +2,9 @@
 # The rows of docs/results.md#the-literatures-protocol: each model on the literature's MNIST
 # protocol (10 000 samples against the 10 000 test images, Inception pool3 and classifier
 # features, fp32), one `dvc exp run` each, in this workspace, one after the other.
-#   bench/literature_table.sh [ROW ...]     (default: every row; OUT=folder for the results)
+#   bench/literature_table.sh [ROW[@SEED] ...]   (default: every row, seed 0; OUT=results folder)
+# ROW@SEED runs the row with every seed of the model and its samples set to SEED (train,
+# generate, the mixture's EM); the evaluator's stays 0 so the feature space does not move.
 # Each row's metrics/*.json go to $OUT/<row>/ with its wall time; the table is
 # `dvc exp show` or those files. Costs on a 2-core CPU: docs/results.md.
 set -euo pipefail
@@ -17,12 +19,17 @@ declare -A ROWS=(
   [sigma-gmm]="-S train.recon=gaussian -S train.epochs=30 -S generate.gmm.components=50 -S generate.gmm.max_points=60000"
 )
 ORDER=(report-gmm report-prior cvae vqvae introvae sigma-gmm)
-for row in "${@:-${ORDER[@]}}"; do
+for name in "${@:-${ORDER[@]}}"; do
+  row=${name%@*} seed=0
+  [[ $name == *@* ]] && seed=${name#*@}
   [[ -v ROWS[$row] ]] || { echo "unknown row $row; expected one of ${ORDER[*]}" >&2; exit 2; }
+  [[ $seed =~ ^[0-9]+$ ]] || { echo "bad seed '$seed' in $name; expected ROW@<integer>" >&2; exit 2; }
+  SEEDS=()
+  (( seed )) && { SEEDS=(-S "train.seed=$seed" -S "generate.seed=$seed" -S "generate.gmm.seed=$seed"); row=$row-seed$seed; }
   git checkout -- params.yaml  # every row starts from the committed params
   start=$(date +%s)
   # shellcheck disable=SC2086
-  dvc exp run -n "lit-$row" "${PROTOCOL[@]}" ${ROWS[$row]}
+  dvc exp run -n "lit-$row" "${PROTOCOL[@]}" ${ROWS[${name%@*}]} "${SEEDS[@]}"
   mkdir -p "$OUT/$row"
   cp metrics/*.json models/mlflow_run.json "$OUT/$row/"
   echo "{\"row\": \"$row\", \"wall_s\": $(( $(date +%s) - start )), \"processor\": \"$(lscpu | sed -n 's/^Model name: *//p')\", \"commit\": \"$(git rev-parse --short HEAD)\", \"date\": \"$(date -u +%F)\"}" > "$OUT/$row/run.json"
