@@ -18,6 +18,7 @@ from bam_vae.machine import cpu_name
 from bam_vae.stages.train import fit, run_key, training_images
 from bam_vae.tracking import store as tracking
 from bam_vae.training.checkpoints import checkpoint_path
+from bam_vae.training.loop import CosineDecay
 
 
 def weights(path="models/vae.pt"):
@@ -36,8 +37,9 @@ def test_same_params_and_seed_give_identical_results(project, tiny):
     assert (project / "models/vae.pt").read_bytes() == bytes1
 
 
-def test_interrupted_run_resumes_to_the_uninterrupted_result(project, tiny):
-    params = tiny(train={"epochs": 2})
+@pytest.mark.parametrize("schedule", ["constant", "cosine"])
+def test_interrupted_run_resumes_to_the_uninterrupted_result(project, tiny, schedule):
+    params = tiny(train={"epochs": 2, "lr_schedule": schedule})
     expected = fit(params)
     w_expected = weights()
     run_ref = json.loads((project / "models/mlflow_run.json").read_text())
@@ -67,6 +69,33 @@ def test_interrupted_run_resumes_to_the_uninterrupted_result(project, tiny):
     assert run.info.status == "FINISHED"
     history = tracking.client().get_metric_history(ref["run_id"], "train_loss")
     assert [m.step for m in history] == [1, 2]
+
+
+def test_cosine_schedule_decays_every_optimisers_rate_from_train_lr_to_zero():
+    nets = [torch.nn.Linear(2, 1), torch.nn.Linear(2, 1)]  # introvae steps two optimisers
+    optimizers = [
+        torch.optim.Adam(n.parameters(), lr=lr) for n, lr in zip(nets, (1e-3, 4e-4), strict=True)
+    ]
+    decay = CosineDecay(optimizers, total_steps=8)
+    rates = []
+    for step in range(1, 9):
+        decay.on_batch_end(step)
+        rates.append([o.param_groups[0]["lr"] for o in optimizers])
+    expected = [[lr * 0.5 * (1 + math.cos(math.pi * s / 8)) for lr in (1e-3, 4e-4)]
+                for s in range(1, 9)]  # fmt: skip
+    np.testing.assert_allclose(rates, expected, rtol=1e-12, atol=1e-15)
+    assert rates[3] == pytest.approx([5e-4, 2e-4]) and rates[-1] == pytest.approx([0, 0])
+
+
+def test_cosine_schedule_changes_the_weights_and_is_deterministic(project, tiny):
+    fit(tiny(train={"epochs": 2}))
+    constant = weights()
+    cosine = tiny(train={"epochs": 2, "lr_schedule": "cosine"})
+    first = fit(cosine)
+    w1 = weights()
+    assert fit(cosine) == first
+    assert all(torch.equal(v, w1[k]) for k, v in weights().items())
+    assert not all(torch.equal(v, constant[k]) for k, v in w1.items())
 
 
 def test_mlflow_run_holds_params_curves_tags_and_a_registered_version(project, tiny, monkeypatch):

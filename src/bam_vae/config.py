@@ -123,6 +123,9 @@ class TrainConfig(_Fit):
     k1: float = Field(0.5, ge=0)
     k2: float = Field(0.5, ge=0)
     recon: Literal["mse", "bce", "gaussian"] = "mse"
+    # cosine: every optimiser's rate decays from train.lr to 0 over the run's steps
+    # (Loshchilov & Hutter 2017, without restarts); constant: train.lr throughout.
+    lr_schedule: Literal["constant", "cosine"] = "constant"
     train_fraction: float = Field(1.0, gt=0, le=1)
     noise_fraction: float = Field(0.0, ge=0, le=1)
     noise_std: float = Field(0.0, ge=0)

@@ -25,7 +25,7 @@ from bam_vae.models import build_model, n_parameters, on_device
 from bam_vae.serving import publish
 from bam_vae.tracking import store as tracking
 from bam_vae.training.checkpoints import Checkpoint, checkpoint_path, config_key, stop_on_signals
-from bam_vae.training.loop import Callback, Loop, OnBatch, accumulate
+from bam_vae.training.loop import Callback, CosineDecay, Loop, OnBatch, accumulate
 from bam_vae.training.loop import fit as fit_loop
 from bam_vae.training.runtime import (
     configure_threads,
@@ -122,6 +122,8 @@ def fit(
     model = build_model(params.model, dataset.n_classes).to(device)
     autocast = fast_path(model, cfg.precision, device)
     optimizers = model.configure_optimizers(cfg)
+    n_steps = cfg.epochs * -(-len(x_train) // cfg.batch_size)
+    schedule = [CosineDecay(optimizers, n_steps)] if cfg.lr_schedule == "cosine" else []
 
     key = run_key(params, digest)
     ckpt = Checkpoint(checkpoint_path(key), model, optimizers, "train")
@@ -157,7 +159,8 @@ def fit(
                     parts = train_step(x_train[idx], y_train[idx], optimizers, cfg, epoch)
                 return parts.as_floats()
 
-            callbacks: list[Callback] = [LogEpochs()] + ([OnBatch(on_batch)] if on_batch else [])
+            callbacks: list[Callback] = [*schedule, LogEpochs()]
+            callbacks += [OnBatch(on_batch)] if on_batch else []
 
             def end_epoch() -> dict[str, float]:
                 return evaluate(model, x_test, y_test, cfg, device) | model.on_epoch_end()

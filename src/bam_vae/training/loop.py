@@ -40,6 +40,26 @@ class Callback:
         """After each epoch's evaluation, with that epoch's history row."""
 
 
+class CosineDecay(Callback):
+    """Cosine decay of each optimiser's learning rate, from its initial value at step 0 to 0
+    at ``total_steps`` (Loshchilov & Hutter 2017, SGDR without restarts), with torch's
+    ``LambdaLR``. Build it before a checkpoint is loaded: ``LambdaLR`` records each group's
+    ``initial_lr``, which the optimiser's state then carries, and the rate after step ``s`` is
+    set from ``s`` alone, so a resumed run steps with the same rates as an uninterrupted one.
+    """
+
+    def __init__(self, optimizers: Sequence[torch.optim.Optimizer], total_steps: int) -> None:
+        def factor(step: int) -> float:
+            return 0.5 * (1.0 + math.cos(math.pi * min(step, total_steps) / total_steps))
+
+        self.schedulers = [torch.optim.lr_scheduler.LambdaLR(o, factor) for o in optimizers]
+
+    def on_batch_end(self, step: int) -> None:
+        for scheduler in self.schedulers:
+            scheduler.last_epoch = step - 1  # step() counts it on to ``step``
+            scheduler.step()
+
+
 class OnBatch(Callback):
     """Calls ``fn(step)`` after every optimiser step (tests send signals from here)."""
 
