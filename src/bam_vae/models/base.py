@@ -194,6 +194,17 @@ class VAE(nn.Module):
         """What the t-SNE stage embeds: the posterior mean."""
         return self.encode(x, y)[0]
 
+    @torch.no_grad()
+    def latents(self, images: Tensor, labels: Tensor, batch: int = 1000) -> Tensor:
+        """``latent`` of many images, ``batch`` at a time on the model's device: images uint8
+        (N x 28 x 28, moved there once as bytes), labels int64 (N; ignored by unconditional
+        models). Returns float32, N x D, on the CPU (posterior means; VQ-VAE's quantised grid
+        flattened). What samplers are fitted to, t-SNE embeds and ``inspect`` walks through."""
+        x, y = images.to(self.device), labels.to(self.device)
+        parts = [self.latent(x[i : i + batch].float().div(255.0).unsqueeze(1), y[i : i + batch])
+                 for i in range(0, len(x), batch)]  # fmt: skip
+        return torch.cat(parts).flatten(1).cpu()
+
     def reconstruct(self, x: Tensor, y: Tensor | None = None) -> Tensor:
         """Deterministic reconstruction (from the posterior mean) in [0, 1]."""
         return torch.sigmoid(self.decode(self.latent(x, y), y))

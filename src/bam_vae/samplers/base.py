@@ -72,12 +72,7 @@ class LatentSampler:
         CPU: the posterior means (N x z_dim), encoded on ``vae``'s device (the images moved
         there once, as bytes). The sampler is then fitted on that device too."""
         self.device = vae.device
-        x, y = images.to(vae.device), labels.to(vae.device)
-        means = [
-            vae.latent(x[i : i + batch].float().div(255.0).unsqueeze(1), y[i : i + batch])
-            for i in range(0, len(x), batch)
-        ]
-        return torch.cat(means).cpu()
+        return vae.latents(images, labels, batch)
 
     def fit(self, latents: Tensor, labels: Tensor | None = None) -> dict[str, float]:
         """Fit to ``latents``; above ``max_dim`` dims, in the span of their top principal axes.

@@ -49,10 +49,11 @@ def inspect(params: Params) -> dict:
     test, test_labels = load_split(params.data.out_dir, "test")
     rng = np.random.default_rng(cfg.seed)
 
+    x = test.float().div(255).unsqueeze(1)
     # Memorisation: every sample, against as many test images (seeded), both to the training set.
     flat_train = train.flatten(1).float().div(255)
     held_out = rng.choice(len(test), min(len(samples), len(test)), replace=False)
-    test_dist, _ = nearest(test[held_out].flatten(1).float().div(255), flat_train)
+    test_dist, _ = nearest(x[held_out].flatten(1), flat_train)
     sample_dist, index = nearest(samples.flatten(1), flat_train, k=NEIGHBOURS)
     scores = memorisation(sample_dist[:, 0], test_dist[:, 0])
     scores |= {"sampler": sampler, "n_samples": len(samples), "n_test": len(held_out)}
@@ -66,10 +67,8 @@ def inspect(params: Params) -> dict:
         f" distance at left)\ncopy share {scores['copy_share']:.3f}, Meehan Z {scores['mw_z']:.1f}"
     )
 
-    x = test.float().div(255).unsqueeze(1)
     y = test_labels if vae.conditional else None
-    z = torch.cat([vae.latent(x[i : i + 1000], None if y is None else y[i : i + 1000])
-                   for i in range(0, len(x), 1000)]).flatten(1)  # fmt: skip
+    z = vae.latents(test, test_labels)
     inter_rows, inter_labels = _interpolations(vae, x, y, z, cfg, rng)
     trav_rows, trav_labels, trav_title = _traversals(vae, y, z, cfg)
 

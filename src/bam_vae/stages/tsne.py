@@ -13,7 +13,6 @@ from pathlib import Path
 
 import mlflow
 import numpy as np
-import torch
 from sklearn.decomposition import PCA
 from sklearn.manifold import TSNE
 
@@ -22,22 +21,8 @@ from bam_vae.config import Params
 from bam_vae.datasets import DatasetInfo, load_info, load_split
 from bam_vae.figures import colormap, save_figure, subplots
 from bam_vae.files import load_model, staged_outputs
-from bam_vae.models import VAE
 from bam_vae.tracking import store as tracking
 from bam_vae.training.runtime import configure_threads
-
-
-@torch.no_grad()
-def encode(vae: VAE, images: torch.Tensor, labels: torch.Tensor, batch: int = 1000) -> np.ndarray:
-    """The model's latent of each image (posterior mean; quantised latent for VQ-VAE)."""
-    x = images.float().div(255.0).unsqueeze(1)
-    return (
-        torch.cat(
-            [vae.latent(x[i : i + batch], labels[i : i + batch]) for i in range(0, len(x), batch)]
-        )
-        .flatten(1)
-        .numpy()
-    )
 
 
 def embed(z: np.ndarray, perplexity: float, seed: int, threads: int = 1) -> tuple[np.ndarray, str]:
@@ -99,7 +84,7 @@ def tsne(
     tracking.init()
     vae, _ = load_model(paths.MODEL)
     images, labels = load_split(params.data.out_dir, "test")
-    z = encode(vae, images[: cfg.n], labels[: cfg.n])
+    z = vae.latents(images[: cfg.n], labels[: cfg.n]).numpy()
     labels = labels[: cfg.n].numpy()
     xy, method = embed(z, cfg.perplexity, cfg.seed, configure_threads(params.train.threads))
     with staged_outputs() as out:
