@@ -7,7 +7,7 @@
 # generate, the mixture's EM); the evaluator's stays 0 so the feature space does not move.
 # Each row's metrics/*.json go to $OUT/<row>/ with its wall time; the table is
 # `dvc exp show` or those files. Costs on a 2-core CPU: docs/results.md.
-set -euo pipefail
+set -euo pipefail -o noglob  # rows hold lists like [64,128]
 OUT=${OUT:-bench/results/literature}
 PROTOCOL=(-S generate.n=10000 -S 'fid.features=[classifier,inception]')
 declare -A ROWS=(
@@ -17,8 +17,11 @@ declare -A ROWS=(
   [vqvae]="-S model.arch=vqvae"
   [introvae]="-S model.arch=introvae"
   [sigma-gmm]="-S train.recon=gaussian -S train.epochs=30 -S generate.gmm.components=50 -S generate.gmm.max_points=60000"
+  # The recipe search (docs/results.md#what-was-tried): sigma-gmm with a cosine schedule, wider.
+  [sigma-cosine]="-S train.recon=gaussian -S train.epochs=30 -S train.lr_schedule=cosine -S generate.gmm.components=50 -S generate.gmm.max_points=60000"
+  [sigma-wide]="-S train.recon=gaussian -S train.epochs=30 -S train.lr_schedule=cosine -S model.channels=[64,128] -S generate.gmm.components=50 -S generate.gmm.max_points=60000"
 )
-ORDER=(report-gmm report-prior cvae vqvae introvae sigma-gmm)
+ORDER=(report-gmm report-prior cvae vqvae introvae sigma-gmm sigma-cosine sigma-wide)
 for name in "${@:-${ORDER[@]}}"; do
   row=${name%@*} seed=0
   [[ $name == *@* ]] && seed=${name#*@}
