@@ -1,5 +1,7 @@
 """The table of docs/results.md#the-literatures-protocol from bench/literature_table.sh's
-results: one markdown row per folder of ``OUT`` (default bench/results/literature).
+results: one markdown row per folder of ``OUT`` (default bench/results/literature), then, for
+a row run with several seeds (``ROW`` and ``ROW-seedN`` folders), the mean and sample
+standard deviation of its scores over them.
 
     python bench/literature_rows.py [OUT]
 
@@ -10,7 +12,10 @@ store in MLFLOW_TRACKING_URI or the project's); the rest comes from the copied m
 from __future__ import annotations
 
 import json
+import re
+import statistics
 import sys
+from collections import defaultdict
 from pathlib import Path
 
 from bam_vae.tracking import store as tracking
@@ -62,8 +67,33 @@ def row(folder: Path) -> str:
     return "| " + " | ".join(cells) + " |"
 
 
+SEED_SCORES = ("fid_inception", "fid_classifier", "precision_inception", "recall_inception")
+
+
+def seed_summaries(folders: list[Path]) -> list[str]:
+    """``row (n seeds): fid_inception mean ± sd, ...`` for each row with more than one seed."""
+    seeds: dict[str, list[dict]] = defaultdict(list)
+    for folder in folders:
+        seeds[re.sub(r"-seed\d+$", "", folder.name)].append(
+            json.loads((folder / "fid.json").read_text())
+        )
+    lines = []
+    for name, runs in sorted(seeds.items()):
+        if len(runs) > 1:
+            cells = []
+            for key in SEED_SCORES:
+                values = [r[key] for r in runs]
+                cells.append(
+                    f"{key} {statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
+                )
+            lines.append(f"{name} ({len(runs)} seeds): " + ", ".join(cells))
+    return lines
+
+
 if __name__ == "__main__":
     tracking.init()
     out = Path(sys.argv[1] if len(sys.argv) > 1 else "bench/results/literature")
-    for folder in sorted(p for p in out.iterdir() if (p / "run.json").is_file()):
+    folders = sorted(p for p in out.iterdir() if (p / "run.json").is_file())
+    for folder in folders:
         print(row(folder))
+    print("\n".join(seed_summaries(folders)))
