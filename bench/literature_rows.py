@@ -21,11 +21,18 @@ from pathlib import Path
 from bam_vae.tracking import store as tracking
 
 
-def training_minutes(run_id: str) -> float:
+def training_minutes(run_id: str) -> str:
+    """Minutes from the run's start to its last epoch's metrics. A run resumed from a
+    checkpoint (an epoch over 3x the median epoch: the pause before the resume) counts the
+    median epoch for it, and says so."""
     client = tracking.client()
-    run = client.get_run(run_id)
-    last = max(m.timestamp for m in client.get_metric_history(run_id, "test_loss"))
-    return (last - run.info.start_time) / 60_000
+    stamps = [client.get_run(run_id).info.start_time]
+    stamps += sorted(m.timestamp for m in client.get_metric_history(run_id, "test_loss"))
+    epochs = [b - a for a, b in zip(stamps, stamps[1:], strict=False)]
+    typical = statistics.median(epochs)
+    paused = [e for e in epochs if e > 3 * typical]
+    total = sum(e for e in epochs if e <= 3 * typical) + typical * len(paused)
+    return f"{total / 60_000:.1f}" + (" (resumed)" if paused else "")
 
 
 def _run_id(folder: Path, name: str) -> str:
@@ -54,7 +61,7 @@ def row(folder: Path) -> str:
         ran["row"],
         fid["sampler"],
         str(train["epochs"]),
-        f"{training_minutes(run_id):.1f}",
+        training_minutes(run_id),
         f"**{fid['fid_inception']:.2f}**",
         f"{fid['fid_classifier']:.1f}",
         f"{fid['kid_inception']:.4f}",
