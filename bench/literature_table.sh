@@ -7,7 +7,7 @@
 # generate, the mixture's EM); the evaluator's stays 0 so the feature space does not move.
 # Each row's metrics/*.json go to $OUT/<row>/ with its wall time; the table is
 # `dvc exp show` or those files. Costs on a 2-core CPU: docs/results.md.
-set -euo pipefail -o noglob  # rows hold lists like [64,128]
+set -euo pipefail
 OUT=${OUT:-bench/results/literature}
 PROTOCOL=(-S generate.n=10000 -S 'fid.features=[classifier,inception]')
 declare -A ROWS=(
@@ -31,8 +31,10 @@ for name in "${@:-${ORDER[@]}}"; do
   (( seed )) && { SEEDS=(-S "train.seed=$seed" -S "generate.seed=$seed" -S "generate.gmm.seed=$seed"); row=$row-seed$seed; }
   git checkout -- params.yaml  # every row starts from the committed params
   start=$(date +%s)
+  set -f  # a row's words are split but not globbed: they hold lists like [64,128]
   # shellcheck disable=SC2086
   dvc exp run -n "lit-$row" "${PROTOCOL[@]}" ${ROWS[${name%@*}]} "${SEEDS[@]}"
+  set +f
   mkdir -p "$OUT/$row"
   cp metrics/*.json models/mlflow_run.json "$OUT/$row/"
   echo "{\"row\": \"$row\", \"wall_s\": $(( $(date +%s) - start )), \"processor\": \"$(lscpu | sed -n 's/^Model name: *//p')\", \"commit\": \"$(git rev-parse --short HEAD)\", \"date\": \"$(date -u +%F)\"}" > "$OUT/$row/run.json"
