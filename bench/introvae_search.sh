@@ -19,7 +19,7 @@ for point in "${GRID[@]}"; do
     -S "train.epochs=$epochs" -S "model.intro.beta_neg=$neg"
 done
 dvc queue start -j 1  # one at a time: two torch runs on 2 cores slow each other several-fold
-while dvc queue status | grep -qE 'Queued|Running'; do sleep 60; done
+while dvc queue status | grep -E 'Queued|Running' >/dev/null; do sleep 60; done  # no -q: an early exit kills dvc (pipefail)
 dvc queue status
 dvc exp show --no-pager --only-changed --drop 'Created|State|Executor' \
   --keep 'fid_classifier|precision_classifier|recall_classifier|copy_share|test_loss'
