@@ -25,7 +25,7 @@ from bam_vae.models import build_model, n_parameters, on_device
 from bam_vae.serving import publish
 from bam_vae.tracking import store as tracking
 from bam_vae.training.checkpoints import Checkpoint, checkpoint_path, config_key, stop_on_signals
-from bam_vae.training.loop import Callback, CosineDecay, Loop, OnBatch, accumulate
+from bam_vae.training.loop import Callback, CosineDecay, Loop, OnBatch, accumulate, n_batches
 from bam_vae.training.loop import fit as fit_loop
 from bam_vae.training.runtime import (
     configure_threads,
@@ -122,7 +122,7 @@ def fit(
     model = build_model(params.model, dataset.n_classes).to(device)
     autocast = fast_path(model, cfg.precision, device)
     optimizers = model.configure_optimizers(cfg)
-    n_steps = cfg.epochs * -(-len(x_train) // cfg.batch_size)
+    n_steps = cfg.epochs * n_batches(len(x_train), cfg.batch_size)
     schedule = [CosineDecay(optimizers, n_steps)] if cfg.lr_schedule == "cosine" else []
 
     key = run_key(params, digest)

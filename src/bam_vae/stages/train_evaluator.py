@@ -20,7 +20,7 @@ from bam_vae.files import save_torch, staged_outputs, write_json
 from bam_vae.models import adam, n_parameters, on_device
 from bam_vae.scoring.evaluator import Evaluator, as_images, saved_config
 from bam_vae.training.checkpoints import Checkpoint, checkpoint_path, config_key
-from bam_vae.training.loop import Loop, OnBatch, fit
+from bam_vae.training.loop import Loop, OnBatch, fit, n_batches
 from bam_vae.training.runtime import configure_threads, fast_path, resolve_device, seed_everything
 
 # Test accuracy below which the stage warns: MNIST's small CNNs pass 99 %; published small
@@ -74,9 +74,9 @@ def train_evaluator(
     # little.
     autocast = fast_path(model, cfg.precision, device, channels_last=False)
     optimizer = adam(model.parameters(), cfg.lr)
-    n_batches = -(-len(x_train) // cfg.batch_size)
+    n_steps = cfg.epochs * n_batches(len(x_train), cfg.batch_size)
     # Decaying the rate to zero over the run lets the last epoch settle instead of bouncing.
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs * n_batches)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=n_steps)
 
     def step(idx: torch.Tensor, epoch: int) -> dict[str, float]:
         with autocast():

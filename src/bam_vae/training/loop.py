@@ -70,6 +70,11 @@ class OnBatch(Callback):
         self.fn(step)
 
 
+def n_batches(n_examples: int, batch_size: int) -> int:
+    """Batches per epoch: the last one holds the remainder."""
+    return -(-n_examples // batch_size)
+
+
 @dataclass
 class Loop:
     """What one training run needs besides its model.
@@ -94,7 +99,7 @@ class Loop:
 
     @property
     def n_batches(self) -> int:
-        return -(-self.n_examples // self.batch_size)
+        return n_batches(self.n_examples, self.batch_size)
 
     def epoch_order(self, epoch: int) -> torch.Tensor:
         if self.order is not None:
