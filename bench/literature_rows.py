@@ -22,17 +22,15 @@ from bam_vae.tracking import store as tracking
 
 
 def training_minutes(run_id: str) -> str:
-    """Minutes from the run's start to its last epoch's metrics. A run resumed from a
-    checkpoint (an epoch over 3x the median epoch: the pause before the resume) counts the
-    median epoch for it, and says so."""
+    """Minutes of training: the sum of the run's ``epoch_seconds`` (each epoch's running time,
+    pauses of an interrupted run left out), or for a run logged without them, the span from
+    its start to its last epoch's metrics (right only for a run never paused)."""
     client = tracking.client()
-    stamps = [client.get_run(run_id).info.start_time]
-    stamps += sorted(m.timestamp for m in client.get_metric_history(run_id, "test_loss"))
-    epochs = [b - a for a, b in zip(stamps, stamps[1:], strict=False)]
-    typical = statistics.median(epochs)
-    paused = [e for e in epochs if e > 3 * typical]
-    total = sum(e for e in epochs if e <= 3 * typical) + typical * len(paused)
-    return f"{total / 60_000:.1f}" + (" (resumed)" if paused else "")
+    seconds = [m.value for m in client.get_metric_history(run_id, "epoch_seconds")]
+    if seconds:
+        return f"{sum(seconds) / 60:.1f}"
+    last = max(m.timestamp for m in client.get_metric_history(run_id, "test_loss"))
+    return f"{(last - client.get_run(run_id).info.start_time) / 60_000:.1f}"
 
 
 def _run_id(folder: Path, name: str) -> str:

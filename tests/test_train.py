@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import signal
+import time
 
 import mlflow
 import numpy as np
@@ -57,6 +58,7 @@ def test_interrupted_run_resumes_to_the_uninterrupted_result(project, tiny, sche
     interrupted_run = tracking.client().search_runs(["1"], order_by=["start_time DESC"])[0]
     assert interrupted_run.info.status == "KILLED"
 
+    time.sleep(3)  # a pause the resumed epoch's running time must leave out
     resumed = fit(params)
     assert resumed == expected
     for key, value in weights().items():
@@ -69,6 +71,11 @@ def test_interrupted_run_resumes_to_the_uninterrupted_result(project, tiny, sche
     assert run.info.status == "FINISHED"
     history = tracking.client().get_metric_history(ref["run_id"], "train_loss")
     assert [m.step for m in history] == [1, 2]
+    # Each epoch's running time, the 3 s pause between the interrupt and the resume left out.
+    seconds = tracking.client().get_metric_history(ref["run_id"], "epoch_seconds")
+    assert [m.step for m in seconds] == [1, 2]
+    span = (history[0].timestamp - interrupted_run.info.start_time) / 1000
+    assert 0 < seconds[0].value < span - 3
 
 
 def test_cosine_schedule_decays_every_optimisers_rate_from_train_lr_to_zero():
@@ -139,6 +146,7 @@ def test_mlflow_run_holds_params_curves_tags_and_a_registered_version(project, t
     history = (project / "metrics/train_history.csv").read_text().splitlines()
     assert history[0].split(",")[:4] == ["epoch", "train_loss", "train_recon", "train_kl"]
     assert len(history) == 3
+    assert "epoch_seconds" in run.data.metrics and "epoch_seconds" not in history[0]
 
 
 def test_each_training_registers_a_new_version(project, tiny):

@@ -66,7 +66,8 @@ def run_key(params: Params, data_digest: str) -> str:
 
 
 class LogEpochs(Callback):
-    """Each epoch's history row as MLflow metrics of the active run, stepped by epoch."""
+    """Each epoch's history row and wall time (``epoch_seconds``) as MLflow metrics of the
+    active run, stepped by epoch."""
 
     def on_epoch_end(self, row: dict[str, float]) -> None:
         mlflow.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=int(row["epoch"]))

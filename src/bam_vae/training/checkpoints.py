@@ -54,6 +54,7 @@ class State:
     seen: int = 0
     history: list[dict[str, float]] = field(default_factory=list)
     run_id: str = ""
+    seconds: float = 0.0  # wall time spent in epoch ``epoch`` so far; a resume adds on
 
 
 @dataclass

@@ -11,12 +11,15 @@ prior and the two-stage sampler (``fit-sampler``) all train here; each brings on
 - SIGINT/SIGTERM: the loop stops after the current batch with a checkpoint, and the next run
   with the same key resumes from it; a checkpoint is also saved every 30 s within an epoch
   (``BAM_CHECKPOINT_SECONDS``) and at every epoch end (``checkpoints.Checkpoint``);
-- the history (one row per epoch) and the callbacks (MLflow, test hooks) that receive it.
+- the history (one row per epoch) and the callbacks (MLflow, test hooks) that receive it,
+  with each epoch's wall time (``epoch_seconds``: its steps and evaluation, not the pauses of
+  an interrupted run), which stays out of the history so that the history is deterministic.
 """
 
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -37,7 +40,8 @@ class Callback:
         """After optimiser step ``step`` (1-based, counted over the whole run)."""
 
     def on_epoch_end(self, row: dict[str, float]) -> None:
-        """After each epoch's evaluation, with that epoch's history row."""
+        """After each epoch's evaluation, with that epoch's history row and its
+        ``epoch_seconds`` (float, wall seconds; a resumed epoch counts only its running time)."""
 
 
 class CosineDecay(Callback):
@@ -130,6 +134,7 @@ def fit(loop: Loop, state: State | None = None) -> State:
     with stop_on_signals() as stopped:
         for epoch in range(state.epoch, loop.epochs):
             order = loop.epoch_order(epoch)
+            started = time.monotonic() - state.seconds
             bar = tqdm(total=n_batches, initial=state.batch, unit="batch", leave=False,
                        desc=f"{loop.name} epoch {epoch + 1}/{loop.epochs}",
                        dynamic_ncols=True, mininterval=1.0)  # fmt: skip
@@ -144,6 +149,7 @@ def fit(loop: Loop, state: State | None = None) -> State:
                 accumulate(state.sums, floats, len(idx))
                 state.seen += len(idx)
                 state.batch = b + 1
+                state.seconds = time.monotonic() - started
                 bar.set_postfix(loss=f"{state.sums['loss'] / state.seen:.4g}", refresh=False)
                 bar.update()
                 for callback in loop.callbacks:
@@ -154,9 +160,11 @@ def fit(loop: Loop, state: State | None = None) -> State:
             row |= {f"train_{k}": v / max(1, state.seen) for k, v in state.sums.items()}
             row |= loop.evaluate()
             state.history.append(row)
+            timed = row | {"epoch_seconds": time.monotonic() - started}
             for callback in loop.callbacks:
-                callback.on_epoch_end(row)
+                callback.on_epoch_end(timed)
             print(describe(loop.name, loop.epochs, row))
             state.epoch, state.batch, state.seen, state.sums = epoch + 1, 0, 0, {}
+            state.seconds = 0.0
             ckpt.save(state)
     return state
