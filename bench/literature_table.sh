@@ -20,7 +20,7 @@ declare -A ROWS=(
   # Soft-IntroVAE against sigma-gmm at equal training time: same decoder, sampler and minutes.
   [introvae-sigma]="-S model.arch=introvae -S train.recon=gaussian -S train.epochs=7 -S generate.gmm.components=50 -S generate.gmm.max_points=60000"
   # The finalist of bench/introvae_search.sh (20 plain warm-up epochs, then 2 of the game).
-  [introvae-tuned]="-S model.arch=introvae -S train.recon=gaussian -S train.epochs=22 -S model.intro.warmup_epochs=20 -S generate.gmm.components=50 -S generate.gmm.max_points=60000"
+  [introvae-tuned]="-S model.arch=introvae -S train.recon=gaussian -S train.epochs=22 -S model.intro.warmup_epochs=20 -S model.intro.beta_neg=1024 -S generate.gmm.components=50 -S generate.gmm.max_points=60000"
   # The recipe search (docs/results.md, "What was tried"): sigma-gmm wider, with a cosine schedule.
   [sigma-wide]="-S train.recon=gaussian -S train.epochs=30 -S train.lr_schedule=cosine -S model.channels=[64,128] -S generate.gmm.components=50 -S generate.gmm.max_points=60000"
 )
