@@ -326,11 +326,38 @@ def server(
 @app.command()
 @command
 def sweep(
-    grid: Annotated[
+    space: Annotated[
         list[str],
-        typer.Option("--set-param", "-S", help="KEY=V1,V2,... as in `dvc exp run -S`; the grid"
-                     " is the product over every -S (repeatable)"),
+        typer.Option("--set-param", "-S", help="KEY=V, KEY=V1,V2, KEY=choice(..),"
+                     " KEY=range(START,STOP[,STEP]), KEY=interval(LOW,HIGH),"
+                     " KEY='tag(log, interval(LOW,HIGH))' (Hydra's grammar; repeatable)"),
     ],
+    trials: Annotated[
+        int | None,
+        typer.Option(help="finished trials the study ends with [default: the grid's size]"),
+    ] = None,
+    metric: Annotated[
+        str, typer.Option(help="what the study optimises: a key of metrics/*.json")
+    ] = "fid_classifier",
+    direction: Annotated[str, typer.Option(help="minimize | maximize")] = "minimize",
+    sampler: Annotated[
+        str | None,
+        typer.Option(help="tpe | random | grid [default: grid without --trials, else tpe]"),
+    ] = None,
+    pruner: Annotated[str, typer.Option(help="none | median | hyperband | asha")] = "none",
+    prune_on: Annotated[
+        str, typer.Option(help="train's per-epoch value the pruner compares (lower is better)")
+    ] = "test_loss",
+    warmup: Annotated[int, typer.Option(help="epochs before a trial may be pruned")] = 1,
+    startup: Annotated[
+        int, typer.Option(help="median pruner: trials that finish before any is pruned")
+    ] = 5,
+    seed: Annotated[int, typer.Option(help="the sampler's seed")] = 0,
+    storage: Annotated[
+        str | None,
+        typer.Option(help="the study's storage: postgresql://... to share it across machines"
+                     " [default: $BAM_STUDY_STORAGE, else .cache/sweeps/optuna.journal]"),
+    ] = None,
     address: Annotated[
         str | None,
         typer.Option(help="Ray cluster: auto or HOST:PORT of `ray start --head` (default: a new"
@@ -340,14 +367,17 @@ def sweep(
     num_gpus: Annotated[float, typer.Option(help="GPUs per trial (Ray resource)")] = 0.0,
     name: Annotated[
         str | None,
-        typer.Option(help="sweep name: MLflow tag and experiments NAME-1..N (default:"
-                     " sweep-YYYYmmdd-HHMMSS)"),
+        typer.Option(help="the study: its name, MLflow tag and experiments NAME-<trial>; the"
+                     " same name again resumes or joins it (default: sweep-YYYYmmdd-HHMMSS)"),
     ] = None,
 ) -> None:  # fmt: skip
-    """Run a grid of DVC experiments (committed code) on a Ray cluster, one trial per point."""
-    from bam_vae.sweep.driver import sweep as run
+    """A grid or a search (Optuna: TPE, pruning) of DVC experiments of the committed code,
+    each trial a Ray task; resumable, and other machines can join it."""
+    from bam_vae.sweep.study import sweep as run
 
-    run(grid, address=address, num_cpus=num_cpus, num_gpus=num_gpus, name=name)
+    run(space, trials, metric=metric, direction=direction, sampler=sampler, pruner=pruner,
+        prune_on=prune_on, warmup=warmup, startup=startup, seed=seed, storage=storage,
+        address=address, num_cpus=num_cpus, num_gpus=num_gpus, name=name)  # fmt: skip
 
 
 def main() -> None:  # pragma: no cover - console entry point

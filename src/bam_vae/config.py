@@ -129,7 +129,6 @@ class TrainConfig(_Fit):
     train_fraction: float = Field(1.0, gt=0, le=1)
     noise_fraction: float = Field(0.0, ge=0, le=1)
     noise_std: float = Field(0.0, ge=0)
-    sweep: str = Field("", description="tag put on the MLflow run, groups runs of one sweep")
     # CUDA only: each training step runs as captured CUDA graphs (torch.compile's
     # "reduce-overhead"); a GPU step of these small nets is bound by kernel launches.
     cuda_graphs: bool = False
@@ -233,6 +232,13 @@ class RobustnessConfig(_Section):
     seed: int = Field(0, ge=0)
 
 
+class SweepConfig(_Section):
+    """A label, not a hyperparameter: no stage declares this section in dvc.yaml, so the same
+    point in two sweeps is one DVC run-cache entry; ``train`` puts it on its MLflow run."""
+
+    name: str = Field("", max_length=200, description="MLflow tag `sweep` of the runs trained")
+
+
 class Params(_Section):
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -243,6 +249,7 @@ class Params(_Section):
     tsne: TsneConfig = Field(default_factory=TsneConfig)
     robustness: RobustnessConfig = Field(default_factory=RobustnessConfig)
     inspect: InspectConfig = Field(default_factory=InspectConfig)
+    sweep: SweepConfig = Field(default_factory=SweepConfig)
 
 
 class DuplicateKeyError(YAMLError):

@@ -150,7 +150,7 @@ def fit(
                                    "n_train_images": len(x_train), "torch_threads": threads,
                                    "device": str(device), "cpu": cpu_name()})  # fmt: skip
                 mlflow.set_tags(
-                    tracking.run_tags(digest, cfg.sweep, key) | {"dataset": dataset.name}
+                    tracking.run_tags(digest, params.sweep.name, key) | {"dataset": dataset.name}
                 )
 
             train_step = training_step(model, cfg.cuda_graphs)

@@ -1,10 +1,13 @@
 """What a sweep asks of its git repository: where it is, that it is clean, the commit and
-where trials clone it from, the author of their commits, the experiments it has already."""
+where trials clone it from, the author of their commits, the experiments it has already,
+its DVC cache."""
 
 from __future__ import annotations
 
 import os
+import re
 import subprocess
+import sys
 from pathlib import Path
 
 from bam_vae.errors import BamError
@@ -66,10 +69,20 @@ def clone_source(root: Path, commit: str) -> str:
     return origin
 
 
-def existing_experiments(root: Path, names: list[str]) -> list[str]:
+def experiments_named(root: Path, name: str) -> list[str]:
+    """The experiments of a sweep ``name`` (``NAME-<trial>``) this repository has."""
     refs = _git(root, "for-each-ref", "--format=%(refname)", "refs/exps/", check=False)
-    have = {ref.rsplit("/", 1)[-1] for ref in refs.splitlines()}
-    return [name for name in names if name in have]
+    pattern = re.compile(rf"^{re.escape(name)}-\d+$")
+    names = [ref.rsplit("/", 1)[-1] for ref in refs.splitlines()]
+    return [n for n in names if pattern.match(n)]
+
+
+def cache_dir(root: Path) -> str:
+    """The checkout's DVC cache, which trials on its machine share (and its run cache)."""
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    found = subprocess.run(["dvc", "cache", "dir"], cwd=root, capture_output=True, text=True,
+                           env=env)  # fmt: skip
+    return found.stdout.strip() or str(root / ".dvc" / "cache")
 
 
 def git_identity(root: Path) -> dict[str, str]:

@@ -3,9 +3,11 @@
 Runs CMD as its child and exits with the child's status. It is started as the leader of a
 process group of its own (``start_new_session``), which CMD and all it starts inherit. If the
 process that started it dies (a Ray worker whose node was lost: the guard's parent process
-id changes), it stops the whole group: SIGTERM (``bam train`` marks its MLflow run KILLED),
-up to GRACE seconds for the group's processes to exit, then it removes the folder WORK and
-SIGKILLs what is left, itself included. So a dead trial never lives on beside its retry.
+id changes) or, on the sweep driver's machine, the driver (``BAM_SWEEP_DRIVER``: its pid; Ray
+notices a dead driver seconds later), it stops the whole group: SIGTERM (``bam train`` marks
+its MLflow run KILLED), up to GRACE seconds for the group's processes to exit, then it
+removes the folder WORK and SIGKILLs what is left, itself included. So a dead trial never
+lives on beside its retry.
 
 Only the standard library: :func:`bam_vae.sweep.trial.run_guarded` runs this file by its
 path, so the guard is the code of the sweep, whatever ``PYTHONPATH`` its command gets (the
@@ -22,6 +24,7 @@ import sys
 import time
 
 POLL_S = 0.5  # how often the guard looks at its parent
+DRIVER_ENV = "BAM_SWEEP_DRIVER"
 
 
 def members(group: int) -> list[int]:
@@ -59,14 +62,14 @@ def main(argv: list[str]) -> int:
         print("usage: python -m bam_vae.sweep.guard WORK GRACE CMD [ARG...]", file=sys.stderr)
         return 2
     work, grace, cmd = argv[0], float(argv[1]), argv[2:]
-    parent = os.getppid()
+    parent, driver = os.getppid(), int(os.environ.get(DRIVER_ENV) or 0)
     child = subprocess.Popen(cmd)
     while True:
         try:
             return child.wait(timeout=POLL_S)
         except subprocess.TimeoutExpired:
             pass
-        if os.getppid() != parent:
+        if os.getppid() != parent or (driver and not os.path.exists(f"/proc/{driver}")):
             stop_and_exit(child, work, grace)
 
 

@@ -1,9 +1,10 @@
-"""One grid point, run as a Ray task on whichever node Ray chose (:func:`run_trial`).
+"""One trial, run as a Ray task on whichever node Ray chose (:func:`run_trial`).
 
 It clones the repository at the sweep's commit into a fresh folder on its node, pulls what a
-DVC remote has, runs ``dvc exp run -S ... --name <sweep>-<i>`` there with the sweep's
-tracking store and parent run in its environment, pushes the results (DVC remote, git
-``origin``) and removes the clone. Trials on the sweep's own machine share its DVC cache (and
+DVC remote has, runs ``dvc exp run STAGE -S ... --name <sweep>-<n>`` there (the stage that
+writes the study's metric, and what it needs) with the sweep's tracking store, parent run and
+trial number in its environment, pushes the results (DVC remote, git ``origin``) and removes
+the clone. Trials on the sweep's own machine share its DVC cache (and
 so its run cache) instead.
 
 This module imports nothing heavy (no torch, no MLflow; Ray only inside the task): Ray
@@ -32,7 +33,6 @@ from bam_vae.errors import reason
 from bam_vae.machine import available_cores
 from bam_vae.processes import stop_group
 from bam_vae.sweep import guard
-from bam_vae.sweep.grid import Point, label
 
 LOG_TAIL = 20_000  # characters of a trial's log that come back to the driver
 STOP_GRACE_S = 15.0  # SIGTERM -> SIGKILL for a trial's process group
@@ -40,18 +40,20 @@ STOP_GRACE_S = 15.0  # SIGTERM -> SIGKILL for a trial's process group
 
 @dataclass(frozen=True)
 class Trial:
-    """Everything a Ray task needs to run one grid point, on any node."""
+    """Everything a Ray task needs to run one trial, on any node."""
 
-    index: int
-    point: Point
+    number: int  # the Optuna trial's
+    overrides: tuple[str, ...]  # KEY=VALUE for `dvc exp run -S`
     sweep: str
     exp_name: str
+    stage: str  # the dvc.yaml stage that writes the study's metric
     source: str  # git URL or path to clone
     commit: str
     tracking_uri: str
     parent_run_id: str
     num_cpus: float
     driver_ip: str  # nodes at this IP share the sweep's filesystem
+    driver_pid: int  # the guard of a trial on the driver's machine watches it too
     root: str  # the sweep's checkout, on the driver's machine
     cache_dir: str  # its DVC cache, shared by the trials on that machine
     env: dict[str, str] = field(default_factory=dict)  # git identity, BAM_ARTIFACT_ROOT
@@ -105,6 +107,7 @@ def trial_env(trial: Trial, clone: Path) -> dict[str, str]:
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(clone / "src"), env.get("PYTHONPATH")]))
     env["MLFLOW_TRACKING_URI"] = trial.tracking_uri
     env["BAM_PARENT_RUN_ID"] = trial.parent_run_id
+    env["BAM_TRIAL"] = str(trial.number)
     env["BAM_PARALLEL_JOBS"] = str(max(1, int(available_cores() // max(trial.num_cpus, 1e-9))))
     return env
 
@@ -139,12 +142,13 @@ class _Attempt:
         ):
             return
         if same_host:  # trials on this machine share the checkout's cache and run cache
+            self.env[guard.DRIVER_ENV] = str(trial.driver_pid)
             self.step("clone", ["dvc", "cache", "dir", "--local", trial.cache_dir], clone)
         remote = self.step("remote", ["dvc", "remote", "default"], clone, must=False)
         if remote:  # what it cannot pull it recomputes
             self.step("pull", ["dvc", "pull", "--run-cache"], clone, must=False)
-        overrides = [arg for key, value in trial.point for arg in ("-S", f"{key}={value}")]
-        cmd = ["dvc", "exp", "run", *overrides, "-S", f"train.sweep={trial.sweep}"]
+        overrides = [arg for option in trial.overrides for arg in ("-S", option)]
+        cmd = ["dvc", "exp", "run", trial.stage, *overrides, "-S", f"sweep.name={trial.sweep}"]
         if not self.step("pipeline", [*cmd, "--name", trial.exp_name], clone):
             # bam's own one-line error if there is one, else DVC's.
             tail = _tail(self.log, 8000).splitlines()
@@ -153,11 +157,8 @@ class _Attempt:
             if errors:
                 result["reason"] = errors[-1][:300]
             return
-        run_ref = _read_json(clone / "models" / "mlflow_run.json")
-        fid = _read_json(clone / "metrics" / "fid.json")
-        result["run_id"] = run_ref.get("run_id", "")
-        result["model_version"] = run_ref.get("model_version", "")
-        result["fid"] = fid.get("fid_classifier", fid.get("fid_inception"))
+        result["run_id"] = _read_json(clone / "models" / "mlflow_run.json").get("run_id", "")
+        result["metrics"] = metrics(clone)
         if remote and not self.step("push", ["dvc", "push", "--run-cache"], clone):
             return
         push = ["dvc", "exp", "push", "--no-cache", "origin", trial.exp_name]
@@ -166,9 +167,20 @@ class _Attempt:
         result["status"] = "done"
 
 
-def run_trial(trial: Trial, board: Any = None) -> dict[str, Any]:
-    """One grid point, on whichever node Ray chose (the body of the Ray task); ``board``, a
-    :class:`bam_vae.sweep.driver.Board` actor, hears when and where it starts."""
+def metrics(clone: Path) -> dict[str, float]:
+    """Every number at the top level of the checkout's ``metrics/*.json``: what ``--metric``
+    may name."""
+    found: dict[str, float] = {}
+    for path in sorted((clone / "metrics").glob("*.json")):
+        for key, value in _read_json(path).items():
+            if isinstance(value, int | float) and not isinstance(value, bool):
+                found[key] = float(value)
+    return found
+
+
+def run_trial(trial: Trial) -> dict[str, Any]:
+    """One trial, on whichever node Ray chose (the body of the Ray task): what it measured
+    (``metrics``), its MLflow run, and how it ended."""
     import ray  # already imported in a Ray worker
 
     started = time.time()
@@ -176,12 +188,9 @@ def run_trial(trial: Trial, board: Any = None) -> dict[str, Any]:
     host = socket.gethostname()
     node_ip = ray.util.get_node_ip_address()
     same_host = node_ip == trial.driver_ip and Path(trial.root, ".dvc").is_dir()
-    if board is not None:
-        board.started.remote(trial.index, node_id, host)
     result: dict[str, Any] = {
-        "index": trial.index, "point": label(trial.point), "exp_name": trial.exp_name,
-        "status": "failed", "node_id": node_id, "host": host, "started": started,
-        "run_id": "", "fid": None, "reason": "", "phases": {}, "log": "",
+        "status": "failed", "node_id": node_id, "host": host, "run_id": "", "metrics": {},
+        "reason": "", "phases": {}, "log": "",
     }  # fmt: skip
     attempt = _Attempt(trial, result)
     try:
@@ -189,15 +198,7 @@ def run_trial(trial: Trial, board: Any = None) -> dict[str, Any]:
     except Exception as exc:  # a broken node (no git, full disk...): this point fails, not all
         result["reason"] = f"{type(exc).__name__}: {reason(exc)}"
     finally:
-        result["finished"] = time.time()
-        result["seconds"] = result["finished"] - started
+        result["seconds"] = time.time() - started
         result["log"] = _tail(attempt.log)
         shutil.rmtree(attempt.work, ignore_errors=True)
     return result
-
-
-def missing_result(trial: Trial, status: str, why: str) -> dict[str, Any]:
-    """The result of a trial that never returned one (cancelled, or lost with every retry)."""
-    return {"index": trial.index, "point": label(trial.point), "exp_name": trial.exp_name,
-            "status": status, "host": "", "node_id": "", "run_id": "", "fid": None,
-            "reason": why, "log": "", "phases": {}}  # fmt: skip

@@ -240,6 +240,7 @@ def run_tags(data_sha256: str, sweep: str, run_key: str) -> dict[str, str]:
         tags["sweep"] = sweep
     if os.environ.get("BAM_PARENT_RUN_ID"):  # a trial of `bam sweep`: a child of its run
         tags["mlflow.parentRunId"] = os.environ["BAM_PARENT_RUN_ID"]
+        tags["optuna_trial"] = os.environ.get("BAM_TRIAL", "")
     return tags
 
 

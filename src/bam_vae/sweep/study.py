@@ -1,0 +1,672 @@
+"""``bam sweep``: an Optuna study whose trials are DVC experiments run as Ray tasks.
+
+Optuna owns the search: the study and its trials live in an Optuna storage (a journal file
+in the checkout, or the team's PostgreSQL), its sampler picks each point (TPE, random or
+the grid), its pruner stops hopeless trials from their per-epoch values, and a second driver
+with the same name and storage joins the study. Ray owns placement: each trial is a Ray task
+(:func:`bam_vae.sweep.trial.run_trial`) on any node with the CPUs it asks for, retried if
+its node dies. What no library does is here: a trial is ``dvc exp run`` of the committed
+code in a clone, its per-epoch values are read back from its MLflow run, every trial is one
+MLflow child run of the study's parent run (FAILED with its reason, or KILLED and tagged
+``pruned``), and an interrupted trial (Ctrl-C, SIGTERM, a driver killed) is marked FAIL and
+retried, never left RUNNING nor counted.
+
+Why not Ray Tune: ``OptunaSearch`` switches Optuna's pruners off and keeps its state in
+Tune's experiment folder, which one driver owns (``Tuner.restore``); a study that survives
+any driver and that others join needs the Optuna storage to be the one record.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from bam_vae.errors import BamError, Interrupted, reason
+from bam_vae.sweep import git
+from bam_vae.sweep.space import (
+    Space,
+    as_text,
+    check_name,
+    check_values,
+    default_name,
+    parse_space,
+)
+from bam_vae.sweep.trial import STOP_GRACE_S, Trial, run_trial
+
+STORAGE_ENV = "BAM_STUDY_STORAGE"
+POLL_S = 2.0  # how often a trial's MLflow run is read for its per-epoch values
+SAMPLERS = ("tpe", "random", "grid")
+PRUNERS = ("none", "median", "hyperband", "asha")
+
+
+class TrialFailed(Exception):
+    """A trial that ran and failed (bad params, the pipeline failed): FAIL, counted."""
+
+
+class Stopped(Exception):
+    """The driver was told to stop: the trial is FAIL, not counted, and retried."""
+
+
+def journal_path(root: Path) -> Path:
+    return root / ".cache" / "sweeps" / "optuna.journal"
+
+
+def open_storage(url: str | None, root: Path) -> tuple[Any, str]:
+    """The study's storage and how to name it: a journal file in the checkout (one machine,
+    several processes: Optuna's FAQ) or an RDB URL (PostgreSQL for a cluster; a heartbeat
+    fails a dead driver's trials and retries them)."""
+    import optuna
+
+    if not url:
+        path = journal_path(root)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        backend = optuna.storages.journal.JournalFileBackend(str(path))
+        return optuna.storages.JournalStorage(backend), str(path)
+    if not url.startswith(("postgresql", "mysql", "sqlite")):
+        raise BamError(f"--storage {url!r}: expected postgresql://USER:PW@HOST/DB, sqlite:///FILE"
+                       " or nothing (a journal file in the checkout)")  # fmt: skip
+    full = "postgresql+psycopg://" + url.removeprefix("postgresql://") if url.startswith(
+        "postgresql://") else url  # fmt: skip
+    retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=3)
+    try:
+        storage = optuna.storages.RDBStorage(full, heartbeat_interval=20, grace_period=60,
+                                             heartbeat_stale_trial_callback=retry)  # fmt: skip
+    except Exception as exc:
+        raise BamError(f"cannot open the study storage {url}: {reason(exc)}") from None
+    return storage, url
+
+
+def interrupted(t: Any) -> bool:
+    """A FAIL without a reason of ours: its driver stopped or died mid-trial."""
+    from optuna.trial import TrialState
+
+    return t.state == TrialState.FAIL and "fail_reason" not in t.user_attrs
+
+
+def finished(study: Any) -> list[Any]:
+    """The trials that count towards ``--trials``: complete, pruned or failed for a reason."""
+    from optuna.trial import TrialState
+
+    done = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+    return [t for t in study.get_trials(deepcopy=False) if t.state in done and not interrupted(t)]
+
+
+def _alive(pid: int, started: float) -> bool:
+    import psutil
+
+    with contextlib.suppress(psutil.Error):
+        return abs(psutil.Process(pid).create_time() - started) < 1.0
+    return False
+
+
+def recover(study: Any) -> None:
+    """Trials left RUNNING by a driver of this machine that is gone (SIGKILL, a crash): FAIL,
+    then retried. Drivers of other machines are the heartbeat's (RDB storages)."""
+    from optuna.trial import TrialState
+
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        host, pid, started = t.user_attrs.get("driver") or ["", 0, 0.0]
+        if host == socket.gethostname() and not _alive(int(pid), float(started)):
+            print(f"sweep: trial {t.number} was left running by driver {pid}, which is gone:"
+                  " marked failed and retried", flush=True)  # fmt: skip
+            study.tell(t.number, state=TrialState.FAIL, skip_if_finished=True)
+            retry(study, t)
+
+
+def retry(study: Any, t: Any) -> None:
+    study.enqueue_trial(t.params, user_attrs={"retry_of": t.number})
+
+
+# ------------------------------------------------------------------------------ checks
+@dataclass
+class Plan:
+    """A sweep checked before any Ray, MLflow or study work."""
+
+    space: Space
+    name: str
+    root: Path
+    commit: str
+    source: str
+    cache_dir: str
+    metric: str
+    stage: str
+    direction: str
+    trials: int
+    sampler: str
+    pruner: str
+    prune_on: str
+    warmup: int
+    startup: int
+    seed: int
+    address: str | None
+    num_cpus: float
+    num_gpus: float
+    storage: str | None
+
+
+def _metric_files(root: Path) -> dict[str, str]:
+    """``metrics/x.json`` -> the dvc.yaml stage that writes it."""
+    import yaml
+
+    stages = yaml.safe_load((root / "dvc.yaml").read_text()).get("stages", {})
+    found = {}
+    for name, stage in stages.items():
+        for entry in (stage.get("do") or stage).get("metrics", []):
+            found[next(iter(entry)) if isinstance(entry, dict) else entry] = name
+    return found
+
+
+def metric_stage(root: Path, metric: str) -> str:
+    """The stage whose metrics file holds ``metric`` (committed files; a classifier-space
+    score is also there in the Inception space)."""
+    import json
+
+    known: dict[str, str] = {}
+    for path, stage in _metric_files(root).items():
+        with contextlib.suppress(OSError, ValueError):
+            for key in json.loads((root / path).read_text()):
+                for name in (key, key.replace("_classifier", "_inception")):
+                    known.setdefault(name, stage)  # test_loss: train's, not the evaluator's
+    if metric not in known:
+        raise BamError(f"--metric {metric!r} is not a metric of the pipeline; expected one of"
+                       f" {', '.join(sorted(known))}")  # fmt: skip
+    return known[metric]
+
+
+def plan(options: list[str], trials: int | None = None, **kw: Any) -> Plan:
+    """Every check that needs no cluster, no tracking store and no study."""
+    space = parse_space(options)
+    name = kw.get("name") or default_name()
+    check_name(name)
+    sampler = kw.get("sampler") or ("tpe" if trials else "grid")
+    if sampler not in SAMPLERS:
+        raise BamError(f"--sampler {sampler!r}: expected one of {', '.join(SAMPLERS)}")
+    pruner, direction = kw.get("pruner", "none"), kw.get("direction", "minimize")
+    if pruner not in PRUNERS:
+        raise BamError(f"--pruner {pruner!r}: expected one of {', '.join(PRUNERS)}")
+    if direction not in ("minimize", "maximize"):
+        raise BamError(f"--direction {direction!r}: expected minimize or maximize")
+    if pruner != "none" and direction != "minimize":
+        raise BamError(f"--pruner {pruner} compares per-epoch losses (--prune-on), lower is"
+                       " better: expected --direction minimize")  # fmt: skip
+    if sampler == "grid":
+        if space.grid is None:
+            raise BamError(
+                "--sampler grid: interval() takes any value in a range; give"
+                " --trials N (TPE), or list the values"
+            )
+        trials = trials or max(space.grid_size, 1)
+    elif not trials:
+        raise BamError(f"--sampler {sampler} needs --trials N (how many trials to finish)")
+    if trials < 1:
+        raise BamError(f"--trials {trials}: expected at least 1")
+    num_cpus, num_gpus = kw.get("num_cpus", 1.0), kw.get("num_gpus", 0.0)
+    if num_cpus <= 0 or num_gpus < 0:
+        raise BamError(f"--num-cpus must be > 0 and --num-gpus >= 0 (got {num_cpus}, {num_gpus})")
+    root = git.repo_root(kw.get("cwd") or Path.cwd())
+    git.check_clean(root)
+    check_values(space, root / "params.yaml")
+    metric = kw.get("metric", "fid_classifier")
+    stage = metric_stage(root, metric)
+    prune_on = kw.get("prune_on", "test_loss")
+    history = root / "metrics" / "train_history.csv"
+    columns = history.read_text().splitlines()[0].split(",") if history.is_file() else []
+    if pruner != "none" and prune_on not in columns:
+        raise BamError(f"--prune-on {prune_on!r} is not a per-epoch value of train; expected"
+                       f" one of {', '.join(c for c in columns if c != 'epoch')}")  # fmt: skip
+    commit = git.head_commit(root)
+    return Plan(
+        space=space, name=name, root=root, commit=commit,
+        source=git.clone_source(root, commit), cache_dir=git.cache_dir(root), metric=metric,
+        stage=stage, direction=direction, trials=trials, sampler=sampler, pruner=pruner,
+        prune_on=prune_on, warmup=kw.get("warmup", 1), startup=kw.get("startup", 5),
+        seed=kw.get("seed", 0), address=kw.get("address") or os.environ.get("RAY_ADDRESS"),
+        num_cpus=num_cpus, num_gpus=num_gpus,
+        storage=kw.get("storage") or os.environ.get(STORAGE_ENV),
+    )  # fmt: skip
+
+
+def _sampler(p: Plan) -> Any:
+    import optuna
+
+    if p.sampler == "grid":
+        return optuna.samplers.GridSampler(p.space.grid, seed=p.seed)
+    if p.sampler == "random":
+        return optuna.samplers.RandomSampler(seed=p.seed)
+    return optuna.samplers.TPESampler(seed=p.seed)
+
+
+def _pruner(p: Plan) -> Any:
+    import optuna
+
+    if p.pruner == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=p.startup, n_warmup_steps=p.warmup)
+    if p.pruner == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=max(1, p.warmup))
+    if p.pruner == "asha":  # Optuna's successive halving is the asynchronous one (ASHA)
+        return optuna.pruners.SuccessiveHalvingPruner(min_resource=max(1, p.warmup))
+    return optuna.pruners.NopPruner()
+
+
+def open_study(p: Plan) -> tuple[Any, str]:
+    """Create the study, or load it to resume or join: the same space, metric, direction
+    and commit, or one line saying which differs."""
+    import optuna
+
+    storage, where = open_storage(p.storage, p.root)
+    names = {s.study_name for s in optuna.get_all_study_summaries(storage=storage)}
+    if p.name not in names and git.experiments_named(p.root, p.name):
+        raise BamError(f"experiments {p.name}-<n> exist already but no study {p.name} in"
+                       f" {where}; pick another --name")  # fmt: skip
+    study = optuna.create_study(storage=storage, study_name=p.name, sampler=_sampler(p),
+                                pruner=_pruner(p), direction=p.direction,
+                                load_if_exists=True)  # fmt: skip
+    mine = {"space": list(p.space.options), "metric": p.metric, "commit": p.commit}
+    for key, value in mine.items():
+        had = study.user_attrs.get(key)
+        if had is None:
+            study.set_user_attr(key, value)
+        elif had != value:
+            raise BamError(f"study {p.name} in {where} has {key} {had}, not {value}; give the"
+                           " same to resume or join it, or pick another --name")  # fmt: skip
+    if study.direction.name.lower() != p.direction:
+        raise BamError(f"study {p.name} in {where} is to {study.direction.name.lower()}"
+                       f" {p.metric}, not {p.direction}")  # fmt: skip
+    return study, where
+
+
+# ------------------------------------------------------------------------------ Ray
+def _import_ray(local: bool) -> Any:
+    if local and "ray" not in sys.modules:
+        # A local instance listens on 127.0.0.1 only: Ray's "single-node" mode (its switch is
+        # named for Windows/macOS, where that is the default).
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+        own = os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_MODE")
+        if not own and not (Path.home() / ".ray" / "auth_token").is_file():
+            # Token auth with a token that lives as long as this sweep's instance.
+            import secrets
+
+            os.environ["RAY_AUTH_MODE"] = "token"
+            os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(16)
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    import ray
+
+    return ray
+
+
+@contextlib.contextmanager
+def connect(p: Plan, uri: str) -> Any:
+    """``ray.init`` (a new local instance when no address), checked and shut down."""
+    import logging
+
+    local = p.address in (None, "", "local")
+    ray = _import_ray(local)
+    kwargs: dict[str, Any] = {"log_to_driver": False, "logging_level": logging.WARNING}
+    try:
+        if local:  # trials pass small dicts: a small object store is plenty
+            ray.init(address="local", include_dashboard=False, object_store_memory=200 * 2**20,
+                     **kwargs)  # fmt: skip
+        else:
+            ray.init(address=p.address, **kwargs)
+    except Exception as exc:
+        where = "start a local Ray instance" if local else f"reach the Ray cluster at {p.address}"
+        raise BamError(
+            f"cannot {where}: {reason(exc)} (is `ray start --head` running there?"
+            " With token auth, set RAY_AUTH_MODE=token and its token)"
+        ) from None
+    try:
+        nodes = [n for n in ray.nodes() if n.get("Alive")]
+        res = [n["Resources"] for n in nodes]
+        if not any(r.get("CPU", 0) >= p.num_cpus and r.get("GPU", 0) >= p.num_gpus for r in res):
+            raise BamError(
+                f"no node of the Ray cluster has the {p.num_cpus:g} CPU and"
+                f" {p.num_gpus:g} GPU a trial asks for (--num-cpus, --num-gpus)"
+            )
+        hosts = {n["NodeManagerAddress"] for n in nodes} - {ray.util.get_node_ip_address()}
+        if hosts and not uri.startswith(("http://", "https://", "postgresql", "mysql")):
+            raise BamError(f"the Ray cluster has nodes on other machines ({', '.join(hosts)}),"
+                           f" which cannot write the store {uri}; start a tracking server and"
+                           " set MLFLOW_TRACKING_URI=http://... (docs/sweeps.md)")  # fmt: skip
+        if hosts and p.source == str(p.root):
+            raise BamError(
+                "the Ray cluster has nodes on other machines, which cannot clone"
+                f" {p.root}; add an `origin` git remote they reach, and push"
+            )
+        slots = sum(int(r.get("CPU", 0) // p.num_cpus) for r in res)
+        yield ray, max(1, slots)
+    finally:
+        ray.shutdown()
+
+
+# ------------------------------------------------------------------------------ the study
+class Driver:
+    """Runs the study's trials from ``Study.optimize``'s threads (one per Ray slot)."""
+
+    def __init__(self, p: Plan, study: Any, ray: Any, parent: str, uri: str) -> None:
+        from bam_vae.tracking import store as tracking
+
+        self.p, self.study, self.ray, self.parent, self.uri = p, study, ray, parent, uri
+        self.client, self.experiment_id = tracking.client(), tracking.init()
+        self.stop = threading.Event()
+        self.t0 = time.monotonic()
+        me = __import__("psutil").Process()
+        self.me = [socket.gethostname(), me.pid, me.create_time()]
+        self.env = git.git_identity(p.root)
+        if os.environ.get(tracking.ARTIFACT_ROOT_ENV):  # every trial writes there too
+            self.env[tracking.ARTIFACT_ROOT_ENV] = str(tracking.artifact_root())
+        self.task = ray.remote(max_retries=2, retry_exceptions=False)(run_trial).options(
+            num_cpus=p.num_cpus, num_gpus=p.num_gpus)  # fmt: skip
+        self.logs = p.root / ".cache" / "sweeps" / p.name
+        self.logs.mkdir(parents=True, exist_ok=True)
+
+    def say(self, text: str) -> None:
+        print(f"[{time.monotonic() - self.t0:5.0f} s] {text}", flush=True)
+
+    def _suggest(self, trial: Any) -> dict[str, Any]:
+        from optuna.distributions import CategoricalDistribution, IntDistribution
+
+        values = {}
+        for key, d in self.p.space.distributions.items():
+            if isinstance(d, CategoricalDistribution):
+                values[key] = trial.suggest_categorical(key, d.choices)
+            elif isinstance(d, IntDistribution):
+                values[key] = trial.suggest_int(key, d.low, d.high, step=d.step, log=d.log)
+            else:
+                values[key] = trial.suggest_float(key, d.low, d.high, step=d.step, log=d.log)
+        return values
+
+    def objective(self, trial: Any) -> float:
+        from bam_vae.config import ConfigError, load_params
+
+        if self.stop.is_set():
+            raise Stopped("stopping")
+        values = self._suggest(trial)
+        exp = f"{self.p.name}-{trial.number}"
+        trial.set_user_attr("driver", self.me)
+        trial.set_user_attr("dvc_exp", exp)
+        overrides = self.p.space.overrides(values)
+        label = " ".join(f"{k}={as_text(v)}" for k, v in values.items())
+        self.say(f"trial {trial.number} ({exp}) started: {label}")
+        try:
+            load_params(self.p.root / "params.yaml", [o for o in overrides if ":" not in o])
+        except ConfigError as exc:
+            self.fail(trial, str(exc), values)
+        spec = Trial(
+            number=trial.number, overrides=tuple(overrides), sweep=self.p.name, exp_name=exp,
+            stage=self.p.stage, source=self.p.source, commit=self.p.commit,
+            tracking_uri=self.uri, parent_run_id=self.parent, num_cpus=self.p.num_cpus,
+            driver_ip=self.ray.util.get_node_ip_address(), driver_pid=os.getpid(),
+            root=str(self.p.root),
+            cache_dir=self.p.cache_dir, env=self.env,
+        )  # fmt: skip
+        ref = self.task.remote(spec)
+        self._watch(trial, ref, values)
+        try:
+            result = self.ray.get(ref)
+        except Exception as exc:  # lost with every retry, or a Ray-level failure
+            result = {"status": "failed", "reason": f"{type(exc).__name__}: {reason(exc)}"}
+        if result.get("log"):
+            (self.logs / f"{exp}.log").write_text(result["log"])
+        trial.set_user_attr("host", result.get("host", ""))
+        trial.set_user_attr("seconds", round(result.get("seconds", 0.0), 1))
+        if result["status"] != "done":
+            self.fail(trial, result["reason"] or "failed", values)
+        value = result["metrics"].get(self.p.metric, math.nan)
+        if not math.isfinite(value):
+            self.fail(trial, f"{self.p.metric} is {value} (not written, or not finite)", values)
+        run_id = self.child_run(trial.number, result, values)
+        trial.set_user_attr("mlflow_run_id", run_id)
+        return value
+
+    def _watch(self, trial: Any, ref: Any, values: dict[str, Any]) -> None:
+        """Wait for the task; meanwhile report its per-epoch values and prune or stop it."""
+        import optuna
+
+        step = 0
+        while not self.ray.wait([ref], timeout=POLL_S)[0]:
+            if self.stop.is_set():
+                self._cancel(ref)
+                retry(self.study, trial)
+                raise Stopped(f"trial {trial.number} interrupted; retried on the next run")
+            if self.p.pruner == "none":
+                continue
+            run = self.runs(trial.number, "RUNNING")
+            history = self.client.get_metric_history(run[0], self.p.prune_on) if run else []
+            for m in sorted(history, key=lambda m: m.step):
+                if m.step > step:
+                    step = m.step
+                    trial.report(m.value, step)
+                    if trial.should_prune():
+                        why = f"epoch {step}: {self.p.prune_on} {m.value:.4g}"
+                        self._cancel(ref)
+                        trial.set_user_attr("pruned", why)
+                        for run_id in self.runs(trial.number):
+                            self.client.set_tag(run_id, "pruned", why)
+                            with contextlib.suppress(Exception):
+                                self.client.set_terminated(run_id, status="KILLED")
+                        raise optuna.TrialPruned(why)
+
+    def _cancel(self, ref: Any) -> None:
+        """Stop a task's pipeline (its guard: SIGTERM, then SIGKILL) and wait for it."""
+        with contextlib.suppress(Exception):
+            self.ray.cancel(ref)
+            self.ray.wait([ref], timeout=STOP_GRACE_S + 20)
+
+    def runs(self, number: int, status: str | None = None) -> list[str]:
+        """MLflow runs of trial ``number`` under the parent, newest first."""
+        query = (f"tags.`mlflow.parentRunId` = '{self.parent}'"
+                 f" and tags.optuna_trial = '{number}'")  # fmt: skip
+        if status:
+            query += f" and attributes.status = '{status}'"
+        found = self.client.search_runs([self.experiment_id], query,
+                                        order_by=["attributes.start_time DESC"])  # fmt: skip
+        return [r.info.run_id for r in found]
+
+    def child_run(self, number: int, result: dict[str, Any] | None, values: dict) -> str:
+        """The trial's one child run: the one its training logged (older attempts of a
+        retried task are KILLED, their versions deleted), or a new one (a point served from
+        DVC's run cache, a trial that never ran) with its values and results."""
+        found = self.runs(number)
+        keep = result.get("run_id", "") if result else ""
+        if keep in found:
+            for other in found:
+                if other != keep:
+                    self._supersede(other, keep)
+            return keep
+        tags = {"mlflow.parentRunId": self.parent, "sweep": self.p.name,
+                "optuna_trial": str(number), "dvc_exp_name": f"{self.p.name}-{number}",
+                "bam_model_run": keep}  # fmt: skip
+        run_id = self.client.create_run(self.experiment_id, run_name=tags["dvc_exp_name"],
+                                        tags=tags).info.run_id  # fmt: skip
+        if keep:  # from the run cache: the model's params and scores
+            model = self.client.get_run(keep).data
+            for k, v in model.params.items():
+                self.client.log_param(run_id, k, v)
+            for k, v in {**model.metrics, **(result or {}).get("metrics", {})}.items():
+                self.client.log_metric(run_id, k, v)
+        else:
+            for k, v in values.items():
+                self.client.log_param(run_id, k, as_text(v))
+        self.client.set_terminated(run_id, status="FINISHED")
+        return run_id
+
+    def _supersede(self, run_id: str, keep: str) -> None:
+        why = f"superseded by run {keep} (the task was retried)"
+        with contextlib.suppress(Exception):
+            if self.client.get_run(run_id).info.status == "RUNNING":
+                self.client.set_terminated(run_id, status="KILLED")
+            self.client.set_tag(run_id, "bam_sweep_settled", why)
+            for version in self.client.search_model_versions(f"run_id = '{run_id}'"):
+                self.client.delete_model_version(version.name, version.version)
+
+    def fail(self, trial: Any, why: str, values: dict[str, Any]) -> None:
+        """Record the reason in the study and on the trial's FAILED child run; raise."""
+        why = why.strip().splitlines()[-1][:500] if why.strip() else "failed"
+        trial.set_user_attr("fail_reason", why)
+        found = self.runs(trial.number)
+        run_id = found[0] if found else self.child_run(trial.number, None, values)
+        self.client.set_tag(run_id, "bam_fail_reason", why)
+        self.client.set_terminated(run_id, status="FAILED")
+        raise TrialFailed(why)
+
+    def enough(self, study: Any, _trial: Any) -> None:
+        """Callback: stop once the study (every driver's trials) has its ``--trials``."""
+        if len(finished(study)) >= self.p.trials:
+            study.stop()
+
+
+def _table(study: Any) -> str:
+    rows = [("#", "state", "value", "time", "params / reason")]
+    for t in study.get_trials(deepcopy=False):
+        state = "INTERRUPTED" if interrupted(t) else t.state.name
+        value = f"{t.value:.4g}" if t.state.name == "COMPLETE" else "-"
+        secs = t.user_attrs.get("seconds") or (t.duration and t.duration.total_seconds())
+        why = t.user_attrs.get("fail_reason") or t.user_attrs.get("pruned") or ""
+        params = " ".join(f"{k}={as_text(v)}" for k, v in t.params.items())
+        rows.append((str(t.number), state, value, f"{secs:.0f} s" if secs else "-",
+                     f"{params} {why}".strip()))  # fmt: skip
+    widths = [max(len(r[c]) for r in rows) for c in range(4)]
+    return "\n".join("  ".join([*(r[c].ljust(widths[c]) for c in range(4)), r[4]]).rstrip()
+                     for r in rows)  # fmt: skip
+
+
+def _settle(study: Any, client: Any, experiment_id: str, parent: str) -> None:
+    """The MLflow runs of interrupted trials: KILLED and tagged, whatever their pipeline did
+    after its driver died (a model it finished stays registered, and a retry of the same
+    point uses it from DVC's run cache)."""
+    for t in study.get_trials(deepcopy=False):
+        if not interrupted(t):
+            continue
+        query = f"tags.`mlflow.parentRunId` = '{parent}' and tags.optuna_trial = '{t.number}'"
+        for run in client.search_runs([experiment_id], query):
+            if "bam_sweep_settled" not in run.data.tags:
+                client.set_tag(run.info.run_id, "bam_sweep_settled", "its trial was interrupted")
+                if run.info.status != "KILLED":
+                    client.set_terminated(run.info.run_id, status="KILLED")
+
+
+def _summarise(study: Any, client: Any, parent: str, p: Plan) -> None:
+    """The parent run: best value and params, the trials, Optuna's own figures."""
+    import warnings
+
+    import matplotlib.pyplot as plt  # Optuna draws with pyplot
+    import optuna.visualization.matplotlib as plots
+
+    client.log_text(parent, _table(study) + "\n", "study/trials.txt")
+    client.log_text(parent, study.trials_dataframe().to_csv(index=False), "study/trials.csv")
+    complete = [t for t in study.get_trials(deepcopy=False) if t.value is not None]
+    client.log_metric(parent, "trials_finished", len(finished(study)))
+    if not complete:
+        return
+    best = study.best_trial
+    client.log_metric(parent, f"best_{p.metric}", best.value)
+    client.set_tag(parent, "best_trial", str(best.number))
+    for k, v in best.params.items():
+        client.set_tag(parent, f"best.{k}", as_text(v))
+    figures = {
+        "optimization_history": plots.plot_optimization_history,
+        "param_importances": plots.plot_param_importances,
+        "slice": plots.plot_slice,
+    }
+    for name, draw in figures.items():
+        with warnings.catch_warnings(), contextlib.suppress(Exception):  # too few trials
+            warnings.simplefilter("ignore")
+            axes = draw(study)
+            axes = axes.flat[0] if hasattr(axes, "flat") else axes
+            client.log_figure(parent, axes.figure, f"study/{name}.png")
+            plt.close(axes.figure)
+
+
+def _parent_run(study: Any, p: Plan, where: str) -> str:
+    from bam_vae.tracking import store as tracking
+
+    client, experiment_id = tracking.client(), tracking.init()
+    parent = study.user_attrs.get("mlflow_parent_run_id")
+    if parent and tracking.run_exists(parent):
+        client.update_run(parent, status="RUNNING")
+        return parent
+    parent = client.create_run(experiment_id, run_name=p.name, tags={
+        "sweep": p.name, "bam_kind": "sweep", "sweep_space": " ".join(p.space.options),
+        "optuna_storage": where, "optuna_study": p.name, "metric": p.metric,
+        "direction": p.direction, "git_commit": p.commit, "mlflow.source.git.commit": p.commit,
+    }).info.run_id  # fmt: skip
+    study.set_user_attr("mlflow_parent_run_id", parent)
+    return parent
+
+
+def sweep(options: list[str], trials: int | None = None, **kw: Any) -> Any:
+    """The ``bam sweep`` command: check, open (or resume, or join) the study, run trials
+    until it has ``trials`` finished ones, summarise. Returns the study."""
+    import optuna
+
+    p = plan(options, trials, **kw)
+    os.chdir(p.root)  # the tracking store is this checkout's (tracking.tracking_uri)
+    from bam_vae.tracking import store as tracking
+
+    uri = tracking.tracking_uri()
+    tracking.init()  # an unreachable tracking server fails here
+    study, where = open_study(p)
+    recover(study)
+    parent = _parent_run(study, p, where)
+    left = p.trials - len(finished(study))
+    print(
+        f"sweep {p.name}: {len(finished(study))} of {p.trials} trials finished, {p.sampler}"
+        f" sampler, pruner {p.pruner}, metric {p.metric} ({p.direction}) from stage"
+        f" {p.stage}; study in {where}; parent run {parent} in {uri}",
+        flush=True,
+    )
+    status = "FINISHED"
+    driver = None
+    if left > 0:
+        with connect(p, uri) as (ray, slots):
+            driver = Driver(p, study, ray, parent, uri)
+            previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+
+            def stop(signum: int, _frame: Any) -> None:
+                driver.say(f"{signal.Signals(signum).name}: stopping the running trials;"
+                           " finished ones are kept")  # fmt: skip
+                driver.stop.set()
+
+            for s in previous:
+                signal.signal(s, stop)
+            try:
+                study.optimize(driver.objective, n_trials=left, n_jobs=min(slots, left),
+                               catch=(TrialFailed,), callbacks=[driver.enough])  # fmt: skip
+            except Stopped:
+                status = "KILLED"
+            finally:
+                for s, handler in previous.items():
+                    signal.signal(s, handler)
+    done = finished(study)
+    if status == "FINISHED" and len(done) < p.trials:
+        status = "RUNNING"  # other drivers still at it: the last one closes the parent
+    client = tracking.client()
+    _settle(study, client, tracking.init(), parent)
+    _summarise(study, client, parent, p)
+    if status != "RUNNING":
+        client.set_terminated(parent, status=status)
+    print("\n" + _table(study), flush=True)
+    if status == "KILLED":
+        raise Interrupted(
+            f"sweep {p.name} interrupted: {len(done)} of {p.trials} trials"
+            " finished and are kept; the same command continues the study"
+        )
+    complete = [t for t in done if t.state == optuna.trial.TrialState.COMPLETE]
+    if not complete:
+        raise BamError(f"sweep {p.name}: no trial completed ({len(done)} finished); reasons"
+                       f" above, logs in {p.root / '.cache' / 'sweeps' / p.name}")  # fmt: skip
+    best = study.best_trial
+    print(f"\nsweep {p.name}: {len(done)} of {p.trials} trials finished; best trial"
+          f" {best.number} ({p.name}-{best.number}) {p.metric} {best.value:.4g}; `dvc exp"
+          f" apply {p.name}-{best.number}`, `bam report --sweep {p.name}`, `optuna-dashboard"
+          f" {where}`", flush=True)  # fmt: skip
+    return study
