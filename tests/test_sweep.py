@@ -507,7 +507,7 @@ def test_a_tpe_study_killed_mid_trial_resumes_to_exactly_its_trials(sweep_projec
     finished = {e for _, st, e in runs if st == "FINISHED"}
     assert finished == {f"tpe-{t.number}" for t in done}, runs
     assert {st for _, st, _ in runs} <= {"FINISHED", "KILLED"}, runs
-    for run_id, status, exp in runs:  # the interrupted trials' runs, whatever they got to
+    for run_id, _status, exp in runs:  # the interrupted trials' runs, whatever they got to
         if exp not in finished:
             assert tags(project, run_id)["bam_sweep_settled"] == "its trial was interrupted"
     for t in done:  # the value is what the trial's experiment measured
