@@ -85,7 +85,7 @@ def test_exponent_floats_without_a_dot_are_numbers_in_the_file_too(tmp_path):
     assert (params.train.lr, params.evaluator.lr) == (0.001, 0.001)
     assert params.robustness.gaussian_std == 0.5
     assert params.model.intro.gamma_r == 1e-8
-    assert load_params(path, ["robustness.n=1000", "train.sweep=e5"]).train.sweep == "e5"
+    assert load_params(path, ["robustness.n=1000", "sweep.name=e5"]).sweep.name == "e5"
 
 
 def test_yaml_syntax_error_names_line_and_column(tmp_path):
@@ -108,7 +108,7 @@ def test_override_that_is_not_yaml_is_one_line(tmp_path):
     assert "'model.hidden=[64,'" in str(info.value) and "not valid YAML" in str(info.value)
 
 
-@pytest.mark.parametrize("key", ["train.sweep", "data.path", "fid.inception_weights"])
+@pytest.mark.parametrize("key", ["data.path", "fid.inception_weights"])
 def test_strings_longer_than_mlflow_keeps_are_refused(tmp_path, key):
     # MLflow cuts a param at 6000 characters: the run would record another value, and a sweep
     # tag cut short would never be found by `bam report --sweep`.

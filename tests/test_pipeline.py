@@ -190,7 +190,7 @@ def test_parallel_queue_gives_one_mlflow_run_per_experiment(tmp_path):
     """Four queued experiments on two workers, one of which diverges, share one SQLite store."""
     root = copy_repo(tmp_path)
     run(["dvc", "repro"], root)
-    queue = ["dvc", "exp", "run", "--queue", "-S", "train.sweep=q", "-S", "train.threads=1"]
+    queue = ["dvc", "exp", "run", "--queue", "-S", "sweep.name=q", "-S", "train.threads=1"]
     for z in (1, 2, 4):
         run([*queue, "-S", f"model.z_dim={z}"], root)
     run([*queue, "-S", "train.lr=1e9"], root)  # diverges: must end FAILED, not stop the queue

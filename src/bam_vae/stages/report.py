@@ -296,6 +296,34 @@ def _markdown(
     return "\n".join(lines) + "\n"
 
 
+def _study(sweep: str, drawn: Path) -> str:
+    """A ``bam sweep`` study's parent run, if ``sweep`` is one: its figures (Optuna's) into
+    ``drawn/study/`` and its trial table as a Markdown section."""
+    runs = tracking.client().search_runs(
+        [tracking.init()], f"tags.sweep = {_quote(sweep)} and tags.bam_kind = 'sweep'",
+        order_by=["attributes.start_time DESC"], max_results=1,
+    )  # fmt: skip
+    if not runs:
+        return ""
+    run = runs[0]
+    try:
+        mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="study",
+                                            dst_path=str(drawn))  # fmt: skip
+    except mlflow.exceptions.MlflowException:
+        return ""  # a grid of an older bam sweep: no study
+    trials = drawn / "study" / "trials.txt"
+    best = {k.removeprefix("best."): v for k, v in run.data.tags.items() if k.startswith("best.")}
+    lines = [f"\n## Study {sweep}\n", f"Parent run {run.info.run_id}, storage"
+             f" {run.data.tags.get('optuna_storage', '?')}, metric {run.data.tags.get('metric')}"
+             f" ({run.data.tags.get('direction')}); figures in study/."]  # fmt: skip
+    if "best_trial" in run.data.tags:
+        lines.append(f"Best trial {run.data.tags['best_trial']}: "
+                     + " ".join(f"{k}={v}" for k, v in best.items()))  # fmt: skip
+    if trials.is_file():
+        lines += ["", "```", trials.read_text().rstrip(), "```"]
+    return "\n".join(lines) + "\n"
+
+
 def report(
     sweep: str | None = None,
     exp_names: list[str] | None = None,
@@ -331,12 +359,14 @@ def report(
                 missing[name] = why
                 staged.remove(out_dir / name)  # never leave a figure of an earlier selection
         table.to_csv(drawn / "runs.csv", index=False)
-        (drawn / "runs.md").write_text(_markdown(table, missing, selection, note))
+        study = _study(sweep, drawn) if sweep else ""
+        (drawn / "runs.md").write_text(_markdown(table, missing, selection, note) + study)
         tags = {"bam_kind": "report", "selection": selection}
         with mlflow.start_run(run_name="report", tags=tags):
             mlflow.log_artifacts(str(drawn), "report")
-        for path in drawn.iterdir():
-            shutil.copyfile(path, staged.path(out_dir / path.name))
+        for path in drawn.rglob("*"):
+            if path.is_file():
+                shutil.copyfile(path, staged.path(out_dir / path.relative_to(drawn)))
     print(f"report: {_count(table)} -> {out_dir}/runs.md, runs.csv")
     if note:
         print(f"report: {note}")

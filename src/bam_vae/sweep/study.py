@@ -19,6 +19,7 @@ any driver and that others join needs the Optuna storage to be the one record.
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import os
 import signal
@@ -46,6 +47,15 @@ STORAGE_ENV = "BAM_STUDY_STORAGE"
 POLL_S = 2.0  # how often a trial's MLflow run is read for its per-epoch values
 SAMPLERS = ("tpe", "random", "grid")
 PRUNERS = ("none", "median", "hyperband", "asha")
+
+
+class _Quiet(logging.Filter):
+    """Optuna logs a traceback for every failed trial: ours say why in one line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], TrialFailed | Stopped):
+            record.exc_info = None
+        return True
 
 
 class TrialFailed(Exception):
@@ -387,9 +397,10 @@ class Driver:
     def objective(self, trial: Any) -> float:
         from bam_vae.config import ConfigError, load_params
 
-        if self.stop.is_set():
-            raise Stopped("stopping")
         values = self._suggest(trial)
+        if self.stop.is_set():  # a trial asked as the driver stops (maybe a retry): retried
+            retry(self.study, trial)
+            raise Stopped(f"trial {trial.number} not started; retried on the next run")
         exp = f"{self.p.name}-{trial.number}"
         trial.set_user_attr("driver", self.me)
         trial.set_user_attr("dvc_exp", exp)
@@ -531,7 +542,10 @@ def _table(study: Any) -> str:
         value = f"{t.value:.4g}" if t.state.name == "COMPLETE" else "-"
         secs = t.user_attrs.get("seconds") or (t.duration and t.duration.total_seconds())
         why = t.user_attrs.get("fail_reason") or t.user_attrs.get("pruned") or ""
-        params = " ".join(f"{k}={as_text(v)}" for k, v in t.params.items())
+        given = t.params or t.system_attrs.get("fixed_params", {})  # an enqueued retry's
+        params = " ".join(f"{k}={as_text(v)}" for k, v in given.items())
+        if "retry_of" in t.user_attrs:
+            why = f"(retry of {t.user_attrs['retry_of']}) {why}"
         rows.append((str(t.number), state, value, f"{secs:.0f} s" if secs else "-",
                      f"{params} {why}".strip()))  # fmt: skip
     widths = [max(len(r[c]) for r in rows) for c in range(4)]
@@ -609,6 +623,8 @@ def sweep(options: list[str], trials: int | None = None, **kw: Any) -> Any:
     import optuna
 
     p = plan(options, trials, **kw)
+    for handler in optuna.logging.get_logger("optuna").handlers:  # Optuna's own handler
+        handler.addFilter(_Quiet())
     os.chdir(p.root)  # the tracking store is this checkout's (tracking.tracking_uri)
     from bam_vae.tracking import store as tracking
 
