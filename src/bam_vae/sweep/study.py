@@ -427,8 +427,9 @@ class Driver:
             result = {"status": "failed", "reason": f"{type(exc).__name__}: {reason(exc)}"}
         if result.get("log"):
             (self.logs / f"{exp}.log").write_text(result["log"])
-        trial.set_user_attr("host", result.get("host", ""))
+        trial.set_user_attr("node", f"{result.get('node_id', '')[:8]} ({result.get('host', '')})")
         trial.set_user_attr("seconds", round(result.get("seconds", 0.0), 1))
+        trial.set_user_attr("phases", {k: round(v, 1) for k, v in result.get("phases", {}).items()})
         if result["status"] != "done":
             self.fail(trial, result["reason"] or "failed", values)
         value = result["metrics"].get(self.p.metric, math.nan)
