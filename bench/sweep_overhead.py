@@ -1,13 +1,14 @@
-"""What the Ray path of ``bam sweep`` costs: per trial (clone, pull, push around the pipeline)
-and per sweep (scheduling), on a tiny project on this machine.
+"""What ``bam sweep`` costs around the pipeline: per trial (clone, pull, push, the study's
+bookkeeping) and per study (Ray, the study, the parent run), on a tiny project on this
+machine.
 
 1. The same tiny trial twice: ``dvc exp run`` alone in a checkout, then as a one-point
-   ``bam sweep`` on a one-node cluster; the trial's own timings split clone, DVC remote
-   check and pull, the pipeline, and the pushes (DVC remote, ``dvc exp push origin``).
+   ``bam sweep`` on a one-node cluster; the trial's own timings (the study's ``phases``)
+   split clone, DVC remote check and pull, the pipeline, and the pushes.
 2. ``--points`` tiny points (8) on one node, then on two nodes (another ``ray start`` on this
    machine). Nodes here share the same cores, so this shows what scheduling costs, not a
    speed-up: the wait before the first trial starts, and the gap between one trial ending
-   on a node and the next starting there.
+   and the next starting.
 
 The project is a copy of this repository with tiny params and data (the first 512/256 MNIST
 images, tracked with ``dvc add``), a bare git origin and a folder as DVC remote.
@@ -114,32 +115,23 @@ class Cluster:
             shutil.rmtree(temp, ignore_errors=True)
 
 
-def sweep(root: Path, grid: list[str], name: str, cluster: Cluster):
-    """``run_sweep`` in this process, as ``bam sweep`` would, against ``cluster``."""
-    from bam_vae.sweep.driver import run_sweep
+def sweep(root: Path, points: list[int], name: str, cluster: Cluster) -> tuple[float, list]:
+    """``bam sweep`` over ``model.z_dim`` = ``points`` on ``cluster``: (wall seconds from the
+    command's start, the study's trials)."""
+    import optuna
 
-    saved = dict(os.environ)
-    os.environ.update(cluster.env)
-    try:
-        result = run_sweep(grid, address=cluster.address, name=name, cwd=root)
-        if result.failed:
-            sys.exit(f"sweep {name}: {len(result.failed)} points failed; see {result.logs}")
-        return result
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
+    from bam_vae.sweep.study import open_storage
 
-
-def scheduling(result, wall_start: float) -> tuple[float, float]:
-    """(seconds from the sweep's first line to the first trial start, mean gap between a
-    trial ending on a node and the next one starting on it)."""
-    trials = sorted(result.results, key=lambda r: r["started"])
-    first = trials[0]["started"] - wall_start
-    gaps = []
-    for node in {r["node_id"] for r in trials}:
-        on_node = [r for r in trials if r["node_id"] == node]
-        gaps += [b["started"] - a["finished"] for a, b in zip(on_node, on_node[1:], strict=False)]
-    return first, statistics.mean(gaps) if gaps else float("nan")
+    grid = f"model.z_dim={','.join(map(str, points))}"
+    start = time.time()
+    sh(["bam", "sweep", "--name", name, "-S", grid, "--address", cluster.address], root,
+       cluster.env)  # fmt: skip
+    wall = time.time() - start
+    study = optuna.load_study(study_name=name, storage=open_storage(None, root)[0])
+    for t in study.trials:
+        t.user_attrs["start"] = t.datetime_start.timestamp() - start
+        t.user_attrs["end"] = t.datetime_complete.timestamp() - start
+    return wall, study.trials
 
 
 def main() -> None:
@@ -156,27 +148,19 @@ def main() -> None:
         plain = Path(tmp) / "plain"
         sh(["git", "clone", "-q", str(root), str(plain)], Path(tmp))
         sh(["dvc", "cache", "dir", "--local", str(root / ".dvc" / "cache")], plain)
-        alone = sh(["dvc", "exp", "run", "-S", "model.z_dim=2", "-S", "train.sweep=alone"], plain)
+        alone = sh(["dvc", "exp", "run", "compute-fid", "-S", "model.z_dim=2"], plain)
         cluster = Cluster()
         try:
             head_start = cluster.start_node()
-            wall = time.time()
-            one = sweep(root, ["model.z_dim=2"], "one", cluster)
-            trial = one.results[0]
-            phases = trial["phases"]
-            ray_side = trial["started"] - wall  # connect, parent run, scheduling, worker start
-
-            # 2. N points on one node, then on two.
-            grid = [f"model.z_dim={','.join(str(z) for z in range(1, args.points + 1))}"]
-            wall1 = time.time()
-            on_one = sweep(root, grid, "one-node", cluster)
+            one_wall, (trial,) = sweep(root, [2], "one", cluster)
+            on_one = sweep(root, list(range(11, 11 + args.points)), "one-node", cluster)
             node_start = cluster.start_node()
-            wall2 = time.time()
-            on_two = sweep(root, grid, "two-nodes", cluster)
+            on_two = sweep(root, list(range(31, 31 + args.points)), "two-nodes", cluster)
         finally:
             cluster.stop()
 
-    print("\n1. one tiny trial (z = 2): the pipeline alone vs through Ray")
+    phases = trial.user_attrs["phases"]
+    print("\n1. one tiny trial (z = 2): the pipeline alone vs through bam sweep")
     rows = [
         ("dvc exp run alone (no Ray, a checkout sharing the cache)", alone),
         ("through Ray: git clone + checkout + dvc cache dir", phases.get("clone", 0)),
@@ -184,24 +168,29 @@ def main() -> None:
          phases.get("remote", 0) + phases.get("pull", 0)),
         ("through Ray: the pipeline (dvc exp run)", phases.get("pipeline", 0)),
         ("through Ray: dvc push --run-cache + dvc exp push origin", phases.get("push", 0)),
-        ("through Ray: the whole trial", trial["seconds"]),
-        ("sweep start to trial start (ray.init, parent run, worker)", ray_side),
-        ("one-point sweep, first progress line to final table", one.wall_seconds),
+        ("through Ray: the whole task", trial.user_attrs["seconds"]),
+        ("the trial in the study (task + MLflow child run, Optuna)",
+         trial.user_attrs["end"] - trial.user_attrs["start"]),
+        ("command start to trial start (Ray, study, parent run)", trial.user_attrs["start"]),
+        ("one-point bam sweep, whole command", one_wall),
     ]  # fmt: skip
     for what, secs in rows:
         print(f"  {what:<62} {secs:6.1f} s")
-    overhead = trial["seconds"] - phases.get("pipeline", 0)
-    print(f"  per-trial overhead of the Ray path: {overhead:.1f} s"
-          f" ({100 * overhead / phases.get('pipeline', 1):.0f} % of the pipeline)")  # fmt: skip
+    overhead = trial.user_attrs["end"] - trial.user_attrs["start"] - phases.get("pipeline", 0)
+    print(f"  per-trial overhead around the pipeline: {overhead:.1f} s"
+          f" ({100 * overhead / phases.get('pipeline', 1):.0f} % of it)")  # fmt: skip
 
     print(f"\n2. {args.points} tiny points (ray start nodes of 1 CPU on this 2-core machine)")
     print(f"  {'':<10} {'wall':>7} {'sum of trials':>14} {'mean trial':>11} {'first start':>12}"
-          f" {'gap on a node':>14}")  # fmt: skip
-    for label, result, start in (("one node", on_one, wall1), ("two nodes", on_two, wall2)):
-        secs = [r["seconds"] for r in result.results]
-        first, gap = scheduling(result, start)
-        print(f"  {label:<10} {result.wall_seconds:6.0f}s {sum(secs):13.0f}s"
-              f" {statistics.mean(secs):10.1f}s {first:11.1f}s {gap:13.2f}s")  # fmt: skip
+          f" {'mean gap':>9}")  # fmt: skip
+    for label, (wall, trials) in (("one node", on_one), ("two nodes", on_two)):
+        secs = [t.user_attrs["end"] - t.user_attrs["start"] for t in trials]
+        ends = sorted(t.user_attrs["end"] for t in trials)
+        starts = sorted(t.user_attrs["start"] for t in trials)
+        slots = len(trials) - len([s for s in starts if s > ends[0]])  # trials at the start
+        gaps = [b - a for a, b in zip(ends, starts[slots:], strict=False)]
+        print(f"  {label:<10} {wall:6.0f}s {sum(secs):13.0f}s {statistics.mean(secs):10.1f}s"
+              f" {starts[0]:11.1f}s {statistics.mean(gaps) if gaps else 0:8.2f}s")  # fmt: skip
     print(f"  (ray start: head {head_start:.1f} s, second node {node_start:.1f} s)")
 
 

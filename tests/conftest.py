@@ -13,6 +13,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -207,3 +208,29 @@ def bam_serve(model_uri: str, cwd: Path):
 def listening(port: int) -> bool:
     with socket.socket() as probe:
         return probe.connect_ex(("127.0.0.1", port)) == 0
+
+
+# ---------------------------------------------------------------------------- PostgreSQL
+def as_postgres(*cmd: str) -> subprocess.CompletedProcess:
+    prefix = (
+        ["runuser", "-u", "postgres", "--"]
+        if os.geteuid() == 0
+        else ["sudo", "-n", "-u", "postgres"]
+    )
+    return subprocess.run([*prefix, *cmd], capture_output=True, text=True)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def database():
+    """A fresh database on the machine's PostgreSQL 15 (started if it is not running)."""
+    if not shutil.which("pg_ctlcluster"):
+        pytest.fail("PostgreSQL is not installed: .ci/run installs Debian's postgresql")
+    subprocess.run(["pg_ctlcluster", "15", "main", "start"], capture_output=True)
+    ready = as_postgres("psql", "-tAc", "select 1")
+    assert ready.returncode == 0, ready.stderr
+    as_postgres("psql", "-c", "create role bam login password 'bam'")  # may exist already
+    name = f"bam_test_{uuid.uuid4().hex[:8]}"
+    made = as_postgres("createdb", "-O", "bam", name)
+    assert made.returncode == 0, made.stderr
+    yield f"postgresql://bam:bam@127.0.0.1:5432/{name}"
+    as_postgres("dropdb", "--if-exists", "--force", name)

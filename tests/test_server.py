@@ -4,8 +4,6 @@ DVC remote, and two clones that share everything through them (issue 10)."""
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import subprocess
 import time
 import uuid
@@ -18,31 +16,6 @@ from test_pipeline import copy_repo
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
 DEADLINE = 300  # seconds; only catches hangs
-
-
-def as_postgres(*cmd: str) -> subprocess.CompletedProcess:
-    prefix = (
-        ["runuser", "-u", "postgres", "--"]
-        if os.geteuid() == 0
-        else ["sudo", "-n", "-u", "postgres"]
-    )
-    return subprocess.run([*prefix, *cmd], capture_output=True, text=True)  # fmt: skip
-
-
-@pytest.fixture(scope="module")
-def database():
-    """A fresh database on the machine's PostgreSQL 15 (started if it is not running)."""
-    if not shutil.which("pg_ctlcluster"):
-        pytest.fail("PostgreSQL is not installed: .ci/run installs Debian's postgresql")
-    subprocess.run(["pg_ctlcluster", "15", "main", "start"], capture_output=True)
-    ready = as_postgres("psql", "-tAc", "select 1")
-    assert ready.returncode == 0, ready.stderr
-    as_postgres("psql", "-c", "create role bam login password 'bam'")  # may exist already
-    name = f"bam_test_{uuid.uuid4().hex[:8]}"
-    made = as_postgres("createdb", "-O", "bam", name)
-    assert made.returncode == 0, made.stderr
-    yield f"postgresql://bam:bam@127.0.0.1:5432/{name}"
-    as_postgres("dropdb", "--if-exists", "--force", name)
 
 
 @pytest.fixture(scope="module")

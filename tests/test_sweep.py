@@ -205,28 +205,35 @@ guard.wait()
 """
 
 
-@pytest.mark.parametrize(("on_term", "grace"), [("exit", 60.0), ("ignore", 1.0)])
+@pytest.mark.parametrize(
+    ("on_term", "grace", "victim"),
+    [("exit", 60.0, "worker"), ("ignore", 1.0, "worker"), ("exit", 60.0, "outer guard")],
+)
 def test_the_guard_stops_its_group_and_removes_the_work_folder_when_its_parent_dies(
-    tmp_path, on_term, grace
+    tmp_path, on_term, grace, victim
 ):
-    """SIGKILL the guard's parent: the guard SIGTERMs its process group, waits for it (not the
-    whole grace once the group has exited), removes the work folder, and SIGKILLs what is left
-    once the grace is over."""
+    """SIGKILL the guard's Ray worker, or the outer guard (Ray kills a worker's children when
+    the worker exits): the inner guard SIGTERMs the process group, waits for it (not the whole
+    grace once the group has exited), removes the work folder, and SIGKILLs what is left once
+    the grace is over."""
     work, marker = tmp_path / "work", tmp_path / "terminated"
     (work / "repo").mkdir(parents=True)
     cmd = [sys.executable, "-c", GUARDED, str(marker), on_term]
     worker = subprocess.Popen([sys.executable, "-c", WORKER, guard.__file__, str(work),
                                str(grace), *cmd], stdout=subprocess.PIPE, text=True)  # fmt: skip
-    group = int(worker.stdout.readline())
+    group = int(worker.stdout.readline())  # the outer guard leads it
     try:
         deadline = time.monotonic() + 60
-        while len(guard.members(group)) < 3:  # the guard, the command, its child
+        while len(guard.members(group)) < 4:  # two guards, the command, its child
             assert time.monotonic() < deadline, "the guarded command did not start"
             time.sleep(0.1)
         time.sleep(1.5)  # the guard keeps running while its parent lives
-        assert len(guard.members(group)) == 3 and work.is_dir()
+        assert len(guard.members(group)) == 4 and work.is_dir()
 
-        worker.kill()
+        if victim == "worker":
+            worker.kill()
+        else:
+            os.kill(group, signal.SIGKILL)
         worker.wait()
         deadline = time.monotonic() + 30  # < the grace of "exit": it did not wait that long
         while guard.members(group) or work.exists():
@@ -432,11 +439,11 @@ def parent_of(output: str) -> str:
     return re.search(r"parent run ([0-9a-f]{32})", output).group(1)
 
 
-def study(root: Path, name: str) -> optuna.Study:
-    storage = optuna.storages.JournalStorage(
-        optuna.storages.journal.JournalFileBackend(str(journal_path(root)))
-    )
-    return optuna.load_study(study_name=name, storage=storage)
+def study(root: Path, name: str, url: str | None = None) -> optuna.Study:
+    """The study as Optuna reads it: the checkout's journal, or the database at ``url``."""
+    from bam_vae.sweep.study import open_storage
+
+    return optuna.load_study(study_name=name, storage=open_storage(url, root)[0])
 
 
 def states(s: optuna.Study) -> list[str]:
@@ -562,18 +569,19 @@ def artifact_files(root: Path, run_id: str) -> set[str]:
 
 @pytest.mark.slow
 @pytest.mark.timeout(1800)
-def test_failed_and_cached_trials_are_recorded_and_the_study_goes_on(sweep_project):
-    """A grid of 4: two points that fail validation (noise without a std, a std without
-    noise) are FAILED trials with their reason, and FAILED child runs with it, without a
-    pipeline; the default point is served from DVC's run cache (the model the project
-    trained: no new training, no new version); the other trains."""
-    project, env = sweep_project, local_env()
+def test_failed_and_cached_trials_are_recorded_and_the_study_goes_on(sweep_project, database):
+    """A grid of 4 in a study on PostgreSQL: two points that fail validation (noise without a
+    std, a std without noise) are FAILED trials with their reason, and FAILED child runs with
+    it, without a pipeline; the default point is served from DVC's run cache (the model the
+    project trained: no new training, no new version); the other trains."""
+    project, env = sweep_project, local_env() | {"BAM_STUDY_STORAGE": database}
     before = rows(project, "select count(*) from model_versions")[0][0]
     default_run = json.loads((project / "models" / "mlflow_run.json").read_text())["run_id"]
     code, out = sweep(project, ["--name", "fails", "-S", "train.noise_fraction=0.0,0.5",
                                 "-S", "train.noise_std=0.0,0.1"], env)  # fmt: skip
     assert code == 0, out
-    s = study(project, "fails")
+    assert not (project / ".cache" / "sweeps" / "optuna.journal").exists()
+    s = study(project, "fails", database)
     by_point = {(t.params["train.noise_fraction"], t.params["train.noise_std"]): t
                 for t in s.trials}  # fmt: skip
     assert sorted(states(s)) == ["COMPLETE", "COMPLETE", "FAIL", "FAIL"]

@@ -1,13 +1,15 @@
 """The guard of a trial's command: ``python guard.py WORK GRACE CMD [ARG...]``.
 
-Runs CMD as its child and exits with the child's status. It is started as the leader of a
-process group of its own (``start_new_session``), which CMD and all it starts inherit. If the
-process that started it dies (a Ray worker whose node was lost: the guard's parent process
-id changes) or, on the sweep driver's machine, the driver (``BAM_SWEEP_DRIVER``: its pid; Ray
-notices a dead driver seconds later), it stops the whole group: SIGTERM (``bam train`` marks
-its MLflow run KILLED), up to GRACE seconds for the group's processes to exit, then it
-removes the folder WORK and SIGKILLs what is left, itself included. So a dead trial never
-lives on beside its retry.
+Runs CMD as its grandchild and exits with its status: the guard that watches CMD is the
+child of an outer one, since Ray kills the direct children of a worker that exits
+(``RAY_kill_child_processes_on_worker_exit``) and a guard killed with them could not stop
+CMD. It is started as the leader of a process group of its own (``start_new_session``),
+which CMD and all it starts inherit. If the outer guard dies (killed by Ray, or gone because
+its Ray worker died: a node was lost) or, on the sweep driver's machine, the driver
+(``BAM_SWEEP_DRIVER``: its pid; Ray notices a dead driver seconds later), the inner guard
+stops the whole group: SIGTERM (``bam train`` marks its MLflow run KILLED), up to GRACE
+seconds for the group's processes to exit, then it removes the folder WORK and SIGKILLs what
+is left, itself included. So a dead trial never lives on beside its retry.
 
 Only the standard library: :func:`bam_vae.sweep.trial.run_guarded` runs this file by its
 path, so the guard is the code of the sweep, whatever ``PYTHONPATH`` its command gets (the
@@ -22,9 +24,11 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 
 POLL_S = 0.5  # how often the guard looks at its parent
 DRIVER_ENV = "BAM_SWEEP_DRIVER"
+INNER_ENV = "BAM_SWEEP_GUARD_INNER"
 
 
 def members(group: int) -> list[int]:
@@ -57,20 +61,39 @@ def stop_and_exit(child: subprocess.Popen, work: str, grace: float) -> None:
     os.killpg(0, signal.SIGKILL)
 
 
+def _watch(child: subprocess.Popen, gone: Callable[[], bool]) -> int | None:
+    """Wait for ``child``; its exit status, or None as soon as ``gone()``."""
+    while True:
+        try:
+            return child.wait(timeout=POLL_S)
+        except subprocess.TimeoutExpired:
+            if gone():
+                return None
+
+
 def main(argv: list[str]) -> int:
     if len(argv) < 3:
         print("usage: python -m bam_vae.sweep.guard WORK GRACE CMD [ARG...]", file=sys.stderr)
         return 2
     work, grace, cmd = argv[0], float(argv[1]), argv[2:]
     parent, driver = os.getppid(), int(os.environ.get(DRIVER_ENV) or 0)
-    child = subprocess.Popen(cmd)
-    while True:
-        try:
-            return child.wait(timeout=POLL_S)
-        except subprocess.TimeoutExpired:
-            pass
-        if os.getppid() != parent or (driver and not os.path.exists(f"/proc/{driver}")):
-            stop_and_exit(child, work, grace)
+    env = dict(os.environ)
+    if not env.pop(INNER_ENV, ""):
+        # The outer guard, the Ray worker's child: Ray kills a worker's children when it exits,
+        # which would leave the command orphaned. The inner guard, its child, watches it.
+        inner = subprocess.Popen([sys.executable, "-P", __file__, *argv],
+                                 env={**env, INNER_ENV: "1"})  # fmt: skip
+        status = _watch(inner, lambda: os.getppid() != parent)
+        return 1 if status is None else status  # no parent: the inner guard sees this exit
+    child = subprocess.Popen(cmd, env=env)
+
+    def gone() -> bool:
+        return os.getppid() != parent or bool(driver and not os.path.exists(f"/proc/{driver}"))
+
+    status = _watch(child, gone)
+    if status is None:
+        stop_and_exit(child, work, grace)
+    return status
 
 
 if __name__ == "__main__":
