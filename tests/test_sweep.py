@@ -677,3 +677,38 @@ def _cmdline(proc: psutil.Process) -> list[str]:
     with contextlib.suppress(psutil.Error):
         return proc.cmdline()
     return []
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+def test_a_second_driver_joins_the_study(sweep_project):
+    """Two `bam sweep` with the same name and storage, the second started once the first
+    runs a trial, each with one trial at a time: they share the grid's 4 points, none runs
+    twice, and the study ends with exactly 4 COMPLETE trials under one parent run."""
+    project, env = sweep_project, local_env()
+    args = ["--name", "join", "-S", "model.z_dim=21,22,23,24", "--num-cpus", "2"]
+    second: dict[str, tuple[int, str]] = {}
+
+    def join_once_running(line: str, _proc: subprocess.Popen) -> None:
+        if "started:" in line and not second:
+            second["pending"] = (0, "")
+            thread = threading.Thread(
+                target=lambda: second.update(done=sweep(project, args, env)), daemon=True
+            )
+            thread.start()
+            second["thread"] = thread  # type: ignore[assignment]
+
+    code, out = sweep(project, args, env, join_once_running)
+    second["thread"].join(DEADLINE)  # type: ignore[attr-defined]
+    assert code == 0, out
+    code2, out2 = second["done"]
+    assert code2 == 0, out2
+    assert "Using an existing study" in out2, out2
+    s = study(project, "join")
+    complete = [t for t in s.trials if t.state.name == "COMPLETE"]
+    assert sorted(t.params["model.z_dim"] for t in complete) == [21, 22, 23, 24], states(s)
+    parent = s.user_attrs["mlflow_parent_run_id"]
+    runs = children(project, parent)
+    assert sorted(e for _, st, e in runs if st == "FINISHED") == sorted(
+        f"join-{t.number}" for t in complete
+    )

@@ -53,13 +53,17 @@ class _Quiet(logging.Filter):
     """Optuna logs a traceback for every failed trial: ours say why in one line."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.exc_info and isinstance(record.exc_info[1], TrialFailed | Stopped):
+        if record.exc_info and isinstance(record.exc_info[1], TrialFailed | Stopped | Surplus):
             record.exc_info = None
         return True
 
 
 class TrialFailed(Exception):
     """A trial that ran and failed (bad params, the pipeline failed): FAIL, counted."""
+
+
+class Surplus(Exception):
+    """Another driver of the study started its last trial first: FAIL, not counted."""
 
 
 class Stopped(Exception):
@@ -96,7 +100,8 @@ def open_storage(url: str | None, root: Path) -> tuple[Any, str]:
 
 
 def interrupted(t: Any) -> bool:
-    """A FAIL without a reason of ours: its driver stopped or died mid-trial."""
+    """A FAIL without a reason of ours: its driver stopped or died mid-trial, or it was one
+    too many (joined drivers asked for the last trials together)."""
     from optuna.trial import TrialState
 
     return t.state == TrialState.FAIL and "fail_reason" not in t.user_attrs
@@ -395,12 +400,19 @@ class Driver:
         return values
 
     def objective(self, trial: Any) -> float:
+        from optuna.trial import TrialState
+
         from bam_vae.config import ConfigError, load_params
 
         values = self._suggest(trial)
         if self.stop.is_set():  # a trial asked as the driver stops (maybe a retry): retried
             retry(self.study, trial)
             raise Stopped(f"trial {trial.number} not started; retried on the next run")
+        running = self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+        if len(finished(self.study)) + len(running) - 1 >= self.p.trials:
+            trial.set_user_attr("surplus", "the study had its trials running or finished")
+            self.study.stop()
+            raise Surplus(f"trial {trial.number} not run: the study has its {self.p.trials}")
         exp = f"{self.p.name}-{trial.number}"
         trial.set_user_attr("driver", self.me)
         trial.set_user_attr("dvc_exp", exp)
@@ -540,6 +552,7 @@ def _table(study: Any) -> str:
     rows = [("#", "state", "value", "time", "params / reason")]
     for t in study.get_trials(deepcopy=False):
         state = "INTERRUPTED" if interrupted(t) else t.state.name
+        state = "NOT RUN" if "surplus" in t.user_attrs else state
         value = f"{t.value:.4g}" if t.state.name == "COMPLETE" else "-"
         secs = t.user_attrs.get("seconds") or (t.duration and t.duration.total_seconds())
         why = t.user_attrs.get("fail_reason") or t.user_attrs.get("pruned") or ""
@@ -657,7 +670,7 @@ def sweep(options: list[str], trials: int | None = None, **kw: Any) -> Any:
                 signal.signal(s, stop)
             try:
                 study.optimize(driver.objective, n_trials=left, n_jobs=min(slots, left),
-                               catch=(TrialFailed,), callbacks=[driver.enough])  # fmt: skip
+                               catch=(TrialFailed, Surplus), callbacks=[driver.enough])  # fmt: skip
             except Stopped:
                 status = "KILLED"
             finally:
