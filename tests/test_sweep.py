@@ -447,8 +447,13 @@ def study(root: Path, name: str, url: str | None = None) -> optuna.Study:
 
 
 def states(s: optuna.Study) -> list[str]:
-    return [("INTERRUPTED" if t.state.name == "FAIL" and "fail_reason" not in t.user_attrs
-             else t.state.name) for t in s.get_trials()]  # fmt: skip
+    """Each trial's state as `bam sweep`'s table says it."""
+    return [
+        "NOT RUN" if "surplus" in t.user_attrs
+        else "INTERRUPTED" if t.state.name == "FAIL" and "fail_reason" not in t.user_attrs
+        else t.state.name
+        for t in s.get_trials()
+    ]  # fmt: skip
 
 
 def tags(root: Path, run_id: str) -> dict[str, str]:
@@ -569,22 +574,42 @@ def artifact_files(root: Path, run_id: str) -> set[str]:
 
 @pytest.mark.slow
 @pytest.mark.timeout(1800)
-def test_failed_and_cached_trials_are_recorded_and_the_study_goes_on(sweep_project, database):
-    """A grid of 4 in a study on PostgreSQL: two points that fail validation (noise without a
-    std, a std without noise) are FAILED trials with their reason, and FAILED child runs with
-    it, without a pipeline; the default point is served from DVC's run cache (the model the
-    project trained: no new training, no new version); the other trains."""
+def test_two_drivers_share_a_study_on_postgresql_with_failed_and_cached_trials(
+    sweep_project, database
+):
+    """A grid of 4 in a study on PostgreSQL, run by two `bam sweep` (the second joins once
+    the first runs a trial), one trial at a time each: no point runs twice and the study ends
+    with its 4 trials under one parent run. Two points fail validation (noise without a std,
+    a std without noise): FAIL trials with their reason, and FAILED child runs with it, with
+    no pipeline; the default point is served from DVC's run cache (the model the project
+    trained: no new training, no new version); the other trains."""
     project, env = sweep_project, local_env() | {"BAM_STUDY_STORAGE": database}
     before = rows(project, "select count(*) from model_versions")[0][0]
     default_run = json.loads((project / "models" / "mlflow_run.json").read_text())["run_id"]
-    code, out = sweep(project, ["--name", "fails", "-S", "train.noise_fraction=0.0,0.5",
-                                "-S", "train.noise_std=0.0,0.1"], env)  # fmt: skip
+    args = ["--name", "fails", "--num-cpus", "2", "-S", "train.noise_fraction=0.0,0.5",
+            "-S", "train.noise_std=0.0,0.1"]  # fmt: skip
+    second: dict[str, object] = {}
+
+    def join_once_running(line: str, _proc: subprocess.Popen) -> None:
+        if "started:" in line and not second:
+            thread = threading.Thread(
+                target=lambda: second.update(done=sweep(project, args, env)), daemon=True
+            )
+            second["thread"] = thread
+            thread.start()
+
+    code, out = sweep(project, args, env, join_once_running)
+    second["thread"].join(DEADLINE)
     assert code == 0, out
+    code2, out2 = second["done"]
+    assert code2 == 0 and "Using an existing study" in out2, out2
     assert not (project / ".cache" / "sweeps" / "optuna.journal").exists()
     s = study(project, "fails", database)
-    by_point = {(t.params["train.noise_fraction"], t.params["train.noise_std"]): t
-                for t in s.trials}  # fmt: skip
-    assert sorted(states(s)) == ["COMPLETE", "COMPLETE", "FAIL", "FAIL"]
+    ran = [t for t in s.trials if "surplus" not in t.user_attrs]
+    assert sorted(states(s)) == sorted(["COMPLETE", "COMPLETE", "FAIL", "FAIL"] + [
+        "NOT RUN"] * (len(s.trials) - len(ran)))  # fmt: skip
+    by_point = {(t.params["train.noise_fraction"], t.params["train.noise_std"]): t for t in ran}
+    assert len(by_point) == 4 == len(ran)  # each point once
     for point in ((0.5, 0.0), (0.0, 0.1)):
         t = by_point[point]
         assert t.state.name == "FAIL" and "adds no noise" in t.user_attrs["fail_reason"]
@@ -677,38 +702,3 @@ def _cmdline(proc: psutil.Process) -> list[str]:
     with contextlib.suppress(psutil.Error):
         return proc.cmdline()
     return []
-
-
-@pytest.mark.slow
-@pytest.mark.timeout(1800)
-def test_a_second_driver_joins_the_study(sweep_project):
-    """Two `bam sweep` with the same name and storage, the second started once the first
-    runs a trial, each with one trial at a time: they share the grid's 4 points, none runs
-    twice, and the study ends with exactly 4 COMPLETE trials under one parent run."""
-    project, env = sweep_project, local_env()
-    args = ["--name", "join", "-S", "model.z_dim=21,22,23,24", "--num-cpus", "2"]
-    second: dict[str, tuple[int, str]] = {}
-
-    def join_once_running(line: str, _proc: subprocess.Popen) -> None:
-        if "started:" in line and not second:
-            second["pending"] = (0, "")
-            thread = threading.Thread(
-                target=lambda: second.update(done=sweep(project, args, env)), daemon=True
-            )
-            thread.start()
-            second["thread"] = thread  # type: ignore[assignment]
-
-    code, out = sweep(project, args, env, join_once_running)
-    second["thread"].join(DEADLINE)  # type: ignore[attr-defined]
-    assert code == 0, out
-    code2, out2 = second["done"]
-    assert code2 == 0, out2
-    assert "Using an existing study" in out2, out2
-    s = study(project, "join")
-    complete = [t for t in s.trials if t.state.name == "COMPLETE"]
-    assert sorted(t.params["model.z_dim"] for t in complete) == [21, 22, 23, 24], states(s)
-    parent = s.user_attrs["mlflow_parent_run_id"]
-    runs = children(project, parent)
-    assert sorted(e for _, st, e in runs if st == "FINISHED") == sorted(
-        f"join-{t.number}" for t in complete
-    )

@@ -27,6 +27,7 @@ import socket
 import sys
 import threading
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -90,10 +91,12 @@ def open_storage(url: str | None, root: Path) -> tuple[Any, str]:
                        " or nothing (a journal file in the checkout)")  # fmt: skip
     full = "postgresql+psycopg://" + url.removeprefix("postgresql://") if url.startswith(
         "postgresql://") else url  # fmt: skip
-    retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=3)
     try:
-        storage = optuna.storages.RDBStorage(full, heartbeat_interval=20, grace_period=60,
-                                             heartbeat_stale_trial_callback=retry)  # fmt: skip
+        with warnings.catch_warnings():  # the heartbeat is "experimental" since Optuna 2.8
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=3)
+            storage = optuna.storages.RDBStorage(full, heartbeat_interval=20, grace_period=60,
+                                                 heartbeat_stale_trial_callback=retry)  # fmt: skip
     except Exception as exc:
         raise BamError(f"cannot open the study storage {url}: {reason(exc)}") from None
     return storage, url
@@ -584,7 +587,6 @@ def _settle(study: Any, client: Any, experiment_id: str, parent: str) -> None:
 
 def _summarise(study: Any, client: Any, parent: str, p: Plan) -> None:
     """The parent run: best value and params, the trials, Optuna's own figures."""
-    import warnings
 
     import matplotlib.pyplot as plt  # Optuna draws with pyplot
     import optuna.visualization.matplotlib as plots
