@@ -587,7 +587,6 @@ def _settle(study: Any, client: Any, experiment_id: str, parent: str) -> None:
 
 def _summarise(study: Any, client: Any, parent: str, p: Plan) -> None:
     """The parent run: best value and params, the trials, Optuna's own figures."""
-
     import matplotlib.pyplot as plt  # Optuna draws with pyplot
     import optuna.visualization.matplotlib as plots
 
