@@ -63,7 +63,8 @@ def test_parallel_writers_give_one_finished_run_and_one_version_each(server, tmp
         (root / "dvc.yaml").write_text("stages: {}\n")
         params = {"data": {"out_dir": str(tiny_mnist)},
                   "model": {"z_dim": 4, "channels": [8, 16]},
-                  "train": {"epochs": 1, "threads": 1, "seed": seed, "sweep": sweep}}  # fmt: skip
+                  "train": {"epochs": 1, "threads": 1, "seed": seed},
+                  "sweep": {"name": sweep}}  # fmt: skip
         (root / "params.yaml").write_text(json.dumps(params))
         env = env_with_venv() | {"MLFLOW_TRACKING_URI": server["uri"]}
         procs.append(

@@ -108,7 +108,7 @@ def test_cosine_schedule_changes_the_weights_and_is_deterministic(project, tiny)
 def test_mlflow_run_holds_params_curves_tags_and_a_registered_version(project, tiny, monkeypatch):
     monkeypatch.setenv("DVC_EXP_NAME", "tidy-fish")
     monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.2")  # a short run
-    params = tiny(train={"epochs": 2, "sweep": "unit"})
+    params = tiny(train={"epochs": 2}, sweep={"name": "unit"})
     final = fit(params)
     ref = json.loads((project / "models/mlflow_run.json").read_text())
     assert (project / "mlruns/mlflow.db").is_file()
