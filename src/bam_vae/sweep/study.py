@@ -71,8 +71,13 @@ class Stopped(Exception):
     """The driver was told to stop: the trial is FAIL, not counted, and retried."""
 
 
+def sweeps_dir(root: Path) -> Path:
+    """The checkout's studies (the journal) and trial logs (``NAME/NAME-<n>.log``)."""
+    return root / ".cache" / "sweeps"
+
+
 def journal_path(root: Path) -> Path:
-    return root / ".cache" / "sweeps" / "optuna.journal"
+    return sweeps_dir(root) / "optuna.journal"
 
 
 def open_storage(url: str | None, root: Path) -> tuple[Any, str]:
@@ -173,9 +178,9 @@ class Plan:
 
 def _metric_files(root: Path) -> dict[str, str]:
     """``metrics/x.json`` -> the dvc.yaml stage that writes it."""
-    import yaml
+    from bam_vae.config import load_yaml  # YAML 1.2, as DVC reads dvc.yaml
 
-    stages = yaml.safe_load((root / "dvc.yaml").read_text()).get("stages", {})
+    stages = load_yaml((root / "dvc.yaml").read_text()).get("stages", {})
     found = {}
     for name, stage in stages.items():
         for entry in (stage.get("do") or stage).get("metrics", []):
@@ -366,6 +371,15 @@ def connect(p: Plan, uri: str) -> Any:
 
 
 # ------------------------------------------------------------------------------ the study
+def trial_runs(client: Any, experiment_id: str, parent: str, number: int,
+               status: str | None = None) -> list[Any]:  # fmt: skip
+    """The MLflow runs of trial ``number`` under the study's ``parent`` run, newest first."""
+    query = f"tags.`mlflow.parentRunId` = '{parent}' and tags.optuna_trial = '{number}'"
+    if status:
+        query += f" and attributes.status = '{status}'"
+    return client.search_runs([experiment_id], query, order_by=["attributes.start_time DESC"])
+
+
 class Driver:
     """Runs the study's trials from ``Study.optimize``'s threads (one per Ray slot)."""
 
@@ -383,7 +397,7 @@ class Driver:
             self.env[tracking.ARTIFACT_ROOT_ENV] = str(tracking.artifact_root())
         self.task = ray.remote(max_retries=2, retry_exceptions=False)(run_trial).options(
             num_cpus=p.num_cpus, num_gpus=p.num_gpus)  # fmt: skip
-        self.logs = p.root / ".cache" / "sweeps" / p.name
+        self.logs = sweeps_dir(p.root) / p.name
         self.logs.mkdir(parents=True, exist_ok=True)
 
     def say(self, text: str) -> None:
@@ -489,13 +503,8 @@ class Driver:
             self.ray.wait([ref], timeout=STOP_GRACE_S + 20)
 
     def runs(self, number: int, status: str | None = None) -> list[str]:
-        """MLflow runs of trial ``number`` under the parent, newest first."""
-        query = (f"tags.`mlflow.parentRunId` = '{self.parent}'"
-                 f" and tags.optuna_trial = '{number}'")  # fmt: skip
-        if status:
-            query += f" and attributes.status = '{status}'"
-        found = self.client.search_runs([self.experiment_id], query,
-                                        order_by=["attributes.start_time DESC"])  # fmt: skip
+        """Ids of the MLflow runs of trial ``number`` under the parent, newest first."""
+        found = trial_runs(self.client, self.experiment_id, self.parent, number, status)
         return [r.info.run_id for r in found]
 
     def child_run(self, number: int, result: dict[str, Any] | None, values: dict) -> str:
@@ -577,8 +586,7 @@ def _settle(study: Any, client: Any, experiment_id: str, parent: str) -> None:
     for t in study.get_trials(deepcopy=False):
         if not interrupted(t):
             continue
-        query = f"tags.`mlflow.parentRunId` = '{parent}' and tags.optuna_trial = '{t.number}'"
-        for run in client.search_runs([experiment_id], query):
+        for run in trial_runs(client, experiment_id, parent, t.number):
             if "bam_sweep_settled" not in run.data.tags:
                 client.set_tag(run.info.run_id, "bam_sweep_settled", "its trial was interrupted")
                 if run.info.status != "KILLED":
@@ -648,9 +656,10 @@ def sweep(options: list[str], trials: int | None = None, **kw: Any) -> Any:
     study, where = open_study(p)
     recover(study)
     parent = _parent_run(study, p, where)
-    left = p.trials - len(finished(study))
+    had = len(finished(study))
+    left = p.trials - had
     print(
-        f"sweep {p.name}: {len(finished(study))} of {p.trials} trials finished, {p.sampler}"
+        f"sweep {p.name}: {had} of {p.trials} trials finished, {p.sampler}"
         f" sampler, pruner {p.pruner}, metric {p.metric} ({p.direction}) from stage"
         f" {p.stage}; study in {where}; parent run {parent} in {uri}",
         flush=True,
@@ -694,7 +703,7 @@ def sweep(options: list[str], trials: int | None = None, **kw: Any) -> Any:
     complete = [t for t in done if t.state == optuna.trial.TrialState.COMPLETE]
     if not complete:
         raise BamError(f"sweep {p.name}: no trial completed ({len(done)} finished); reasons"
-                       f" above, logs in {p.root / '.cache' / 'sweeps' / p.name}")  # fmt: skip
+                       f" above, logs in {sweeps_dir(p.root) / p.name}")  # fmt: skip
     best = study.best_trial
     print(f"\nsweep {p.name}: {len(done)} of {p.trials} trials finished; best trial"
           f" {best.number} ({p.name}-{best.number}) {p.metric} {best.value:.4g}; `dvc exp"
