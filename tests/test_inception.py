@@ -56,6 +56,20 @@ def test_features_of_grayscale_images(model):
     np.testing.assert_allclose(feats, direct, atol=1e-5)
 
 
+def test_padding_to_32_is_two_black_pixels_each_side_and_moves_the_features(model):
+    from bam_vae.scoring.fid import pad
+
+    images = torch.rand(2, 1, 28, 28, generator=torch.Generator().manual_seed(2))
+    padded = pad(images, 32)
+    assert padded.shape == (2, 1, 32, 32) and torch.equal(padded[..., 2:30, 2:30], images)
+    assert padded.sum() == images.sum()  # the border is zeros
+    assert pad(images, 28) is images
+    with pytest.raises(BamError, match="fid.pad_to: 20 is smaller than the images"):
+        pad(images, 20)
+    plain, wide = (inc.inception_features(model, x, batch_size=2) for x in (images, padded))
+    assert np.abs(plain - wide).max() > 1e-2
+
+
 def test_missing_local_weights_named(tmp_path):
     missing = tmp_path / "nope.pth"
     with pytest.raises(BamError, match="nope.pth"):

@@ -90,8 +90,14 @@ def test_every_arch_runs_every_stage(arch, project, tiny, evaluator_file):
     assert protocol["spaces"]["classifier"] | {"network": "", "dim": 0} == {
         "network": "", "dim": 0, "precision": "fp32", "reference": "256 test images",
         "floor": "60 training images against the 256 test images",
-        "precision_recall": "60 test images; prdc, P/R k=3, D/C k=5",
+        "precision_recall": "60 test images; prdc, P/R k=3, D/C k=5", "pad_to": 28,
+        "recon": "posterior-mean reconstructions of 60 floor training images",
     }  # fmt: skip
+    assert protocol["images"] == "float32"
+    # REC: the reconstructions of the floor's originals, scored like the samples.
+    assert np.load(project / "data/generated/reconstructions.npy").shape == (60, 28, 28)
+    assert metrics["fid_recon_classifier"] > metrics["fid_floor_classifier"]
+    assert 0 <= metrics["precision_recon_classifier"] <= 1
     assert metrics["sampler"] == FITTED[arch]
     assert ("label_accuracy" in metrics) == (arch == "cvae")
     assert 0 <= robust["auroc_neg_elbo_gaussian"] <= 1
@@ -105,7 +111,10 @@ def test_every_arch_runs_every_stage(arch, project, tiny, evaluator_file):
     run = mlflow.get_run(ref["run_id"])
     assert f"{FITTED[arch]}/fid_classifier" in run.data.metrics
     assert f"{FITTED[arch]}/precision_classifier" in run.data.metrics
-    assert run.data.tags[f"{FITTED[arch]}/protocol"] == "N=60 vs 256 test images; classifier fp32"
+    assert run.data.tags[f"{FITTED[arch]}/protocol"] == (
+        "N=60 float32 vs 256 test images; classifier fp32"
+    )
+    assert f"{FITTED[arch]}/fid_recon_classifier" in run.data.metrics
     assert "auroc_neg_elbo_uniform" in run.data.metrics
     artifacts = {a.path for a in tracking.client().list_artifacts(ref["run_id"], "figures")}
     assert artifacts == {f"figures/{FITTED[arch]}", "figures/reconstructions.png",
@@ -366,7 +375,8 @@ def test_images_without_labels_go_through_every_stage_in_the_inception_space(pro
         "data": {"dataset": "images", "path": str(folder), "out_dir": str(project / "prepared")},
         "model": {"z_dim": 4, "channels": [8, 16]}, "train": {"epochs": 1, "threads": 1},
         "generate": {"n": 8, "per_class": 1, "gmm": {"components": 2}},
-        "fid": {"features": ["inception"], "kid_subsets": 2, "kid_subset_size": 4},
+        "fid": {"features": ["inception"], "kid_subsets": 2, "kid_subset_size": 4,
+                "pad_to": 32},
         "tsne": {"n": 20, "perplexity": 3}, "robustness": {"n": 10},
     })  # fmt: skip
     prepare(params.data, metrics_path=project / "data.json")
@@ -381,6 +391,8 @@ def test_images_without_labels_go_through_every_stage_in_the_inception_space(pro
     generate(params)
     scores = compute(params)
     assert scores["fid_inception"] > 0 and "class_entropy" not in scores
+    assert scores["protocol"]["spaces"]["inception"]["pad_to"] == 32
+    assert scores["fid_recon_inception"] > 0
     assert any("no labels" in w for w in scores["warnings"])
     assert "gaussian_confident_class_share" not in robustness(params)
     tsne(params)
@@ -389,6 +401,42 @@ def test_images_without_labels_go_through_every_stage_in_the_inception_space(pro
                    "interpolations", "traversals"):  # fmt: skip
         assert (project / f"figures/{figure}.png").is_file(), figure
     assert tracking.read_run_ref()["model_name"] == "bam-vae-faces-cnn"
+
+
+def test_rec_scores_the_floors_own_images_and_quantize_rounds_to_8_bits(
+    project, tiny, evaluator_file, monkeypatch
+):
+    """A decoder that gave back its input exactly would score REC = the floor: the
+    reconstructions are of the very training images the floor draws."""
+    from bam_vae.models.base import VAE
+
+    params = tiny(train={"epochs": 1}, generate={"sampler": "prior", "n": 80},
+                  **{k: v for k, v in SCORING.items() if k != "generate"})  # fmt: skip
+    (project / "models").mkdir(exist_ok=True)
+    shutil.copy(evaluator_file, project / "models/evaluator.pt")
+    fit(params)
+    fit_sampler(params)
+    reference(params, "classifier")
+    generate(params)
+    blurred = compute(params)
+    assert blurred["fid_recon_classifier"] > blurred["fid_floor_classifier"] > 0
+
+    monkeypatch.setattr(VAE, "reconstruct", lambda self, x, y=None: x)  # a perfect decoder
+    generate(params)
+    perfect = compute(params)
+    assert perfect["fid_recon_classifier"] == pytest.approx(perfect["fid_floor_classifier"])
+    assert perfect["fid_classifier"] == blurred["fid_classifier"]  # same samples
+
+    eight_bit = params.model_copy(
+        update={"fid": params.fid.model_copy(update={"quantize": True})}
+    )
+    quantized = compute(eight_bit)
+    assert quantized["protocol"]["images"] == "uint8"
+    # 8-bit originals stay themselves; the float samples move.
+    assert quantized["fid_recon_classifier"] == pytest.approx(perfect["fid_recon_classifier"])
+    assert quantized["fid_classifier"] != perfect["fid_classifier"]
+    run_id = json.loads((project / "models/mlflow_run.json").read_text())["run_id"]
+    assert mlflow.get_run(run_id).data.tags["prior/protocol"].startswith("N=80 uint8 vs")
 
 
 def test_the_floor_holds_when_samples_are_as_many_as_the_test_images(project, tiny, evaluator_file):

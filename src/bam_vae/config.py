@@ -208,6 +208,10 @@ class FidConfig(_Section):
     # reference protocol.
     precision: Literal["fp32", "bf16"] = "fp32"
     device: Device = "auto"  # fid-reference and compute-fid: both feature networks
+    # RAE's published protocol (Ghosh et al. 2020's code): MNIST zero-padded to 32 x 32 before
+    # Inception, generated images scored as 8-bit (as a saved PNG). 28 / false: as today.
+    pad_to: int = Field(28, ge=28, le=299)
+    quantize: bool = False
 
 
 class TsneConfig(_Section):

@@ -11,9 +11,16 @@ same space also gives the *floor* (N held-out training images against the test s
 perfect generator scores at this N), KID, which is unbiased, and precision/recall and
 density/coverage (:func:`precision_recall`), which tell sample quality from coverage.
 
+The same spaces score reconstructions (Ghosh et al. 2020's REC column): the posterior-mean
+reconstructions of the floor's training images (:func:`rec_indices`), written by
+``generate-1024``, scored against the same test features as the samples. The floor bounds
+both; REC bounds the samples of a good sampler (docs/results.md).
+
 The literature's MNIST protocol (Heusel et al. 2017; the tables of Ghosh et al. 2020 and Dai &
 Wipf 2019) is 10 000 samples against the 10 000 test images in Inception pool3 features, fp32:
-``generate.n=10000`` with ``fid.features=[classifier,inception]`` (docs/results.md).
+``generate.n=10000`` with ``fid.features=[classifier,inception]`` (docs/results.md). RAE's code
+also zero-pads the images to 32 x 32 before Inception and scores 8-bit images
+(``fid.pad_to: 32``, ``fid.quantize: true``).
 """
 
 from __future__ import annotations
@@ -114,8 +121,28 @@ def as_images(array: np.ndarray) -> torch.Tensor:
     return x.unsqueeze(1) if x.ndim == 3 else x
 
 
+def quantize(images: torch.Tensor) -> torch.Tensor:
+    """Images in [0, 1] rounded to 8 bits (what a saved PNG holds), still floats in [0, 1]."""
+    return images.clamp(0, 1).mul(255).round().div(255)
+
+
+def pad(images: torch.Tensor, size: int) -> torch.Tensor:
+    """N x 1 x H x W images zero-padded on all sides to ``size`` x ``size`` (RAE's protocol:
+    MNIST 28 -> 32, 2 black pixels each side); unchanged when already that size."""
+    extra = size - images.shape[-1]
+    if extra < 0:
+        raise BamError(f"fid.pad_to: {size} is smaller than the images ({images.shape[-1]} px)")
+    if extra == 0:
+        return images
+    before = extra // 2
+    return torch.nn.functional.pad(images, (before, extra - before, before, extra - before))
+
+
 def feature_extractor(space: str, cfg: FidConfig) -> tuple[Callable, Path]:
-    """The feature function of a space, loaded once, and the weights file it comes from."""
+    """The feature function of a space, loaded once, and the weights file it comes from.
+
+    The Inception space zero-pads images to ``fid.pad_to`` first; the classifier space sees
+    the 28 x 28 images its evaluator was trained on."""
     device = resolve_device(cfg.device, "fid.device")
     if space == "classifier":
         evaluator = load_evaluator(paths.EVALUATOR).to(device)
@@ -123,7 +150,8 @@ def feature_extractor(space: str, cfg: FidConfig) -> tuple[Callable, Path]:
     from bam_vae.scoring.inception import FeatureNet, load_inception, resolve_inception_weights
 
     weights = resolve_inception_weights(cfg.inception_weights)
-    return FeatureNet(load_inception(weights, device), cfg.precision), weights
+    net = FeatureNet(load_inception(weights, device), cfg.precision)
+    return lambda images: net(pad(images, cfg.pad_to)), weights
 
 
 def load_array(path: Path, what: str, shape: str, ok: Callable[[np.ndarray], bool], hint: str):
@@ -156,9 +184,27 @@ def load_reference(
     return load_array(path, "FID reference", "(N >= 2, D)", ok, hint)
 
 
-def load_generated(path: Path = paths.GENERATED) -> np.ndarray:
+def load_generated(path: Path = paths.GENERATED, what: str = "generated images") -> np.ndarray:
     ok = lambda a: a.ndim == 3 and a.shape[1:] == (28, 28) and len(a) > 0  # noqa: E731
-    return load_array(path, "generated images", "(N, 28, 28)", ok, "run `bam generate`")
+    return load_array(path, what, "(N, 28, 28)", ok, "run `bam generate`")
+
+
+def floor_indices(n_train: int, floor_n: int, seed: int) -> np.ndarray:
+    """The training images of the FID floor: ``min(floor_n, n_train)`` of them, seeded, sorted."""
+    rng = np.random.default_rng(seed)
+    return np.sort(rng.choice(n_train, min(floor_n, n_train), replace=False))
+
+
+def rec_indices(n_train: int, n: int, cfg: FidConfig) -> np.ndarray:
+    """The training images whose reconstructions make the REC column: the ``min(n, floor_n)``
+    floor images that :func:`score_space` draws for the floor at N = ``n``, in its order, so
+    REC and the floor score the same originals."""
+    floor = floor_indices(n_train, cfg.floor_n, cfg.seed)
+    return floor[_floor_draw(np.random.default_rng(cfg.seed), len(floor), n)]
+
+
+def _floor_draw(rng: np.random.Generator, n_floor: int, n: int) -> np.ndarray:
+    return rng.choice(n_floor, min(n, n_floor), replace=False)
 
 
 # ---------------------------------------------------------------------------- stage
@@ -172,20 +218,23 @@ def check_enough(n: int, path: Path = paths.GENERATED) -> None:
 
 
 def score_space(
-    space: str, generated: torch.Tensor, cfg: FidConfig
+    space: str, generated: torch.Tensor, cfg: FidConfig, recon: torch.Tensor | None = None
 ) -> tuple[dict[str, float], list[str], dict]:
-    """The scores of ``generated`` (N x 1 x 28 x 28, N >= 2) in one feature space: FID against
-    the test images, its floor, KID with the subset size actually used, precision, recall,
-    density and coverage; warnings for scores N makes unreliable; and what they were computed
-    from (images, network, precision) for the run's protocol record."""
+    """The scores of ``generated`` (N x 1 x 28 x 28 floats in [0, 1], N >= 2) in one feature
+    space: FID against the test images, its floor, KID with the subset size actually used,
+    precision, recall, density and coverage; with ``recon`` (the reconstructions of
+    :func:`rec_indices`, same layout) also ``fid_recon_<space>`` and its precision and recall;
+    warnings for scores N makes unreliable; and what they were computed from (images,
+    network, precision, padding) for the run's protocol record."""
     real = load_reference(space)
     train = load_reference(space, "train")
-    fake = feature_extractor(space, cfg)[0](generated)
+    extract = feature_extractor(space, cfg)[0]
+    fake = extract(generated)
     n, dim = fake.shape
     rng = np.random.default_rng(cfg.seed)
     # The floor: as many real training images as there are samples, against the test images:
     # the FID of a perfect generator at this N (held-out images, as samples are).
-    floor = train[rng.choice(len(train), min(n, len(train)), replace=False)]
+    floor = train[_floor_draw(rng, len(train), n)]
     # P/R compare sets of equal size (Kynkäänniemi et al. 2019): N test images, seeded.
     real_n = real[rng.choice(len(real), min(n, len(real)), replace=False)]
     subset_size = min(cfg.kid_subset_size, len(real), n)
@@ -214,18 +263,28 @@ def score_space(
         f"kid_std_{space}": kid_std,
         f"kid_subset_size_{space}": subset_size,
     }
-    if min(n, len(real_n)) > DC_K + 1:
+    enough = min(n, len(real_n)) > DC_K + 1
+    if enough:
         scores |= {f"{k}_{space}": v for k, v in precision_recall(real_n, fake).items()}
     else:
         warnings.append(f"precision/recall_{space}: {n} images, expected more than {DC_K + 1}")
+    if recon is not None:
+        rebuilt = extract(recon)
+        scores[f"fid_recon_{space}"] = fid(real, rebuilt)
+        if enough and len(rebuilt) > DC_K + 1:
+            pr = precision_recall(real_n, rebuilt)
+            scores |= {f"{k}_recon_{space}": pr[k] for k in ("precision", "recall")}
     protocol = {
         "network": NETWORKS[space],
         "dim": dim,
         "precision": cfg.precision if space == "inception" else "fp32",
+        "pad_to": cfg.pad_to if space == "inception" else 28,
         "reference": f"{len(real)} test images",
         "floor": f"{len(floor)} training images against the {len(real)} test images",
         "precision_recall": f"{len(real_n)} test images; prdc, P/R k={PR_K}, D/C k={DC_K}",
     }
+    if recon is not None:
+        protocol["recon"] = f"posterior-mean reconstructions of {len(recon)} floor training images"
     return scores, warnings, protocol
 
 

@@ -23,6 +23,7 @@ from bam_vae.scoring.fid import (
     check_enough,
     generated_sampler,
     load_generated,
+    quantize,
     score_space,
 )
 from bam_vae.tracking import store as tracking
@@ -42,15 +43,21 @@ def compute(params: Params, metrics_path: Path = paths.FID_METRICS) -> dict:
     tracking.init()
     generated = as_images(load_generated())
     check_enough(len(generated))
+    recon_path = paths.GENERATED.with_name("reconstructions.npy")
+    # REC (Ghosh et al. 2020): absent only for images generated before it existed.
+    recon = as_images(load_generated(recon_path, "reconstructions")) if recon_path.is_file() else None
+    if cfg.quantize:  # as a saved PNG holds them; the real images are 8-bit already
+        generated, recon = quantize(generated), None if recon is None else quantize(recon)
     sampler = generated_sampler()
     # Every score says what it came from: N images, KID's subsets; see `bam promote`.
     metrics: dict = {"sampler": sampler, "n_generated": len(generated)}
     metrics["kid_subsets"] = cfg.kid_subsets
     warnings: list[str] = []
     # What the scores were computed from, so that no ranking mixes protocols (see `bam promote`).
-    protocol: dict = {"n_generated": len(generated), "spaces": {}}
+    protocol: dict = {"n_generated": len(generated), "spaces": {},
+                      "images": "uint8" if cfg.quantize else "float32"}  # fmt: skip
     for space in cfg.features:
-        scores, notes, protocol["spaces"][space] = score_space(space, generated, cfg)
+        scores, notes, protocol["spaces"][space] = score_space(space, generated, cfg, recon)
         metrics |= scores
         warnings += notes
     metrics["protocol"] = protocol
@@ -90,6 +97,10 @@ def compute(params: Params, metrics_path: Path = paths.FID_METRICS) -> dict:
 
 def protocol_tag(protocol: dict) -> str:
     """One line for the run's tags: ``N=10000 vs 10000 test images; inception fp32, ...``."""
-    spaces = ", ".join(f"{k} {v['precision']}" for k, v in protocol["spaces"].items())
+    spaces = ", ".join(
+        f"{k} {v['precision']}" + (f" padded to {v['pad_to']}" if v.get("pad_to", 28) != 28 else "")
+        for k, v in protocol["spaces"].items()
+    )
     reference = next(iter(protocol["spaces"].values()))["reference"]
-    return f"N={protocol['n_generated']} vs {reference}; {spaces}"
+    images = protocol.get("images", "float32")
+    return f"N={protocol['n_generated']} {images} vs {reference}; {spaces}"

@@ -15,7 +15,7 @@ from bam_vae.config import Params
 from bam_vae.datasets import load_split, sha256
 from bam_vae.errors import BamError, Interrupted
 from bam_vae.files import atomic_path, exclusive, file_sha256, staged_outputs
-from bam_vae.scoring.fid import feature_extractor, load_array, reference_path
+from bam_vae.scoring.fid import feature_extractor, floor_indices, load_array, reference_path
 from bam_vae.training.checkpoints import config_key
 
 
@@ -42,7 +42,9 @@ def reference(
     floor = train[floor_indices(len(train), params.fid.floor_n, params.fid.seed)]
     extract, weights = feature_extractor(space, params.fid)
     precision = params.fid.precision if space == "inception" else "fp32"
-    network = (file_sha256(weights), precision, chunk)
+    network: tuple = (file_sha256(weights), precision, chunk)
+    if space == "inception" and params.fid.pad_to != 28:  # unpadded keys stay as they were
+        network += (f"pad{params.fid.pad_to}",)
     feats = {split: _cached(extract, network, images, space, split)
              for split, images in (("test", test), ("train", floor))}  # fmt: skip
     with staged_outputs() as out:  # both files or neither
@@ -54,15 +56,9 @@ def reference(
     return reference_path(space, "test", ref_dir)
 
 
-def floor_indices(n_train: int, floor_n: int, seed: int) -> np.ndarray:
-    """The training images of the FID floor: ``min(floor_n, n_train)`` of them, seeded, sorted."""
-    rng = np.random.default_rng(seed)
-    return np.sort(rng.choice(n_train, min(floor_n, n_train), replace=False))
-
-
 def _cached(extract, network: tuple, images, space: str, split: str) -> np.ndarray:
-    weights_sha, precision, chunk = network
-    key = config_key(weights_sha, sha256(images.numpy()), chunk, precision)
+    weights_sha, precision, chunk, *padding = network
+    key = config_key(weights_sha, sha256(images.numpy()), chunk, precision, *padding)
     cache = paths.user_cache() / "fid-reference"
     name = f"{space}-{split}-{key}"
     cached, parts = cache / f"{name}.npy", cache / f"{name}.parts"

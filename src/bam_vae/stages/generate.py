@@ -3,6 +3,8 @@ reconstruct.
 
 Writes ``data/generated/images.npy`` (float32, N x 28 x 28, values in [0, 1]; for a
 conditional model also ``labels.npy``, the classes asked for; ``meta.json`` names the sampler),
+``reconstructions.npy`` (the same layout: posterior-mean reconstructions of the N training
+images of the FID floor, :func:`bam_vae.scoring.fid.rec_indices`, for compute-fid's REC column),
 the sample grid ``figures/samples.png`` (32 x 32 for 1024) and ``figures/reconstructions.png``:
 the first ``generate.per_class`` test images of each class (of the first 10 classes, in
 test-set order) above their reconstructions from the posterior mean. Both PNGs are logged
@@ -20,12 +22,13 @@ import torch
 
 from bam_vae import paths
 from bam_vae.config import Params
-from bam_vae.datasets import reconstruction_set
+from bam_vae.datasets import load_split, reconstruction_set
 from bam_vae.errors import BamError
 from bam_vae.figures import image_grid, image_rows
 from bam_vae.files import load_model, staged_outputs, write_json
 from bam_vae.models.base import on_device
 from bam_vae.samplers import fitted_sampler, sample, sample_labels
+from bam_vae.scoring.fid import rec_indices
 from bam_vae.tracking import store as tracking
 from bam_vae.training.runtime import resolve_device
 
@@ -58,10 +61,12 @@ def generate(
     x, y = reconstruction_set(params.data.out_dir, cfg.per_class)
     with torch.no_grad():
         rebuilt = vae.reconstruct(*on_device(device, x, y if vae.conditional else None)).cpu()
+    rec = floor_reconstructions(vae, params, cfg.n)
 
     # Written aside, logged, then moved into place together: a failure changes nothing.
     with staged_outputs() as out:
         np.save(out.path(out_dir / "images.npy"), images[:, 0].numpy().astype(np.float32))
+        np.save(out.path(out_dir / "reconstructions.npy"), rec)
         if labels is None:
             out.remove(out_dir / "labels.npy")
         else:  # the classes asked for, for label accuracy in compute-fid
@@ -79,3 +84,18 @@ def generate(
     print(f"generate: {cfg.n} images ({sampler.kind} sampler) -> {out_dir / 'images.npy'},"
           f" figures in {fig_dir}")  # fmt: skip
     return {"n": cfg.n, "run_id": run_id, "sampler": sampler.kind}
+
+
+@torch.no_grad()
+def floor_reconstructions(vae, params: Params, n: int, batch: int = 1000) -> np.ndarray:
+    """Posterior-mean reconstructions of the ``min(n, fid.floor_n)`` floor training images
+    (float32, n x 28 x 28, in [0, 1]): Ghosh et al. 2020's REC, scored by compute-fid."""
+    images, labels = load_split(params.data.out_dir, "train")
+    idx = torch.as_tensor(rec_indices(len(images), n, params.fid))
+    x = images[idx].float().div(255.0).unsqueeze(1)
+    y = labels[idx] if vae.conditional else None
+    parts = []
+    for i in range(0, len(x), batch):
+        xb, yb = on_device(vae.device, x[i : i + batch], None if y is None else y[i : i + batch])
+        parts.append(vae.reconstruct(xb, yb).cpu())
+    return torch.cat(parts)[:, 0].numpy().astype(np.float32)

@@ -48,8 +48,9 @@ COLUMNS = {
 }
 # Scores of one sampler, logged by compute-fid as ``<sampler>/<name>``.
 SCORES = [
-    *(f"{m}_{s}" for s in SPACES for m in ("fid", "fid_floor", "kid")),
+    *(f"{m}_{s}" for s in SPACES for m in ("fid", "fid_recon", "fid_floor", "kid")),
     *(f"{m}_{s}" for s in SPACES for m in ("precision", "recall", "density", "coverage")),
+    *(f"{m}_recon_{s}" for s in SPACES for m in ("precision", "recall")),
     "class_entropy", "confident_share", "label_accuracy", "n_generated",
     "copy_share", "nn_ratio", "mw_z",  # stage inspect: memorisation
 ]  # fmt: skip
