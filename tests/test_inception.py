@@ -62,7 +62,9 @@ def test_padding_to_32_is_two_black_pixels_each_side_and_moves_the_features(mode
     images = torch.rand(2, 1, 28, 28, generator=torch.Generator().manual_seed(2))
     padded = pad(images, 32)
     assert padded.shape == (2, 1, 32, 32) and torch.equal(padded[..., 2:30, 2:30], images)
-    assert padded.sum() == images.sum()  # the border is zeros
+    border = padded.clone()
+    border[..., 2:30, 2:30] = 0
+    assert not border.any()
     assert pad(images, 28) is images
     with pytest.raises(BamError, match="fid.pad_to: 20 is smaller than the images"):
         pad(images, 20)

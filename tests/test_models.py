@@ -266,3 +266,72 @@ def test_a_model_saved_with_its_pixelcnn_prior_inside_still_loads(arch, tmp_path
     assert loaded_cfg == cfg
     for key, value in model.state_dict().items():
         assert torch.equal(loaded.state_dict()[key], value), key
+
+
+@pytest.mark.parametrize("arch", ["cnn", "cvae", "rae"])
+def test_deeper_conv_nets_with_batch_norm_pad_to_32_and_give_back_28(arch):
+    """[128, 256, 512, 1024] with batch norm is the size of RAE's MNIST network (~23 M)."""
+    cfg = ModelConfig(arch=arch, z_dim=16, channels=[4, 8, 16, 32], batch_norm=True)
+    model = build_model(cfg)
+    assert isinstance(model.encoder[0], torch.nn.ZeroPad2d)
+    assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules()) == 4 + 3
+    x = torch.rand(5, 1, 28, 28)
+    y = torch.arange(5)
+    out = model(x, y)
+    assert out.logits.shape == (5, 1, 28, 28) and out.mu.shape == (5, 16)
+    rae = ModelConfig(arch="rae", z_dim=16, channels=[128, 256, 512, 1024], batch_norm=True)
+    assert 21e6 < n_parameters(build_model(rae)) < 24e6
+
+
+def test_the_report_net_keeps_its_layers_and_their_names():
+    """Models saved before the deeper options load unchanged: same modules, same keys."""
+    keys = set(build_model(ModelConfig(arch="cnn", channels=[32, 64])).state_dict())
+    assert keys == {"encoder.0.weight", "encoder.0.bias", "encoder.2.weight", "encoder.2.bias",
+                    "encoder.5.weight", "encoder.5.bias", "decoder.0.weight", "decoder.0.bias",
+                    "decoder.3.weight", "decoder.3.bias", "decoder.5.weight", "decoder.5.bias"}  # fmt: skip
+
+
+def test_rae_is_deterministic_and_its_loss_is_the_code_penalty_plus_reconstruction():
+    from bam_vae.config import TrainConfig
+    from bam_vae.models.base import recon_per_image
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(arch="rae", z_dim=3, channels=[4, 8]))
+    x = torch.rand(6, 1, 28, 28)
+    a, b = model(x), model(x)
+    assert torch.equal(a.z, b.z) and torch.equal(a.z, a.mu) and not a.logvar.any()
+    assert torch.equal(model.reconstruct(x), torch.sigmoid(a.logits))
+    cfg = TrainConfig(k1=0.5, k2=0.2)
+    parts = model.loss_per_image(a, x, cfg)
+    code = 0.5 * (a.z**2).sum(1)
+    torch.testing.assert_close(parts.total, 0.5 * recon_per_image(a.logits, x, "mse") + 0.2 * code)
+    torch.testing.assert_close(parts.extra["latent_l2"], code)
+    assert not parts.kl.any()
+
+
+def test_rae_decays_only_the_decoders_weights():
+    """RAE-L2: one Adam step with zero gradients moves exactly the decoder's weight
+    matrices and kernels, by Adam's step on the L2 gradient 2 * decoder_l2 * theta."""
+    from bam_vae.config import RAEConfig, TrainConfig
+
+    cfg = ModelConfig(arch="rae", z_dim=3, channels=[4, 8], rae=RAEConfig(decoder_l2=0.5))
+    model = build_model(cfg)
+    before = copy.deepcopy(model.state_dict())
+    (opt,) = model.configure_optimizers(TrainConfig(lr=1e-2))
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    for name, value in model.state_dict().items():
+        moved = not torch.equal(value, before[name])
+        assert moved == (name.startswith("decoder.") and name.endswith("weight")), name
+
+
+def test_vqvae_refuses_deeper_nets_in_one_line():
+    from bam_vae.config import parse_params
+
+    with pytest.raises(BamError) as err:
+        parse_params({"model": {"arch": "vqvae", "channels": [8, 16, 32]}})
+    assert str(err.value) == (
+        "model.channels: [8, 16, 32] with batch_norm=False is not allowed for model.arch=vqvae"
+        " (its code grid is 7 x 7); expected two channels, no batch norm"
+    )

@@ -36,6 +36,7 @@ MODELS = {
     "cvae": {},
     "vqvae": {"vq": {"codebook_size": 16, "code_dim": 4}},
     "introvae": {"intro": {"warmup_epochs": 0}},
+    "rae": {"channels": [4, 8, 8], "batch_norm": True},
 }
 SCORING = {
     "generate": {"n": 60, "per_class": 1},
@@ -55,8 +56,8 @@ def evaluator_file(tiny_mnist, tmp_path_factory):
 
 # Every sampler is exercised by some arch; auto (each arch's default) by dense, cvae, vqvae.
 SAMPLER = {"dense": "auto", "cnn": "two-stage", "cvae": "auto", "vqvae": "auto",
-           "introvae": "two-stage"}  # fmt: skip
-FITTED = SAMPLER | {"dense": "gmm", "cvae": "gmm", "vqvae": "pixelcnn"}
+           "introvae": "two-stage", "rae": "auto"}  # fmt: skip
+FITTED = SAMPLER | {"dense": "gmm", "cvae": "gmm", "vqvae": "pixelcnn", "rae": "gmm"}
 FAST_SAMPLERS = {"gmm": {"components": 3}, "two_stage": {"epochs": 2, "hidden": 16},
                  "pixelcnn": PIXELCNN_TINY}  # fmt: skip
 

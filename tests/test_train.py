@@ -38,9 +38,9 @@ def test_same_params_and_seed_give_identical_results(project, tiny):
     assert (project / "models/vae.pt").read_bytes() == bytes1
 
 
-@pytest.mark.parametrize("schedule", ["constant", "cosine"])
-def test_interrupted_run_resumes_to_the_uninterrupted_result(project, tiny, schedule):
-    params = tiny(train={"epochs": 2, "lr_schedule": schedule})
+@pytest.mark.parametrize(("schedule", "ema"), [("constant", 0.0), ("cosine", 0.0), ("constant", 0.9)])
+def test_interrupted_run_resumes_to_the_uninterrupted_result(project, tiny, schedule, ema):
+    params = tiny(train={"epochs": 2, "lr_schedule": schedule, "ema": ema})
     expected = fit(params)
     w_expected = weights()
     run_ref = json.loads((project / "models/mlflow_run.json").read_text())
@@ -76,6 +76,38 @@ def test_interrupted_run_resumes_to_the_uninterrupted_result(project, tiny, sche
     assert [m.step for m in seconds] == [1, 2]
     span = (history[0].timestamp - interrupted_run.info.start_time) / 1000
     assert 0 < seconds[0].value < span - 3
+
+
+def test_weight_ema_is_the_textbook_average_of_every_steps_weights_and_buffers():
+    from bam_vae.training.loop import WeightEMA
+
+    net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2))
+    ema = WeightEMA(net, decay=0.75)
+    expected = None
+    for step in range(1, 5):
+        with torch.no_grad():
+            for p in net.parameters():
+                p.add_(step)
+            net[1].running_mean.add_(step)
+        ema.on_batch_end(step)
+        now = {k: v.clone().float() for k, v in net.state_dict().items() if v.is_floating_point()}
+        expected = now if expected is None else {
+            k: 0.75 * expected[k] + 0.25 * now[k] for k in now}  # fmt: skip
+    averaged = ema.averaged.module.state_dict()
+    for key, value in expected.items():
+        torch.testing.assert_close(averaged[key], value)
+
+
+def test_ema_weights_are_the_ones_saved_and_sampled(project, tiny):
+    fit(tiny(train={"epochs": 2}))
+    last = weights()
+    averaged = tiny(train={"epochs": 2, "ema": 0.9})
+    result = fit(averaged)
+    saved = weights()
+    assert not all(torch.equal(v, last[k]) for k, v in saved.items())
+    model, _ = load_model(project / "models/vae.pt")
+    assert all(torch.equal(v, saved[k]) for k, v in model.state_dict().items())
+    assert fit(averaged) == result  # deterministic
 
 
 def test_cosine_schedule_decays_every_optimisers_rate_from_train_lr_to_zero():

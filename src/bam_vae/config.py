@@ -89,7 +89,13 @@ class IntroConfig(_Section):
     warmup_epochs: int = Field(1, ge=0)
 
 
-Arch = Literal["dense", "cnn", "cvae", "vqvae", "introvae"]
+class RAEConfig(_Section):
+    """RAE (Ghosh et al. 2020): L2 on the decoder's weights; the code penalty is train.k2."""
+
+    decoder_l2: float = Field(3.9e-5, ge=0)  # coefficient of sum(theta^2); 0: RAE without it
+
+
+Arch = Literal["dense", "cnn", "cvae", "vqvae", "introvae", "rae"]
 Device = Literal["auto", "cpu", "cuda"]  # auto: the GPU where there is one
 
 
@@ -97,11 +103,14 @@ class ModelConfig(_Section):
     arch: Arch = "cnn"
     z_dim: int = Field(16, ge=1, le=2048)
     hidden: list[PositiveInt] = Field(default_factory=lambda: [256, 128], min_length=1)
+    # Conv nets: one 4x4 stride-2 convolution per entry (3-4 pad the image to 32 x 32 first).
     channels: list[PositiveInt] = Field(
-        default_factory=lambda: [32, 64], min_length=2, max_length=2
+        default_factory=lambda: [32, 64], min_length=2, max_length=4
     )
+    batch_norm: bool = False  # conv nets but the VQ-VAE's: after every (transposed) convolution
     vq: VQConfig = Field(default_factory=VQConfig)
     intro: IntroConfig = Field(default_factory=IntroConfig)
+    rae: RAEConfig = Field(default_factory=RAEConfig)
 
 
 class _Fit(_Section):
@@ -126,6 +135,9 @@ class TrainConfig(_Fit):
     # cosine: every optimiser's rate decays from train.lr to 0 over the run's steps
     # (Loshchilov & Hutter 2017, without restarts); constant: train.lr throughout.
     lr_schedule: Literal["constant", "cosine"] = "constant"
+    # > 0: the weights saved, scored and sampled are their exponential moving average over
+    # steps with this decay (torch's AveragedModel); 0: the last step's weights.
+    ema: float = Field(0.0, ge=0, lt=1)
     train_fraction: float = Field(1.0, gt=0, le=1)
     noise_fraction: float = Field(0.0, ge=0, le=1)
     noise_std: float = Field(0.0, ge=0)
@@ -361,8 +373,9 @@ def describe_validation_error(exc: ValidationError, where: str = "params") -> st
     return " ".join(_describe(errors[0], where).split()) + (more if len(errors) > 1 else "")
 
 
-# Archs whose loss is ``k1 * reconstruction + k2 * KL`` (the VQ-VAE and IntroVAE have their own).
-K_WEIGHTED = ("dense", "cnn", "cvae")
+# Archs whose loss is ``k1 * reconstruction + k2 * KL`` (RAE: k2 weighs its code penalty; the
+# VQ-VAE and IntroVAE have their own).
+K_WEIGHTED = ("dense", "cnn", "cvae", "rae")
 
 
 def degenerate_setting(params: Params) -> str | None:
@@ -376,6 +389,12 @@ def degenerate_setting(params: Params) -> str | None:
         return (
             f"train.k1: 0 is not allowed for model.arch={arch} ({what} and the decoder gets no"
             " gradient); expected k1 > 0"
+        )
+    model = params.model
+    if arch == "vqvae" and (len(model.channels) != 2 or model.batch_norm):
+        return (
+            f"model.channels: {model.channels} with batch_norm={model.batch_norm} is not allowed"
+            " for model.arch=vqvae (its code grid is 7 x 7); expected two channels, no batch norm"
         )
     if (train.noise_fraction > 0) != (train.noise_std > 0):
         zero = "noise_std" if train.noise_fraction > 0 else "noise_fraction"

@@ -28,11 +28,15 @@ def build_model(cfg: ModelConfig, n_classes: int = 10) -> VAE:
     if cfg.arch == "dense":
         return DenseVAE(cfg.z_dim, cfg.hidden)
     if cfg.arch == "cnn":
-        return CNNVAE(cfg.z_dim, cfg.channels)
+        return CNNVAE(cfg.z_dim, cfg.channels, cfg.batch_norm)
     if cfg.arch == "cvae":
         from bam_vae.models.cvae import CVAE
 
-        return CVAE(cfg.z_dim, cfg.channels, n_classes)
+        return CVAE(cfg.z_dim, cfg.channels, n_classes, cfg.batch_norm)
+    if cfg.arch == "rae":
+        from bam_vae.models.rae import RAE
+
+        return RAE(cfg.z_dim, cfg.channels, cfg.rae, cfg.batch_norm)
     if cfg.arch == "vqvae":
         from bam_vae.models.vqvae import VQVAE
 
@@ -40,9 +44,10 @@ def build_model(cfg: ModelConfig, n_classes: int = 10) -> VAE:
     if cfg.arch == "introvae":
         from bam_vae.models.introvae import SoftIntroVAE
 
-        return SoftIntroVAE(cfg.z_dim, cfg.channels, cfg.intro)
+        return SoftIntroVAE(cfg.z_dim, cfg.channels, cfg.intro, cfg.batch_norm)
     raise BamError(
-        f"model.arch: unknown model {cfg.arch!r}; expected dense, cnn, cvae, vqvae or introvae"
+        f"model.arch: unknown model {cfg.arch!r}; expected dense, cnn, cvae, vqvae, introvae"
+        " or rae"
     )
 
 

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from bam_vae.models.base import VAE, on_device
-from bam_vae.models.cnn import conv_features, deconv_decoder
+from bam_vae.models.cnn import conv_features, deconv_decoder, feature_size
 
 
 def one_hot(y: Tensor | None, n_classes: int) -> Tensor:
@@ -26,17 +26,18 @@ def one_hot(y: Tensor | None, n_classes: int) -> Tensor:
 class CVAE(VAE):
     conditional: ClassVar[bool] = True
 
-    def __init__(self, z_dim: int, channels: list[int], n_classes: int = 10):
+    def __init__(
+        self, z_dim: int, channels: list[int], n_classes: int = 10, batch_norm: bool = False
+    ):
         super().__init__(z_dim)
         self.n_classes = n_classes
-        c1, c2 = channels
-        flat = c2 * 7 * 7
+        flat = channels[-1] * feature_size(channels) ** 2
         # Unlike the base contract, ``encoder`` stops at the conv features: the label joins
         # them in ``posterior``, so encoder(x) alone is not (mu, logvar).
-        self.encoder = nn.Sequential(*conv_features(c1, c2))
+        self.encoder = nn.Sequential(*conv_features(channels, batch_norm))
         self.posterior = nn.Linear(flat + n_classes, 2 * z_dim)
         # The decoder takes [z, one-hot(y)] as one vector, so the base Generator exports it.
-        self.decoder = nn.Sequential(*deconv_decoder(z_dim + n_classes, c1, c2))
+        self.decoder = nn.Sequential(*deconv_decoder(z_dim + n_classes, channels, batch_norm))
 
     def encode(self, x: Tensor, y: Tensor | None = None) -> tuple[Tensor, Tensor]:
         h = torch.cat([self.encoder(x), one_hot(y, self.n_classes).to(x)], dim=1)

@@ -47,8 +47,10 @@ if TYPE_CHECKING:
 
 
 class SoftIntroVAE(CNNVAE):
-    def __init__(self, z_dim: int, channels: list[int], intro: IntroConfig):
-        super().__init__(z_dim, channels)
+    def __init__(
+        self, z_dim: int, channels: list[int], intro: IntroConfig, batch_norm: bool = False
+    ):
+        super().__init__(z_dim, channels, batch_norm)
         self.intro = intro
 
     def loss_per_image(self, out: VAEOutput, x: Tensor, cfg: TrainConfig) -> LossParts:

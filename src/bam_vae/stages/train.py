@@ -25,7 +25,15 @@ from bam_vae.models import build_model, n_parameters, on_device
 from bam_vae.serving import publish
 from bam_vae.tracking import store as tracking
 from bam_vae.training.checkpoints import Checkpoint, checkpoint_path, config_key, stop_on_signals
-from bam_vae.training.loop import Callback, CosineDecay, Loop, OnBatch, accumulate, n_batches
+from bam_vae.training.loop import (
+    Callback,
+    CosineDecay,
+    Loop,
+    OnBatch,
+    WeightEMA,
+    accumulate,
+    n_batches,
+)
 from bam_vae.training.loop import fit as fit_loop
 from bam_vae.training.runtime import (
     configure_threads,
@@ -125,9 +133,12 @@ def fit(
     optimizers = model.configure_optimizers(cfg)
     n_steps = cfg.epochs * n_batches(len(x_train), cfg.batch_size)
     schedule = [CosineDecay(optimizers, n_steps)] if cfg.lr_schedule == "cosine" else []
+    ema = WeightEMA(model, cfg.ema) if cfg.ema else None
+    # What is evaluated, saved and sampled: the EMA of the weights when train.ema is set.
+    kept = ema.averaged.module if ema else model
 
     key = run_key(params, digest)
-    ckpt = Checkpoint(checkpoint_path(key), model, optimizers, "train")
+    ckpt = Checkpoint(checkpoint_path(key), model, [*optimizers, *([ema] if ema else [])], "train")
     with ckpt.owned():
         initial = [p.detach().clone() for p in model.parameters()]  # before resume loads any
         state = ckpt.resume()
@@ -160,11 +171,11 @@ def fit(
                     parts = train_step(x_train[idx], y_train[idx], optimizers, cfg, epoch)
                 return parts.as_floats()
 
-            callbacks: list[Callback] = [*schedule, LogEpochs()]
+            callbacks: list[Callback] = [*schedule, *([ema] if ema else []), LogEpochs()]
             callbacks += [OnBatch(on_batch)] if on_batch else []
 
             def end_epoch() -> dict[str, float]:
-                return evaluate(model, x_test, y_test, cfg, device) | model.on_epoch_end()
+                return evaluate(kept, x_test, y_test, cfg, device) | model.on_epoch_end()
 
             loop = Loop(
                 "train", len(x_train), cfg.batch_size, cfg.epochs, step, ckpt, cfg.seed,
@@ -179,7 +190,7 @@ def fit(
                         raise BamError(_untrained(state.history))
                     outputs = (model_path, metrics_path, history_path, run_ref_path)
                     final, name, version = _export(
-                        params, model, state, outputs, ckpt, stopped, dataset
+                        params, kept, state, outputs, ckpt, stopped, dataset
                     )
             except (Interrupted, KeyboardInterrupt):
                 mlflow.end_run(status="KILLED")

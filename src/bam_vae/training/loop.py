@@ -64,6 +64,30 @@ class CosineDecay(Callback):
             scheduler.step()
 
 
+class WeightEMA(Callback):
+    """Exponential moving average of a model's weights and buffers, updated after every step
+    (torch's ``AveragedModel`` with ``get_ema_multi_avg_fn(decay)``): ``averaged.module`` is
+    the model to evaluate, save and sample from. Its ``state_dict`` goes into the checkpoint
+    with the optimisers, so a resumed run averages on from where it stopped."""
+
+    def __init__(self, model: torch.nn.Module, decay: float) -> None:
+        from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+        self.model = model
+        self.averaged = AveragedModel(
+            model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True
+        )
+
+    def on_batch_end(self, step: int) -> None:
+        self.averaged.update_parameters(self.model)
+
+    def state_dict(self) -> dict:
+        return self.averaged.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.averaged.load_state_dict(state)
+
+
 class OnBatch(Callback):
     """Calls ``fn(step)`` after every optimiser step (tests send signals from here)."""
 
