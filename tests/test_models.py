@@ -286,9 +286,9 @@ def test_deeper_conv_nets_with_batch_norm_pad_to_32_and_give_back_28(arch):
 def test_the_report_net_keeps_its_layers_and_their_names():
     """Models saved before the deeper options load unchanged: same modules, same keys."""
     keys = set(build_model(ModelConfig(arch="cnn", channels=[32, 64])).state_dict())
-    assert keys == {"encoder.0.weight", "encoder.0.bias", "encoder.2.weight", "encoder.2.bias",
-                    "encoder.5.weight", "encoder.5.bias", "decoder.0.weight", "decoder.0.bias",
-                    "decoder.3.weight", "decoder.3.bias", "decoder.5.weight", "decoder.5.bias"}  # fmt: skip
+    layers = {"encoder": (0, 2, 5), "decoder": (0, 3, 5)}
+    assert keys == {f"{part}.{i}.{w}" for part, idx in layers.items() for i in idx
+                    for w in ("weight", "bias")}  # fmt: skip
 
 
 def test_rae_is_deterministic_and_its_loss_is_the_code_penalty_plus_reconstruction():

@@ -428,9 +428,7 @@ def test_rec_scores_the_floors_own_images_and_quantize_rounds_to_8_bits(
     assert perfect["fid_recon_classifier"] == pytest.approx(perfect["fid_floor_classifier"])
     assert perfect["fid_classifier"] == blurred["fid_classifier"]  # same samples
 
-    eight_bit = params.model_copy(
-        update={"fid": params.fid.model_copy(update={"quantize": True})}
-    )
+    eight_bit = params.model_copy(update={"fid": params.fid.model_copy(update={"quantize": True})})
     quantized = compute(eight_bit)
     assert quantized["protocol"]["images"] == "uint8"
     # 8-bit originals stay themselves; the float samples move.

@@ -38,7 +38,9 @@ def test_same_params_and_seed_give_identical_results(project, tiny):
     assert (project / "models/vae.pt").read_bytes() == bytes1
 
 
-@pytest.mark.parametrize(("schedule", "ema"), [("constant", 0.0), ("cosine", 0.0), ("constant", 0.9)])
+@pytest.mark.parametrize(
+    ("schedule", "ema"), [("constant", 0.0), ("cosine", 0.0), ("constant", 0.9)]
+)
 def test_interrupted_run_resumes_to_the_uninterrupted_result(project, tiny, schedule, ema):
     params = tiny(train={"epochs": 2, "lr_schedule": schedule, "ema": ema})
     expected = fit(params)

@@ -46,8 +46,7 @@ def build_model(cfg: ModelConfig, n_classes: int = 10) -> VAE:
 
         return SoftIntroVAE(cfg.z_dim, cfg.channels, cfg.intro, cfg.batch_norm)
     raise BamError(
-        f"model.arch: unknown model {cfg.arch!r}; expected dense, cnn, cvae, vqvae, introvae"
-        " or rae"
+        f"model.arch: unknown model {cfg.arch!r}; expected dense, cnn, cvae, vqvae, introvae or rae"
     )
 
 

@@ -6,7 +6,6 @@ from torch import nn
 
 from bam_vae.models.base import VAE
 
-
 PADDED = 32  # deeper nets see the image zero-padded to 32 x 32, as RAE's network (Ghosh et al.)
 
 
@@ -52,7 +51,8 @@ class CNNVAE(VAE):
 
     def __init__(self, z_dim: int, channels: list[int], batch_norm: bool = False, out: int = 2):
         super().__init__(z_dim)
-        size = feature_size(channels)
-        self.encoder = nn.Sequential(*conv_features(channels, batch_norm),
-                                     nn.Linear(channels[-1] * size * size, out * z_dim))  # fmt: skip
+        flat = channels[-1] * feature_size(channels) ** 2
+        self.encoder = nn.Sequential(
+            *conv_features(channels, batch_norm), nn.Linear(flat, out * z_dim)
+        )
         self.decoder = nn.Sequential(*deconv_decoder(z_dim, channels, batch_norm))

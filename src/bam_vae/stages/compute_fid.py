@@ -44,8 +44,9 @@ def compute(params: Params, metrics_path: Path = paths.FID_METRICS) -> dict:
     generated = as_images(load_generated())
     check_enough(len(generated))
     recon_path = paths.GENERATED.with_name("reconstructions.npy")
-    # REC (Ghosh et al. 2020): absent only for images generated before it existed.
-    recon = as_images(load_generated(recon_path, "reconstructions")) if recon_path.is_file() else None
+    recon = None
+    if recon_path.is_file():  # REC (Ghosh et al. 2020): absent for images from before it
+        recon = as_images(load_generated(recon_path, "reconstructions"))
     if cfg.quantize:  # as a saved PNG holds them; the real images are 8-bit already
         generated, recon = quantize(generated), None if recon is None else quantize(recon)
     sampler = generated_sampler()
