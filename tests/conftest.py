@@ -234,3 +234,48 @@ def database():
     assert made.returncode == 0, made.stderr
     yield f"postgresql://bam:bam@127.0.0.1:5432/{name}"
     as_postgres("dropdb", "--if-exists", "--force", name)
+
+
+# Published path-traversal payloads against MLflow's tracking server (CVE-2023-1177, -6909,
+# -6975, -6977, CVE-2024-1483, -1560, -1594, -3573, CVE-2026-2033, -2614, -2651): each asks
+# for, or writes to, a file outside the artifact root by ``..``, its URL encodings, or an
+# absolute path. ``{run}`` is a run id, ``{name}`` a registered model with version 1.
+TRAVERSALS = [
+    ("GET", "/get-artifact?path=../../secret.txt&run_uuid={run}"),
+    ("GET", "/get-artifact?path=%2e%2e%2f%2e%2e%2fsecret.txt&run_uuid={run}"),
+    ("GET", "/get-artifact?path=..%252f..%252fsecret.txt&run_uuid={run}"),
+    ("GET", "/get-artifact?path={secret}&run_uuid={run}"),
+    ("GET", "/model-versions/get-artifact?path=../../secret.txt&name={name}&version=1"),
+    ("GET", "/ajax-api/2.0/mlflow/artifacts/list?run_id={run}&path=../.."),
+    ("GET", "/ajax-api/2.0/mlflow/artifacts/list?run_id={run}&path={root}"),
+    ("GET", "/api/2.0/mlflow-artifacts/artifacts/../secret.txt"),
+    ("GET", "/api/2.0/mlflow-artifacts/artifacts/%2e%2e/secret.txt"),
+    ("GET", "/api/2.0/mlflow-artifacts/artifacts/..%2fsecret.txt"),
+    ("GET", "/api/2.0/mlflow-artifacts/artifacts?path=../"),
+    ("PUT", "/api/2.0/mlflow-artifacts/artifacts/..%2fpwned.txt"),
+    ("PUT", "/api/2.0/mlflow-artifacts/artifacts/%2e%2e/%2e%2e/pwned.txt"),
+]
+
+
+def replay_traversals(uri: str, run: str, name: str, artifacts: Path) -> list[tuple[str, int]]:
+    """Send :data:`TRAVERSALS` to ``uri`` whose artifact root is ``artifacts``, with a
+    ``secret.txt`` beside it. Returns (request, status) of each; asserts that no reply holds
+    the secret and that no ``pwned.txt`` was written outside the artifact root."""
+    root = artifacts.parent
+    secret = root / "secret.txt"
+    secret.write_text("the-secret-of-this-machine")
+    seen = []
+    for method, template in TRAVERSALS:
+        path = template.format(run=run, name=name, secret=secret, root=root)
+        request = urllib.request.Request(f"{uri}{path}", data=b"x" if method == "PUT" else None,
+                                         method=method)  # fmt: skip
+        try:
+            with urllib.request.urlopen(request, timeout=30) as reply:
+                status, body = reply.status, reply.read()
+        except urllib.error.HTTPError as err:
+            status, body = err.code, err.read()
+        assert b"the-secret-of-this-machine" not in body, f"{method} {path} read {secret}"
+        seen.append((f"{method} {path}", status))
+    written = [p for p in root.parent.rglob("pwned.txt") if artifacts not in p.parents]
+    assert not written, f"a PUT wrote outside the artifact root: {written}"
+    return seen

@@ -69,6 +69,33 @@ def test_bad_requests_are_400s_naming_the_field_and_the_server_survives(served, 
     assert images(port, n=2, seed=0).shape == (2, 28, 28)  # still serving
 
 
+@pytest.mark.parametrize(
+    "first", ["NaN, 0.0, 0.0, 0.0", "Infinity, 0, 0, 0", "-Infinity, 0, 0, 0", "1e39, 0, 0, 0",
+              "3e38, -3e38, 3e38, -3e38"]  # fmt: skip
+)  # the last: float32 values, whose sums overflow the decoder to inf - inf
+def test_non_finite_latents_are_400s_and_no_reply_holds_nan(served, first):
+    """mlflow#4897: Python's JSON reader takes NaN and Infinity, float32 overflows past 3.4e38;
+    neither may reach the decoder nor come back as NaN in a reply."""
+    import urllib.request
+
+    port, _ = served
+    row = f"[[{first}], [0.0, 0.0, 0.0, 0.0]]"
+    bodies = [(f'{{"dataframe_records": [{{"latents": {row}}}]}}', "application/json"),
+              (f'latents\n"{row}"\n', "text/csv")]  # fmt: skip
+    for body, kind in bodies:
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}/invocations", body.encode(), {"Content-Type": kind}
+        )
+        with pytest.raises(urllib.error.HTTPError) as reply:
+            urllib.request.urlopen(request, timeout=60)
+        raw = reply.value.read().decode()
+        assert reply.value.code == 400, raw
+        assert "NaN" not in raw and "Infinity" not in raw
+        last = json.loads(raw)["message"].splitlines()[-1]
+        assert last.startswith("Error: latents:") and "expected" in last, last
+    assert images(port, n=2, seed=0).shape == (2, 28, 28)  # still serving
+
+
 def test_csv_requests_get_the_same_images_and_the_same_errors_as_json(served):
     port, _ = served
     status, reply = post(port, b"n,seed,sampler\r\n16,0,\r\n4,1,prior\r\n", "text/csv")

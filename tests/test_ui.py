@@ -10,7 +10,7 @@ import urllib.request
 
 import mlflow
 import pytest
-from conftest import env_with_venv, free_port
+from conftest import env_with_venv, free_port, replay_traversals, wait_for_http
 
 from bam_vae.tracking import store as tracking
 
@@ -84,3 +84,25 @@ def test_mlflow_ui_shows_runs_and_their_fid(store):
     # SIGTERM stops the whole UI: nothing is left listening on the port.
     with socket.socket() as probe:
         assert probe.connect_ex(("127.0.0.1", port)) != 0
+
+
+def test_published_path_traversals_are_refused_by_bam_ui(store, tmp_path):
+    """The same advisories against `bam ui` on the project's own store."""
+    project, _, runs = store
+    run = next(iter(runs))
+    client = tracking.client()
+    client.log_text(run, "an artifact", "a.txt")
+    client.create_registered_model("traversal")
+    client.create_model_version("traversal", f"runs:/{run}/a.txt", run_id=run)
+    port, log = free_port(), tmp_path / "ui.log"
+    with log.open("w") as out:
+        server = subprocess.Popen(["bam", "ui", "--port", str(port)], cwd=project,
+                                  env=env_with_venv(), stdout=out, stderr=subprocess.STDOUT)  # fmt: skip
+    try:
+        uri = f"http://127.0.0.1:{port}"
+        wait_for_http(f"{uri}/health", server, log, 90)
+        seen = replay_traversals(uri, run, "traversal", tracking.artifact_root())
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+    assert all(status >= 400 for _, status in seen), seen

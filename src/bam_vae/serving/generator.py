@@ -158,9 +158,10 @@ class GeneratorModel(mlflow.pyfunc.PythonModel):
     def _decode(self, latents: Any, label: int | None) -> np.ndarray:
         codes = self.vae.latent_kind == "codes"
         try:
-            z = np.asarray(_nested(latents), dtype=np.int64 if codes else np.float32)
+            with np.errstate(over="ignore"):  # 1e39 becomes inf: refused below, by name
+                z = np.asarray(_nested(latents), dtype=np.int64 if codes else np.float32)
             z = torch.as_tensor(z)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             z = None
         shape = "(n, 7, 7) integer codes" if codes else f"(n, {self.vae.z_dim}) floats"
         good = z is not None and z.dim() >= 2 and 1 <= len(z) <= MAX_N
@@ -169,6 +170,11 @@ class GeneratorModel(mlflow.pyfunc.PythonModel):
             good = int(z.min()) >= 0 and int(z.max()) < len(self.vae.quantizer.codebook)
         if not good:
             raise bad_request(f"latents: expected {shape}, at most {MAX_N} of them")
+        if not codes and not torch.isfinite(z).all():  # JSON parsers take NaN and Infinity
+            raise bad_request(
+                "latents: a value that is not a number, infinite or beyond float32's range"
+                " (3.4e38) is not allowed; expected finite float32 values"
+            )
         if self.vae.conditional:
             if label is None:
                 raise bad_request("class: required with latents for a conditional model")
@@ -176,7 +182,13 @@ class GeneratorModel(mlflow.pyfunc.PythonModel):
         else:
             labels = None
         z = self.vae.embed_codes(z) if codes else z.to(self.vae.device)
-        return torch.sigmoid(self.vae.decode(z, labels)).cpu()[:, 0].numpy()
+        images = torch.sigmoid(self.vae.decode(z, labels)).cpu()[:, 0].numpy()
+        if not np.isfinite(images).all():  # a reply never holds NaN (not JSON for strict clients)
+            raise bad_request(
+                "latents: values this large overflow the decoder (its pixels are not finite);"
+                " expected latents of the scale the sampler draws (a few units)"
+            )
+        return images
 
 
 def _given(latents: Any) -> bool:
