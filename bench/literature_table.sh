@@ -6,7 +6,7 @@
 # FEATURES='[classifier]' scores the classifier space only; STAGE=compute-fid stops there (no
 # tsne, robustness, inspect); VARIANT=rae32 scores on RAE's published variant (images
 # zero-padded to 32 x 32 before Inception, 8-bit samples: fid.pad_to=32, fid.quantize=true),
-# in folders and experiments named <row>-rae32.
+# in folders and experiments named <row>-rae32; PREFIX names the experiments (lit-<row>).
 # ROW@SEED runs the row with every seed of the model and its samples set to SEED (train,
 # generate, the mixture's EM); the evaluator's stays 0 so the feature space does not move.
 # Each row's metrics/*.json go to $OUT/<row>/ with its wall time; the table is
@@ -53,7 +53,7 @@ for name in "${@:-${ORDER[@]}}"; do
   start=$(date +%s)
   set -f  # a row's words are split but not globbed: they hold lists like [64,128]
   # shellcheck disable=SC2086
-  dvc exp run -n "lit-$row" "${PROTOCOL[@]}" ${ROWS[${name%@*}]} "${SEEDS[@]}" ${STAGE:-}
+  dvc exp run -n "${PREFIX:-lit}-$row" "${PROTOCOL[@]}" ${ROWS[${name%@*}]} "${SEEDS[@]}" ${STAGE:-}
   set +f
   mkdir -p "$OUT/$row"
   cp metrics/*.json models/mlflow_run.json "$OUT/$row/"
