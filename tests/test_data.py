@@ -436,3 +436,76 @@ def test_a_bad_dataset_name_says_what_is_allowed():
 
     with pytest.raises(ConfigError, match=r"data.name: 'MINE' is not allowed; expected lower-case"):
         parse_params({"data": {"name": "MINE"}})
+
+
+def _png_header_only(path, width, height):
+    """A ~70-byte PNG whose header claims ``width`` x ``height`` pixels (Pillow#8920)."""
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        crc = struct.pack(">I", zlib.crc32(kind + data))
+        return struct.pack(">I", len(data)) + kind + data + crc
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    body = zlib.compress(b"\0" * 16)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", body)
+                     + chunk(b"IEND", b""))  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("width", "claimed"),
+    [(20000, "400,000,000"),  # over Pillow's refusal (179 M): refused on open
+     (9000, "9000x9000 = 81,000,000")],  # between our cap and Pillow's warning (89 M)
+)  # fmt: skip
+def test_an_image_bomb_is_one_line_naming_the_file_and_the_limit(tmp_path, width, claimed):
+    root = tmp_path / "imgs"
+    for i in range(3):
+        _png(root / "a" / f"{i}.png")
+    _png_header_only(root / "a" / "bomb.png", width, width)
+    assert (root / "a" / "bomb.png").stat().st_size < 100
+    out = tmp_path / "out"
+    with pytest.raises(BamError) as err:
+        prepare(DataConfig(dataset="images", path=str(root), out_dir=str(out)),
+                metrics_path=tmp_path / "d.json")  # fmt: skip
+    assert str(err.value) == (
+        f"{root / 'a' / 'bomb.png'}: {claimed} pixels is over the limit of 50,000,000 pixels an"
+        " image may have (a decompression bomb, or a needlessly large source); expected a"
+        " smaller image"
+    )
+    assert not out.exists() and not (tmp_path / "d.json").exists()
+
+
+def test_exif_orientation_transparency_and_animation_are_applied_and_counted(tmp_path):
+    """A phone photo stored sideways with Orientation 6, strokes only in the alpha channel,
+    an animated GIF: upright, visible (on white), its first frame, and each counted."""
+    from PIL import ImageOps
+
+    root = tmp_path / "odd"
+    root.mkdir()
+    upright = np.zeros((28, 28), np.uint8)
+    upright[2:6, 4:24] = 255  # a bar near the top
+    # Orientation 6: the viewer turns the stored pixels 90 degrees clockwise to show them.
+    stored = Image.fromarray(upright).transpose(Image.Transpose.ROTATE_90)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    stored.save(root / "0-phone.png", exif=exif)
+    assert np.array_equal(np.asarray(ImageOps.exif_transpose(Image.open(root / "0-phone.png"))),
+                          upright)  # fmt: skip
+    alpha = np.zeros((28, 28), np.uint8)
+    alpha[10:18, 10:18] = 255
+    Image.fromarray(np.stack([np.zeros_like(alpha), alpha], -1), "LA").save(root / "1-alpha.png")
+    frames = [Image.fromarray(np.full((28, 28), v, np.uint8)) for v in (40, 200)]
+    frames[0].save(root / "2-moving.gif", save_all=True, append_images=frames[1:], duration=50)
+    _png(root / "3-plain.png")
+    data, _ = acquire(DataConfig(dataset="images", path=str(root), name="odd",
+                                 test_fraction=0.25))  # fmt: skip
+    got = [*data.train.images, *data.test.images]
+    assert any(np.array_equal(i, upright) for i in got)  # upright, not sideways
+    on_white = np.where(alpha == 255, 0, 255).astype(np.uint8)  # black strokes on white
+    assert any(np.array_equal(i, on_white) for i in got)
+    assert any(np.array_equal(i, np.full((28, 28), 40, np.uint8)) for i in got)  # first frame
+    conv = data.extra["conversion"]
+    assert (conv["exif_rotated"], conv["transparency_on_white"], conv["animated_first_frame"]) == (
+        1, 1, 1)  # fmt: skip

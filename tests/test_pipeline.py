@@ -224,3 +224,61 @@ def test_parallel_queue_gives_one_mlflow_run_per_experiment(tmp_path):
     run(["dvc", "gc", "--workspace", "--force"], root)
     assert len(mlflow_rows(root, "select run_uuid from runs")) == 5
     assert len(mlflow_rows(root, "select version from model_versions")) == 4
+
+
+def _edit_while_training(root: Path, cmd: list[str], edit) -> subprocess.CompletedProcess:
+    """Run ``cmd`` (training 40 short epochs), call ``edit()`` once its first epoch is done,
+    and return how it ended (its whole output)."""
+    proc = subprocess.Popen(cmd, cwd=root, env=env_with_venv(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if "train epoch 1/40:" in line:
+            edit()
+            break
+    lines += proc.stdout.readlines()
+    proc.wait(timeout=600)
+    return subprocess.CompletedProcess(cmd, proc.returncode, "".join(lines))
+
+
+def test_params_or_code_edited_while_a_stage_runs_fail_it_and_dvc_records_nothing(tmp_path):
+    """dvc#11058: DVC hashes params and deps when a command ends. An edit while `train`
+    runs must not be recorded in dvc.lock beside outputs made from the old values."""
+    root = copy_repo(tmp_path)
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["train"]["epochs"] = 40
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    run(["dvc", "repro", "prepare-mnist"], root)
+
+    def faster():
+        params["train"]["lr"] = 0.002
+        (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+    done = _edit_while_training(root, ["dvc", "repro", "train"], faster)
+    assert done.returncode != 0, done.stdout
+    assert (
+        "error: train: train.lr changed in params.yaml while it ran (0.001 -> 0.002); nothing"
+        " was written or registered -- run it again"
+    ) in done.stdout
+    lock = yaml.safe_load((root / "dvc.lock").read_text())
+    assert "train" not in lock["stages"] and "prepare-mnist" in lock["stages"]
+    assert not (root / "models/vae.pt").exists()
+    assert mlflow_rows(root, "SELECT name FROM model_versions") == []
+
+    code = root / "src/bam_vae/stages/train.py"
+    done = _edit_while_training(
+        root, ["bam", "train"], lambda: code.write_text(code.read_text() + "# edited\n")
+    )
+    assert done.returncode == 2, done.stdout
+    assert done.stdout.splitlines()[-1] == (
+        "error: train: src/bam_vae/stages/train.py changed while it ran; nothing was written or"
+        " registered -- run it again"
+    )
+    assert not (root / "models/vae.pt").exists()
+    assert mlflow_rows(root, "SELECT name FROM model_versions") == []
+
+    # Left alone, the same stage runs through and the lock records what it ran with.
+    run(["dvc", "repro", "train"], root)
+    lock = yaml.safe_load((root / "dvc.lock").read_text())
+    assert lock["stages"]["train"]["params"]["params.yaml"]["train"]["lr"] == 0.002

@@ -70,8 +70,14 @@ def test_bad_requests_are_400s_naming_the_field_and_the_server_survives(served, 
 
 
 @pytest.mark.parametrize(
-    "first", ["NaN, 0.0, 0.0, 0.0", "Infinity, 0, 0, 0", "-Infinity, 0, 0, 0", "1e39, 0, 0, 0",
-              "3e38, -3e38, 3e38, -3e38"]  # fmt: skip
+    "first",
+    [
+        "NaN, 0.0, 0.0, 0.0",
+        "Infinity, 0, 0, 0",
+        "-Infinity, 0, 0, 0",
+        "1e39, 0, 0, 0",
+        "3e38, -3e38, 3e38, -3e38",
+    ],  # fmt: skip
 )  # the last: float32 values, whose sums overflow the decoder to inf - inf
 def test_non_finite_latents_are_400s_and_no_reply_holds_nan(served, first):
     """mlflow#4897: Python's JSON reader takes NaN and Infinity, float32 overflows past 3.4e38;

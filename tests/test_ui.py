@@ -96,8 +96,10 @@ def test_published_path_traversals_are_refused_by_bam_ui(store, tmp_path):
     client.create_model_version("traversal", f"runs:/{run}/a.txt", run_id=run)
     port, log = free_port(), tmp_path / "ui.log"
     with log.open("w") as out:
-        server = subprocess.Popen(["bam", "ui", "--port", str(port)], cwd=project,
-                                  env=env_with_venv(), stdout=out, stderr=subprocess.STDOUT)  # fmt: skip
+        server = subprocess.Popen(
+            ["bam", "ui", "--port", str(port)], cwd=project, env=env_with_venv(), stdout=out,
+            stderr=subprocess.STDOUT,
+        )  # fmt: skip
     try:
         uri = f"http://127.0.0.1:{port}"
         wait_for_http(f"{uri}/health", server, log, 90)

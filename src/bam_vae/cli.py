@@ -49,6 +49,7 @@ def _fail(message: str, code: int) -> None:
 
 
 _locks: ExitStack | None = None  # the running writer's stack; ``_params`` adds the checkout lock
+_command = ""  # the running writer's name, as dvc.yaml's cmd says it (``bam fit-sampler``)
 
 
 def _sigterm(_signum: int, _frame: Any) -> None:
@@ -58,7 +59,8 @@ def _sigterm(_signum: int, _frame: Any) -> None:
 def _run(fn: Callable[..., Any], lock: bool, *args: Any, **kwargs: Any) -> Any:
     """Turn project errors into one line on stderr and a non-zero exit, with no traceback;
     with ``lock``, one writing command per checkout at a time."""
-    global _locks
+    global _locks, _command
+    _command = fn.__name__.replace("_", "-")
     previous = signal.signal(signal.SIGTERM, _sigterm)
     # Ctrl-C raises KeyboardInterrupt even where the parent started us with SIGINT ignored
     # (a background job of a non-interactive shell, as CI runners do).
@@ -98,10 +100,15 @@ def _params(params: Path, overrides: list[str] | None) -> Params:
 
     loaded = load_params(params, overrides or [])
     if _locks is not None:  # taken once the params are valid, so bad ones touch nothing
-        from bam_vae.files import exclusive
+        from bam_vae.files import commit_check, exclusive
         from bam_vae.paths import lock_file
+        from bam_vae.stage_inputs import snapshot
 
         _locks.enter_context(exclusive(lock_file(), f"this checkout ({Path.cwd()})"))
+        # Params or code edited while the stage runs fail it before it writes (dvc#11058).
+        taken = snapshot(_command, params)
+        if taken is not None:
+            _locks.enter_context(commit_check(taken.check))
     configure_threads(loaded.train.threads)
     return loaded
 

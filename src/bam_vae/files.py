@@ -52,6 +52,27 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         tmp_path.unlink(missing_ok=True)
 
 
+# Checks a stage registers to run before it writes anything for good (its outputs moved
+# into place, a model version registered): see bam_vae.stage_inputs.
+_commit_checks: list[Callable[[], None]] = []
+
+
+@contextmanager
+def commit_check(check: Callable[[], None]) -> Iterator[None]:
+    """Run ``check`` (it raises to refuse) before every commit while the block runs."""
+    _commit_checks.append(check)
+    try:
+        yield
+    finally:
+        _commit_checks.remove(check)
+
+
+def before_commit() -> None:
+    """Every registered commit check; called before outputs or registrations become final."""
+    for check in list(_commit_checks):
+        check()
+
+
 class StagedOutputs:
     """A stage's outputs, written aside and moved into place together at the end.
 
@@ -81,6 +102,7 @@ class StagedOutputs:
         self._removed.append(Path(final))
 
     def commit(self) -> None:
+        before_commit()
         umask = os.umask(0)
         os.umask(umask)
         for final, tmp in self._staged.items():

@@ -8,15 +8,20 @@ Layouts, found in this order:
 3. image files directly in the folder: no classes (unlabelled), split the same way.
 
 Classes are the subfolder names in sorted order. Files: ``.png``, ``.jpg``, ``.jpeg``,
-``.bmp``, ``.gif``, ``.webp`` (case-insensitive). Each is read with PIL, converted to 8-bit
-grayscale (``convert("L")``: ITU-R 601-2 luma; 16-bit grayscale scaled from 0..65535) and,
-unless already 28 x 28, resized to 28 x 28 with Lanczos (antialiased; the aspect ratio is not
-kept); ``data.resize: false`` refuses other sizes instead. The counts converted are recorded
-in ``metrics/data.json``. Other files (a README, labels.csv) are ignored.
+``.bmp``, ``.gif``, ``.webp`` (case-insensitive). Each is read with PIL: refused, by name,
+if its header claims more than :data:`MAX_PIXELS` pixels (checked before decoding: a
+decompression bomb); its first frame if animated; turned upright by its EXIF orientation
+(``ImageOps.exif_transpose``); composited on white if it has transparency (what an image
+viewer shows); converted to 8-bit grayscale (``convert("L")``: ITU-R 601-2 luma; 16-bit
+grayscale scaled from 0..65535) and, unless already 28 x 28, resized to 28 x 28 with Lanczos
+(antialiased; the aspect ratio is not kept); ``data.resize: false`` refuses other sizes
+instead. The counts of each conversion are recorded in ``metrics/data.json``. Other files (a
+README, labels.csv) are ignored.
 """
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +31,13 @@ from bam_vae.datasets.base import SIZE, Prepared, Split, check, user_path
 from bam_vae.errors import BamError
 
 SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"}
-RULE = "PIL convert('L') (ITU-R 601-2 luma), then resize to 28x28 with Lanczos (antialiased)"
+RULE = (
+    "first frame, EXIF orientation applied, transparency composited on white, PIL convert('L')"
+    " (ITU-R 601-2 luma), then resize to 28x28 with Lanczos (antialiased)"
+)
+# A 28 x 28 dataset needs no bigger source: 50 M pixels is an 8000 x 6000 camera image, and
+# stays under Pillow's own bomb limits (89 M warns and decodes, 179 M refuses).
+MAX_PIXELS = 50_000_000
 
 
 def _files(folder: Path) -> list[Path]:
@@ -42,16 +53,31 @@ class _Reader:
 
     def __init__(self, resize: bool):
         self.resize = resize
-        self.grayscale = self.resized = 0
+        self.grayscale = self.resized = self.rotated = self.transparent = self.animated = 0
 
     def __call__(self, path: Path) -> np.ndarray:
-        from PIL import Image, UnidentifiedImageError
+        from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
         try:
             with Image.open(path) as img:
+                width, height = img.size  # from the header: nothing decoded yet
+                if width * height > MAX_PIXELS:
+                    raise _too_big(path, f"{width}x{height} = {width * height:,}")
+                self.animated += getattr(img, "n_frames", 1) > 1
+                img.seek(0)
                 img.load()  # decode now: a truncated file fails here, not later
-                mode, size = img.mode, img.size
-                gray = _gray8(img)
+                upright = img
+                if img.getexif().get(ExifTags.Base.Orientation, 1) != 1:  # a phone's photo
+                    upright = ImageOps.exif_transpose(img)
+                    self.rotated += 1
+                mode, size = upright.mode, upright.size
+                flat = _on_white(upright)
+                self.transparent += flat is not upright
+                gray = _gray8(flat)
+        except Image.DecompressionBombError as exc:  # Pillow refuses before we see the size
+            claimed = re.search(r"\((\d+) pixels\)", str(exc))
+            size = f"{int(claimed[1]):,}" if claimed else "over 178,956,970"
+            raise _too_big(path, size) from None
         except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as exc:
             raise BamError(
                 f"{path}: not a readable image ({exc}); expected an image file PIL reads"
@@ -67,6 +93,26 @@ class _Reader:
             gray = gray.resize((SIZE, SIZE), Image.Resampling.LANCZOS)
             self.resized += 1
         return np.asarray(gray, dtype=np.uint8)
+
+
+def _too_big(path: Path, size: str) -> BamError:
+    return BamError(
+        f"{path}: {size} pixels is over the limit of {MAX_PIXELS:,} pixels an image may have"
+        " (a decompression bomb, or a needlessly large source); expected a smaller image"
+    )
+
+
+def _on_white(img):
+    """``img`` composited on white if it has transparency (an alpha channel, or a palette's
+    or grayscale's transparent colour); else ``img`` itself."""
+    from PIL import Image
+
+    if "transparency" in img.info and img.mode in ("P", "L", "RGB"):
+        img = img.convert("RGBA")
+    if img.mode not in ("RGBA", "LA", "PA", "RGBa", "La"):
+        return img
+    rgba = img.convert("RGBA")
+    return Image.alpha_composite(Image.new("RGBA", rgba.size, "white"), rgba).convert("RGB")
 
 
 def _gray8(img):
@@ -137,6 +183,9 @@ def load_images(cfg: DataConfig, name: str) -> Prepared:
             "rule": RULE,
             "converted_to_grayscale": read.grayscale,
             "resized": read.resized,
+            "exif_rotated": read.rotated,
+            "transparency_on_white": read.transparent,
+            "animated_first_frame": read.animated,
             "images": n_files,
         },  # fmt: skip
     }

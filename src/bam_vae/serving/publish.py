@@ -22,7 +22,7 @@ import torch
 import bam_vae
 from bam_vae.datasets.base import DatasetInfo
 from bam_vae.errors import BamError
-from bam_vae.files import file_sha256, model_config
+from bam_vae.files import before_commit, file_sha256, model_config
 from bam_vae.serving import model_code
 from bam_vae.tracking import store
 
@@ -110,7 +110,9 @@ def _log_pyfunc(folder: Path, conditional: bool, example: pd.DataFrame):
 
 
 def register(model_uri: str, run_id: str, name: str) -> str:
-    """A new version of registered model ``name`` for ``model_uri``; its number."""
+    """A new version of registered model ``name`` for ``model_uri``; its number. The
+    stage's commit checks run first (its params and code unchanged since it started)."""
+    before_commit()
     with store.store_lock():
         for attempt in range(5):  # parallel writers on a server can race for a version number
             try:
@@ -128,6 +130,7 @@ def add_sampler(ref: dict[str, str], sampler_file: Path, kind: str) -> None:
     """Upload ``sampler_file`` into the registered version of the run ``ref`` names (the
     model's ``models/mlflow_run.json``) as ``samplers/<kind>.npz``, make ``kind`` its default,
     and tag and describe the version with it."""
+    before_commit()
     client = store.client()
     model_id = ref["model_uri"].rsplit("/", 1)[-1]
     with tempfile.TemporaryDirectory() as tmp:

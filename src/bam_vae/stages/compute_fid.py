@@ -10,7 +10,7 @@ import numpy as np
 
 from bam_vae import paths
 from bam_vae.config import Params
-from bam_vae.files import write_json
+from bam_vae.files import before_commit, staged_outputs, write_json
 from bam_vae.scoring.evaluator import (
     NoClassifier,
     class_metrics,
@@ -78,6 +78,7 @@ def compute(params: Params, metrics_path: Path = paths.FID_METRICS) -> dict:
 
     metrics["warnings"] = warnings  # stored with the scores, in fid.json and in MLflow
     scalars = {f"{sampler}/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}
+    before_commit()  # params and code as the stage read them, before the version's tags
     with tracking.reopen_run(ref["run_id"]):
         mlflow.log_metrics(scalars)
         mlflow.log_dict(metrics, f"metrics/fid_{sampler}.json")
@@ -85,7 +86,8 @@ def compute(params: Params, metrics_path: Path = paths.FID_METRICS) -> dict:
     client = tracking.client()
     for key, value in scalars.items():
         client.set_model_version_tag(ref["model_name"], ref["model_version"], key, f"{value:.6g}")
-    write_json(metrics_path, metrics)
+    with staged_outputs() as out:
+        write_json(out.path(metrics_path), metrics)
     shown = [k for k in metrics if k.startswith(("fid", "kid_", "precision", "recall"))]
     shown = [k for k in shown if "subset" not in k]
     summary = ", ".join(f"{k} {metrics[k]:.3f}" for k in shown)
