@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import SERVE_DEADLINE, bam_serve, post
+from conftest import SERVE_DEADLINE, bam_serve, post, tiny_params
 from conftest import served_images as images
 
 from bam_vae.stages.fit_sampler import fit_sampler
@@ -20,15 +20,23 @@ from bam_vae.stages.train import fit
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 
-@pytest.fixture
-def served(project, tiny):
-    """A tiny CNN trained, its gmm fitted and 1024 images generated; `bam serve` of it."""
-    params = tiny(train={"epochs": 1}, generate={"n": 1024, "gmm": {"components": 3}})
-    fit(params)
-    fit_sampler(params)
-    generate(params)
-    with bam_serve("models:/bam-vae-cnn/1", project) as port:
-        yield port, project
+@pytest.fixture(scope="module")
+def served(tiny_mnist, tmp_path_factory):
+    """A tiny CNN trained, its gmm fitted and 1024 images generated; `bam serve` of it, one
+    server for every test here (each only asks it things)."""
+    project = tmp_path_factory.mktemp("served")
+    (project / "dvc.yaml").write_text("stages: {}\n")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(project)
+        for var in ("MLFLOW_TRACKING_URI", "DVC_ROOT", "DVC_EXP_NAME", "BAM_ARTIFACT_ROOT"):
+            mp.delenv(var, raising=False)
+        params = tiny_params(tiny_mnist, train={"epochs": 1},
+                             generate={"n": 1024, "gmm": {"components": 3}})  # fmt: skip
+        fit(params)
+        fit_sampler(params)
+        generate(params)
+        with bam_serve("models:/bam-vae-cnn/1", project) as port:
+            yield port, project
 
 
 def test_a_served_version_answers_with_the_pipelines_digits(served):
