@@ -32,7 +32,7 @@ def test_shipped_params_are_valid_and_match_the_report():
         ("train.epochs=two", ["train.epochs", "two", "integer"]),
         ("train.lr=0", ["train.lr", "greater than 0"]),
         ("train.recon=l1", ["train.recon", "l1", "mse", "bce", "gaussian"]),
-        ("generate.sampler=flow", ["generate.sampler", "flow", "prior", "gmm", "two-stage"]),
+        ("generate.sampler=glow", ["generate.sampler", "glow", "prior", "gmm", "two-stage", "flow"]),
         ("generate.gmm.components=0", ["generate.gmm.components", "0", "greater than or"]),
         ("generate.gmm.covariance=tied", ["generate.gmm.covariance", "tied", "full", "diag"]),
         ("train.train_fraction=1.5", ["train.train_fraction", "1.5"]),
@@ -160,7 +160,7 @@ def test_overrides_are_typed(tmp_path):
     ("stage", "section", "bad", "names"),
     [
         ("train", "model", {"z_dim": 0}, ["model.z_dim", "0"]),
-        ("fit-sampler", "generate", {"sampler": "flow"}, ["generate.sampler", "'flow'", "gmm"]),
+        ("fit-sampler", "generate", {"sampler": "glow"}, ["generate.sampler", "'glow'", "gmm"]),
         ("fit-sampler", "generate", {"gmm": {"components": 0}}, ["generate.gmm.components", "0"]),
     ],
 )

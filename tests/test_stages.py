@@ -56,9 +56,10 @@ def evaluator_file(tiny_mnist, tmp_path_factory):
 
 # Every sampler is exercised by some arch; auto (each arch's default) by dense, cvae, vqvae.
 SAMPLER = {"dense": "auto", "cnn": "two-stage", "cvae": "auto", "vqvae": "auto",
-           "introvae": "two-stage", "rae": "auto"}  # fmt: skip
-FITTED = SAMPLER | {"dense": "gmm", "cvae": "gmm", "vqvae": "pixelcnn", "rae": "gmm"}
+           "introvae": "two-stage", "rae": "flow"}  # fmt: skip
+FITTED = SAMPLER | {"dense": "gmm", "cvae": "gmm", "vqvae": "pixelcnn"}
 FAST_SAMPLERS = {"gmm": {"components": 3}, "two_stage": {"epochs": 2, "hidden": 16},
+                 "flow": {"epochs": 2, "hidden": 16, "transforms": 2},
                  "pixelcnn": PIXELCNN_TINY}  # fmt: skip
 
 

@@ -175,6 +175,17 @@ class TwoStageConfig(_Section):
     seed: int = Field(0, ge=0)
 
 
+class FlowConfig(_Section):
+    """A neural spline flow (Durkan et al. 2019; zuko) fitted to the posterior means."""
+
+    transforms: int = Field(3, ge=1)
+    hidden: int = Field(128, ge=8)
+    epochs: int = Field(30, ge=1)
+    batch_size: int = Field(256, ge=8)
+    lr: float = Field(1e-3, gt=0)
+    seed: int = Field(0, ge=0)
+
+
 class PixelCnnConfig(_Section):
     """The VQ-VAE's autoregressive code prior (van den Oord et al. 2016, 2017), fitted to the
     codes of the training images."""
@@ -188,7 +199,7 @@ class PixelCnnConfig(_Section):
 
 
 # auto: the arch's own default (gmm for continuous latents, pixelcnn for the VQ-VAE's codes)
-Sampler = Literal["auto", "prior", "gmm", "two-stage", "pixelcnn"]
+Sampler = Literal["auto", "prior", "gmm", "two-stage", "flow", "pixelcnn"]
 
 
 class GenerateConfig(_Section):
@@ -199,6 +210,7 @@ class GenerateConfig(_Section):
     max_dim: int = Field(32, ge=1, le=2048, description="above this z_dim, fit in a PCA of it")
     gmm: GmmConfig = Field(default_factory=GmmConfig)
     two_stage: TwoStageConfig = Field(default_factory=TwoStageConfig)
+    flow: FlowConfig = Field(default_factory=FlowConfig)
     pixelcnn: PixelCnnConfig = Field(default_factory=PixelCnnConfig)
     # fit-sampler and generate-1024 encode and decode here; latents are drawn on the CPU with
     # the seeded generator either way, so both devices decode the same latents.

@@ -3,6 +3,7 @@
 - ``prior``: the prior the model was trained under (N(0, I); uniform codes for ``vqvae``);
 - ``gmm``: a Gaussian mixture on the posterior means of the training images;
 - ``two-stage``: a second, small VAE on those means;
+- ``flow``: a neural spline flow on those means (zuko);
 - ``pixelcnn``: an autoregressive prior over the VQ-VAE's code grids;
 - ``auto``: the model's own default (:func:`resolve_kind`).
 
@@ -39,6 +40,7 @@ REGISTRY = {
     "prior": ("bam_vae.samplers.prior", "PriorSampler", None),
     "gmm": ("bam_vae.samplers.gmm", "GmmSampler", "gmm"),
     "two-stage": ("bam_vae.samplers.two_stage", "TwoStageSampler", "two_stage"),
+    "flow": ("bam_vae.samplers.flow", "FlowSampler", "flow"),
     "pixelcnn": ("bam_vae.samplers.pixelcnn", "PixelCnnSampler", "pixelcnn"),
 }
 KINDS = tuple(REGISTRY)

@@ -49,7 +49,10 @@ def signature(conditional: bool) -> mlflow.models.ModelSignature:
 
 
 def requirements() -> list[str]:
-    """What loading the version needs (its own code travels with it)."""
+    """What loading the version needs (its own code travels with it; zuko for a ``flow``
+    sampler added to it later)."""
+    from importlib.metadata import version
+
     import pydantic
     import ruamel.yaml
 
@@ -57,6 +60,7 @@ def requirements() -> list[str]:
         "torch": torch.__version__.split("+")[0], "numpy": np.__version__,
         "pandas": pd.__version__, "pydantic": pydantic.__version__,
         "ruamel.yaml": ruamel.yaml.__version__, "mlflow": mlflow.__version__,
+        "zuko": version("zuko"),
     }  # fmt: skip
     return [f"{name}=={version}" for name, version in versions.items()]
 
