@@ -32,7 +32,7 @@ def test_shipped_params_are_valid_and_match_the_report():
         ("train.epochs=two", ["train.epochs", "two", "integer"]),
         ("train.lr=0", ["train.lr", "greater than 0"]),
         ("train.recon=l1", ["train.recon", "l1", "mse", "bce", "gaussian"]),
-        ("generate.sampler=glow", ["generate.sampler", "glow", "prior", "gmm", "two-stage", "flow"]),
+        ("generate.sampler=glow", ["generate.sampler", "glow", "prior", "gmm", "flow"]),
         ("generate.gmm.components=0", ["generate.gmm.components", "0", "greater than or"]),
         ("generate.gmm.covariance=tied", ["generate.gmm.covariance", "tied", "full", "diag"]),
         ("train.train_fraction=1.5", ["train.train_fraction", "1.5"]),
