@@ -73,8 +73,10 @@ def main() -> None:
         rate = statistics.median(rates[name])
         params = n_parameters(build_model(ModelConfig(arch="rae", channels=channels,
                                                       batch_norm=bn)))  # fmt: skip
-        print(f"| {name} | {params:,} | {rate:.1f} | {rate / base:.3f}x |"
-              f" {60_000 / rate / 60:.1f} | {100 * 60_000 / rate / 3600:.1f} |")
+        print(
+            f"| {name} | {params:,} | {rate:.1f} | {rate / base:.3f}x |"
+            f" {60_000 / rate / 60:.1f} | {100 * 60_000 / rate / 3600:.1f} |"
+        )
     sys.stdout.flush()
 
 

@@ -19,7 +19,7 @@ import torch
 
 from bam_vae.config import load_params
 from bam_vae.datasets import load_split
-from bam_vae.files import load_model
+from bam_vae.models.saved import load_model
 from bam_vae.samplers import sampler_for
 from bam_vae.tracking.store import resolve_model
 from bam_vae.training.runtime import configure_threads

@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from bam_vae.config import ModelConfig, TrainConfig
-from bam_vae.files import load_model
 from bam_vae.models import build_model
 from bam_vae.models.cvae import CVAE
+from bam_vae.models.saved import load_model
 from bam_vae.scoring.evaluator import label_accuracy
 
 

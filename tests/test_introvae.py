@@ -9,10 +9,10 @@ import math
 import torch
 
 from bam_vae.config import ModelConfig, TrainConfig
-from bam_vae.files import load_model
 from bam_vae.models import adam, build_model
 from bam_vae.models.base import VAE
 from bam_vae.models.introvae import SoftIntroVAE
+from bam_vae.models.saved import load_model
 
 CFG = TrainConfig(lr=1e-3, recon="mse")
 

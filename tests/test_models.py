@@ -11,9 +11,9 @@ import torch
 
 from bam_vae.config import ModelConfig
 from bam_vae.errors import BamError
-from bam_vae.files import load_model, save_model
 from bam_vae.models import adam, build_model, n_parameters
 from bam_vae.models.base import VAEOutput, kl_per_image, vae_loss
+from bam_vae.models.saved import load_model, save_model
 from bam_vae.scoring.evaluator import Evaluator, load_evaluator
 
 

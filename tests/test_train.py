@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from bam_vae.errors import BamError, Interrupted
-from bam_vae.files import load_model
 from bam_vae.machine import cpu_name
+from bam_vae.models.saved import load_model
 from bam_vae.stages.train import fit, run_key, training_images
 from bam_vae.tracking import store as tracking
 from bam_vae.training.checkpoints import checkpoint_path

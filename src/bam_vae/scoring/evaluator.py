@@ -19,8 +19,9 @@ from bam_vae import paths
 from bam_vae.config import EvaluatorConfig
 from bam_vae.datasets.base import MNIST_CLASSES
 from bam_vae.errors import BamError
-from bam_vae.files import load_saved_model, load_tensors
+from bam_vae.files import load_tensors
 from bam_vae.models import on_device
+from bam_vae.models.saved import load_saved_model
 
 
 def _conv(c_in: int, c_out: int) -> list[nn.Module]:

@@ -66,7 +66,7 @@ class GeneratorModel(mlflow.pyfunc.PythonModel):
     """A registered VAE version as a generator of images (see the module docstring)."""
 
     def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
-        from bam_vae.files import build_saved
+        from bam_vae.models.saved import build_saved
 
         model_json = Path(context.artifacts["model"])
         root = model_json.parent

@@ -22,7 +22,8 @@ import torch
 import bam_vae
 from bam_vae.datasets.base import DatasetInfo
 from bam_vae.errors import BamError
-from bam_vae.files import before_commit, file_sha256, model_config
+from bam_vae.files import before_commit, file_sha256
+from bam_vae.models.saved import model_config
 from bam_vae.serving import model_code
 from bam_vae.tracking import store
 

@@ -9,7 +9,7 @@ from bam_vae.config import Params
 from bam_vae.datasets import load_split
 from bam_vae.errors import BamError
 from bam_vae.figures import image_panels
-from bam_vae.files import load_model
+from bam_vae.models.saved import load_model
 from bam_vae.samplers import (
     KINDS,
     fitted_sampler,

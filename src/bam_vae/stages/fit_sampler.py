@@ -20,7 +20,8 @@ import mlflow
 from bam_vae import paths
 from bam_vae.config import Params
 from bam_vae.datasets import load_split
-from bam_vae.files import file_sha256, load_model, staged_outputs, write_json
+from bam_vae.files import file_sha256, staged_outputs, write_json
+from bam_vae.models.saved import load_model
 from bam_vae.samplers import sampler_for
 from bam_vae.serving import publish
 from bam_vae.tracking import store as tracking

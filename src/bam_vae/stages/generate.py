@@ -25,8 +25,9 @@ from bam_vae.config import Params
 from bam_vae.datasets import load_split, reconstruction_set
 from bam_vae.errors import BamError
 from bam_vae.figures import image_grid, image_rows
-from bam_vae.files import load_model, staged_outputs, write_json
+from bam_vae.files import staged_outputs, write_json
 from bam_vae.models.base import on_device
+from bam_vae.models.saved import load_model
 from bam_vae.samplers import fitted_sampler, sample, sample_labels
 from bam_vae.scoring.fid import rec_indices
 from bam_vae.tracking import store as tracking

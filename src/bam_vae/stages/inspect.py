@@ -23,8 +23,9 @@ from bam_vae import paths
 from bam_vae.config import Params
 from bam_vae.datasets import load_split
 from bam_vae.figures import image_rows
-from bam_vae.files import load_model, staged_outputs, write_json
+from bam_vae.files import staged_outputs, write_json
 from bam_vae.latent_paths import lerp, slerp, traversal
+from bam_vae.models.saved import load_model
 from bam_vae.scoring.fid import generated_sampler, load_generated
 from bam_vae.scoring.memorisation import memorisation, nearest
 from bam_vae.tracking import store as tracking

@@ -20,8 +20,9 @@ from bam_vae import paths
 from bam_vae.config import Params
 from bam_vae.datasets import load_split
 from bam_vae.figures import image_rows
-from bam_vae.files import load_model, staged_outputs, write_json
+from bam_vae.files import staged_outputs, write_json
 from bam_vae.models import VAE
+from bam_vae.models.saved import load_model
 from bam_vae.scoring.evaluator import NoClassifier, load_evaluator, predict
 from bam_vae.scoring.ood import auroc
 from bam_vae.tracking import store as tracking

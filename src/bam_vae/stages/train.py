@@ -19,9 +19,10 @@ from bam_vae import paths
 from bam_vae.config import Params, TrainConfig
 from bam_vae.datasets import data_sha256, load_info, load_split
 from bam_vae.errors import BamError, Interrupted
-from bam_vae.files import save_model, staged_outputs, write_json
+from bam_vae.files import staged_outputs, write_json
 from bam_vae.machine import cpu_name
 from bam_vae.models import build_model, n_parameters, on_device
+from bam_vae.models.saved import save_model
 from bam_vae.serving import publish
 from bam_vae.tracking import store as tracking
 from bam_vae.training.checkpoints import Checkpoint, checkpoint_path, config_key, stop_on_signals

@@ -20,7 +20,8 @@ from bam_vae import paths
 from bam_vae.config import Params
 from bam_vae.datasets import DatasetInfo, load_info, load_split
 from bam_vae.figures import colormap, save_figure, subplots
-from bam_vae.files import load_model, staged_outputs
+from bam_vae.files import staged_outputs
+from bam_vae.models.saved import load_model
 from bam_vae.tracking import store as tracking
 from bam_vae.training.runtime import configure_threads
 
