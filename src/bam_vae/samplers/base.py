@@ -20,7 +20,9 @@ from torch import Tensor
 
 from bam_vae.errors import BamError, reason
 from bam_vae.files import atomic_path
-from bam_vae.models.base import on_device
+from bam_vae.models.base import adam, on_device
+from bam_vae.training.checkpoints import Checkpoint, checkpoint_path, config_key
+from bam_vae.training.loop import Loop, fit
 
 if TYPE_CHECKING:
     from bam_vae.models import VAE
@@ -111,6 +113,79 @@ class LatentSampler:
         arrays = self.arrays() | ({} if self.pca is None else self.pca.arrays())
         with atomic_path(path) as tmp, tmp.open("wb") as fh:
             np.savez(fh, meta=np.array(json.dumps(meta)), **arrays)
+
+
+class NetSampler(LatentSampler):
+    """A sampler that is a torch net fitted to the standardised latents in the one training
+    loop (resumable; keyed by its config and its inputs) and saved as its state dict's
+    arrays: ``two-stage`` and ``flow``. Subclasses give the net (``_build``), its loss on a
+    batch (``_loss``), how it maps u ~ N(0, I) to standardised latents (``_decode``) and what
+    of its fit is worth logging (``_report``)."""
+
+    def __init__(self, z_dim: int, conditional: bool, max_dim: int, cfg: Any) -> None:
+        super().__init__(z_dim, conditional, max_dim)
+        self.cfg = cfg
+        self.net: Any = None
+        self.shift = self.scale = np.zeros(0)
+
+    def config(self) -> dict[str, Any]:
+        return self.cfg.model_dump()
+
+    def _build(self, dim: int) -> torch.nn.Module:
+        raise NotImplementedError
+
+    def _loss(self, net: Any, z: Tensor, labels: Tensor | None) -> Tensor:
+        raise NotImplementedError
+
+    def _decode(self, u: Tensor, labels: Tensor | None) -> Tensor:
+        raise NotImplementedError
+
+    def _report(self, net: Any, history_row: dict[str, float]) -> dict[str, float]:
+        raise NotImplementedError
+
+    def _fit(self, latents: Tensor, labels: Tensor | None) -> dict[str, float]:
+        # Standardised inputs: the same learning rate works for any latent scale.
+        self.shift = latents.mean(0).numpy()
+        self.scale = latents.std(0).clamp_min(1e-6).numpy()
+        z = ((latents - latents.mean(0)) / torch.from_numpy(self.scale)).float()
+        torch.manual_seed(self.cfg.seed)  # the net's initial weights and any noise it draws
+        net = self._build(z.shape[1])
+        optimizer = adam(net.parameters(), self.cfg.lr)
+
+        def step(idx: Tensor, epoch: int) -> dict[str, float]:
+            loss = self._loss(net, z[idx], None if labels is None else labels[idx])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            return {"loss": loss.item()}
+
+        key = config_key(self.config(), tensor_digest(z, labels))
+        ckpt = Checkpoint(checkpoint_path(key, self.kind), net, [optimizer], self.kind)
+        section = self.kind.replace("-", "_")
+        loop = Loop(self.kind, len(z), self.cfg.batch_size, self.cfg.epochs, step, ckpt,
+                    self.cfg.seed, lr_key=f"generate.{section}.lr={self.cfg.lr}")  # fmt: skip
+        with ckpt.owned():
+            state = fit(loop)
+            ckpt.remove()
+        self.net = net.eval()
+        return self._report(net, state.history[-1])
+
+    def _sample(self, n: int, generator: torch.Generator, labels: Tensor | None) -> Tensor:
+        assert self.net is not None, "fit or load the sampler first"
+        u = torch.randn(n, len(self.shift), generator=generator)
+        z = self._decode(u, labels).double()
+        return z * torch.from_numpy(self.scale) + torch.from_numpy(self.shift)
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        assert self.net is not None
+        state = {f"net.{k}": v.numpy() for k, v in self.net.state_dict().items()}
+        return state | {"shift": self.shift, "scale": self.scale}
+
+    def load_arrays(self, arrays: dict[str, np.ndarray]) -> None:
+        self.shift, self.scale = arrays["shift"], arrays["scale"]
+        self.net = self._build(len(self.shift)).eval()
+        state = {k[4:]: torch.from_numpy(v) for k, v in arrays.items() if k.startswith("net.")}
+        self.net.load_state_dict(state)
 
 
 def tensor_digest(*tensors: Tensor | None) -> str:

@@ -12,30 +12,16 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
-import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from bam_vae.config import FlowConfig
-from bam_vae.models.base import adam
-from bam_vae.samplers.base import LatentSampler, tensor_digest
-from bam_vae.training.checkpoints import Checkpoint, checkpoint_path, config_key
-from bam_vae.training.loop import Loop, fit
+from bam_vae.samplers.base import NetSampler
 
 
-class FlowSampler(LatentSampler):
+class FlowSampler(NetSampler):
     config_type = FlowConfig
     kind = "flow"
-
-    def __init__(self, z_dim: int, conditional: bool, max_dim: int, cfg: FlowConfig) -> None:
-        super().__init__(z_dim, conditional, max_dim)
-        self.cfg = cfg
-        self.net: Any = None
-        self.shift = self.scale = np.zeros(0)
-
-    def config(self) -> dict[str, Any]:
-        return self.cfg.model_dump()
 
     def _build(self, dim: int) -> Any:
         import zuko
@@ -47,48 +33,13 @@ class FlowSampler(LatentSampler):
     def _context(self, labels: Tensor | None) -> Tensor | None:
         return None if labels is None else F.one_hot(labels, self.n_classes).float()
 
-    def _fit(self, latents: Tensor, labels: Tensor | None) -> dict[str, float]:
-        # Standardised: the spline's domain is [-5, 5] with identity tails outside it.
-        self.shift = latents.mean(0).numpy()
-        self.scale = latents.std(0).clamp_min(1e-6).numpy()
-        z = ((latents - latents.mean(0)) / torch.from_numpy(self.scale)).float()
-        torch.manual_seed(self.cfg.seed)  # the flow's initial weights
-        net = self._build(z.shape[1])
-        optimizer = adam(net.parameters(), self.cfg.lr)
-        context = self._context(labels)
+    def _loss(self, net: Any, z: Tensor, labels: Tensor | None) -> Tensor:
+        # The spline's domain is [-5, 5] with identity tails: the latents come standardised.
+        return -net(self._context(labels)).log_prob(z).mean()
 
-        def step(idx: Tensor, epoch: int) -> dict[str, float]:
-            c = None if context is None else context[idx]
-            loss = -net(c).log_prob(z[idx]).mean()
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            return {"loss": loss.item()}
+    def _decode(self, u: Tensor, labels: Tensor | None) -> Tensor:
+        return self.net(self._context(labels)).transform.inv(u)
 
-        key = config_key(self.config(), tensor_digest(z, labels))
-        ckpt = Checkpoint(checkpoint_path(key, "flow"), net, [optimizer], "flow")
-        loop = Loop("flow", len(z), self.cfg.batch_size, self.cfg.epochs, step, ckpt,
-                    self.cfg.seed, lr_key=f"generate.flow.lr={self.cfg.lr}")  # fmt: skip
-        with ckpt.owned():
-            state = fit(loop)
-            ckpt.remove()
-        self.net = net.eval()
+    def _report(self, net: Any, history_row: dict[str, float]) -> dict[str, float]:
         # Per latent, in the standardised space: lower is a tighter fit.
-        return {"flow_nll": state.history[-1]["train_loss"]}
-
-    def _sample(self, n: int, generator: torch.Generator, labels: Tensor | None) -> Tensor:
-        assert self.net is not None, "fit or load the sampler first"
-        u = torch.randn(n, len(self.shift), generator=generator)
-        z = self.net(self._context(labels)).transform.inv(u).double()
-        return z * torch.from_numpy(self.scale) + torch.from_numpy(self.shift)
-
-    def arrays(self) -> dict[str, np.ndarray]:
-        assert self.net is not None
-        state = {f"net.{k}": v.numpy() for k, v in self.net.state_dict().items()}
-        return state | {"shift": self.shift, "scale": self.scale}
-
-    def load_arrays(self, arrays: dict[str, np.ndarray]) -> None:
-        self.shift, self.scale = arrays["shift"], arrays["scale"]
-        self.net = self._build(len(self.shift)).eval()
-        state = {k[4:]: torch.from_numpy(v) for k, v in arrays.items() if k.startswith("net.")}
-        self.net.load_state_dict(state)
+        return {"flow_nll": history_row["train_loss"]}
