@@ -29,10 +29,12 @@ from conftest import REPO, copy_checkout, env_with_venv, free_port
 
 from bam_vae.errors import BamError
 from bam_vae.sweep import guard
+from bam_vae.sweep import study as study_module
 from bam_vae.sweep.git import dirty_files
 from bam_vae.sweep.space import parse_space
 from bam_vae.sweep.study import journal_path, plan
 from bam_vae.sweep.trial import run_guarded
+from bam_vae.tracking.server import sqlalchemy_uri
 
 # Tiny trials on tiny data: the first 512/256 MNIST images (conftest's `tiny_mnist`) tracked
 # with `dvc add` in place of the prepare-mnist stage (which insists on the full MNIST), one
@@ -701,3 +703,19 @@ def _cmdline(proc: psutil.Process) -> list[str]:
     with contextlib.suppress(psutil.Error):
         return proc.cmdline()
     return []
+
+
+@pytest.mark.parametrize(
+    ("module", "call", "what"),
+    [("ray", lambda: study_module._import_ray(False), "bam sweep"),
+     ("psycopg", lambda: sqlalchemy_uri("postgresql://u:p@127.0.0.1/db"), "a PostgreSQL store")],
+)  # fmt: skip
+def test_the_team_extra_missing_is_one_line_saying_how_to_install_it(monkeypatch, module, call,
+                                                                     what):  # fmt: skip
+    monkeypatch.setitem(sys.modules, module, None)  # as if not installed: import fails
+    with pytest.raises(BamError) as err:
+        call()
+    assert str(err.value) == (
+        f"{what} needs {module}, which is not installed; expected `pip install -e '.[team]'`"
+        " (Ray and PostgreSQL's driver)"
+    )

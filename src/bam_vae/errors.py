@@ -9,6 +9,20 @@ class Interrupted(BamError):
     """A stage stopped on SIGINT/SIGTERM after leaving a checkpoint to resume from."""
 
 
+def require_extra(module: str, what: str) -> None:
+    """Import ``module`` of the ``team`` extra (Ray, PostgreSQL's driver), or raise one line
+    saying how to install it."""
+    import importlib
+
+    try:
+        importlib.import_module(module)
+    except ImportError:
+        raise BamError(
+            f"{what} needs {module}, which is not installed; expected `pip install -e '.[team]'`"
+            " (Ray and PostgreSQL's driver)"
+        ) from None
+
+
 def reason(exc: BaseException, limit: int = 200) -> str:
     """The first line of an exception's message (its type if the message is empty)."""
     lines = str(exc).strip().splitlines()

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bam_vae.errors import BamError, Interrupted, reason
+from bam_vae.errors import BamError, Interrupted, reason, require_extra
 from bam_vae.sweep import git
 from bam_vae.sweep.space import (
     Space,
@@ -94,6 +94,8 @@ def open_storage(url: str | None, root: Path) -> tuple[Any, str]:
     if not url.startswith(("postgresql", "mysql", "sqlite")):
         raise BamError(f"--storage {url!r}: expected postgresql://USER:PW@HOST/DB, sqlite:///FILE"
                        " or nothing (a journal file in the checkout)")  # fmt: skip
+    if url.startswith("postgresql"):
+        require_extra("psycopg", "a study on PostgreSQL")
     full = "postgresql+psycopg://" + url.removeprefix("postgresql://") if url.startswith(
         "postgresql://") else url  # fmt: skip
     try:
@@ -321,6 +323,7 @@ def _import_ray(local: bool) -> Any:
             os.environ["RAY_AUTH_MODE"] = "token"
             os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(16)
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    require_extra("ray", "bam sweep")
     import ray
 
     return ray

@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-from bam_vae.errors import BamError, reason
+from bam_vae.errors import BamError, reason, require_extra
 from bam_vae.processes import stop_group
 from bam_vae.tracking import store as tracking
 from bam_vae.training.checkpoints import stop_on_signals
@@ -73,6 +73,7 @@ def serve_ui(port: int) -> None:
 def sqlalchemy_uri(db: str) -> str:
     """``postgresql://`` means psycopg 3 here (SQLAlchemy's default driver is psycopg2)."""
     if db.startswith("postgresql://"):
+        require_extra("psycopg", "a PostgreSQL store")
         return "postgresql+psycopg://" + db.removeprefix("postgresql://")
     if db.startswith(("postgresql+", "sqlite:///")):
         return db
