@@ -37,10 +37,7 @@ def compute(params: Params, metrics_path: Path = paths.FID_METRICS) -> dict:
     run holds one set of scores per sampler it was scored with."""
     cfg = params.fid
     device = resolve_device(cfg.device, "fid.device")
-    ref = tracking.read_run_ref()
-    # Before any work: a dead tracking server, or a run or version deleted underneath, fails here.
-    tracking.check_model_ref(ref, "compute-fid")
-    tracking.init()
+    ref = tracking.model_run("compute-fid")
     generated = as_images(load_generated())
     check_enough(len(generated))
     recon_path = paths.GENERATED.with_name("reconstructions.npy")

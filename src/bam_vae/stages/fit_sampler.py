@@ -35,13 +35,10 @@ def fit_sampler(
     metrics_path: Path = paths.SAMPLER_METRICS,
 ) -> dict:
     cfg = params.generate
+    ref = tracking.model_run("fit-sampler")
     vae, _ = load_model(model_path)
     vae.to(resolve_device(cfg.device, "generate.device"))
     sampler = sampler_for(cfg, vae)
-    ref = tracking.read_run_ref()
-    # Before any work: a dead tracking server, or a run or version deleted underneath, fails here.
-    tracking.check_model_ref(ref, "fit-sampler")
-    tracking.init()
     start = time.perf_counter()
     metrics: dict = {"sampler": sampler.kind, "sampler_param": cfg.sampler, "z_dim": vae.z_dim}
     if sampler.kind != "prior":

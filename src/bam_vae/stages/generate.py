@@ -44,8 +44,9 @@ def generate(
     cfg = params.generate
     device = resolve_device(cfg.device, "generate.device")
     if model_uri is None:  # the pipeline's model: its run and version must still be there
-        tracking.check_model_ref(tracking.read_run_ref(), "generate")
-    tracking.init()  # an unreachable tracking server fails here, before any work
+        tracking.model_run("generate")
+    else:
+        tracking.init()  # an unreachable tracking server fails here, before any work
     model_path, run_id = tracking.resolve_model(model_uri)
     vae, _ = load_model(model_path)
     vae.to(device)

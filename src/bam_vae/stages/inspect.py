@@ -37,10 +37,7 @@ NEIGHBOURS = 5  # training images shown beside each sample
 @torch.no_grad()
 def inspect(params: Params) -> dict:
     cfg = params.inspect
-    ref = tracking.read_run_ref()
-    # Before any work: a dead tracking server, or a run or version deleted underneath, fails here.
-    tracking.check_model_ref(ref, "inspect")
-    tracking.init()
+    ref = tracking.model_run("inspect")
     configure_threads(params.train.threads)
     vae, _ = load_model(paths.MODEL)
     vae.eval()

@@ -52,11 +52,7 @@ def robustness(
     metrics_path: Path = paths.ROBUSTNESS_METRICS,
 ) -> dict:
     cfg = params.robustness
-    ref = tracking.read_run_ref()
-    run_id = ref["run_id"]
-    # Before any work: a dead tracking server, or a run or version deleted underneath, fails here.
-    tracking.check_model_ref(ref, "robustness")
-    tracking.init()
+    run_id = tracking.model_run("robustness")["run_id"]
     vae, _ = load_model(paths.MODEL)
     try:
         evaluator = load_evaluator(paths.EVALUATOR)

@@ -78,11 +78,7 @@ def tsne(
     params: Params, figure: Path = paths.TSNE_FIGURE, coords: Path = paths.TSNE_COORDS
 ) -> dict:
     cfg = params.tsne
-    ref = tracking.read_run_ref()
-    run_id = ref["run_id"]
-    # Before any work: a dead tracking server, or a run or version deleted underneath, fails here.
-    tracking.check_model_ref(ref, "tsne")
-    tracking.init()
+    run_id = tracking.model_run("tsne")["run_id"]
     vae, _ = load_model(paths.MODEL)
     images, labels = load_split(params.data.out_dir, "test")
     z = vae.latents(images[: cfg.n], labels[: cfg.n]).numpy()

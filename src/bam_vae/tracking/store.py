@@ -325,6 +325,19 @@ def write_run_ref(path: Path, **ref: str) -> None:
     write_json(path, ref)
 
 
+def model_run(stage: str, path: Path = RUN_REF) -> dict[str, str]:
+    """The preamble of every stage that works on the trained model's run, in one order and
+    before any work: read ``models/mlflow_run.json``, check that its experiment, run and
+    registered version still exist and the tracking server answers (one line otherwise,
+    :func:`check_model_ref`), and point MLflow at the store. Returns the reference (``run_id``,
+    ``model_name``, ``model_version``, ``model_uri``); the stage then loads the model and logs
+    through :func:`reopen_run`."""
+    ref = read_run_ref(path)
+    check_model_ref(ref, stage)
+    init()
+    return ref
+
+
 def read_run_ref(path: Path = RUN_REF) -> dict[str, str]:
     """The MLflow run a trained model belongs to, written by ``train`` for later stages."""
     if not path.is_file():
