@@ -277,7 +277,7 @@ def promote(
 ) -> None:
     """Set the alias `champion` on the lowest-FID registered version of each architecture
     and dataset (bam-vae-<arch> for MNIST, bam-vae-<dataset>-<arch> otherwise)."""
-    from bam_vae.stages.report import promote as run
+    from bam_vae.tracking.registry import promote as run
 
     run(space, alias, sampler)
 

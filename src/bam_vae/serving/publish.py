@@ -1,16 +1,15 @@
-"""Log a trained VAE as its registered pyfunc generator; add each fitted sampler to it.
+"""Log a trained VAE as its registered pyfunc generator.
 
-``train`` calls :func:`log_generator` (decoder + ``prior``, registered as a new version);
-``fit-sampler`` calls :func:`add_sampler`, which uploads the sampler file into that version's
-logged model, makes it the default and records it in the version's tags and description, so a
-sampler sweep never needs a retrain and a server of the version serves the pipeline's sampler.
+``train`` calls :func:`log_generator` (decoder + ``prior``, registered as a new version by
+:func:`bam_vae.tracking.registry.register`); ``fit-sampler`` then adds each fitted sampler to
+that version (:func:`bam_vae.tracking.registry.add_sampler`), so a sampler sweep never needs a
+retrain and a server of the version serves the pipeline's sampler.
 """
 
 from __future__ import annotations
 
 import json
 import tempfile
-import time
 import warnings
 from pathlib import Path
 
@@ -21,13 +20,10 @@ import torch
 
 import bam_vae
 from bam_vae.datasets.base import DatasetInfo
-from bam_vae.errors import BamError
-from bam_vae.files import before_commit, file_sha256
+from bam_vae.files import file_sha256
 from bam_vae.models.saved import model_config
 from bam_vae.serving import model_code
-from bam_vae.tracking import store
-
-SAMPLERS = "artifacts/samplers"  # in the logged model, beside the weights
+from bam_vae.tracking import registry
 
 
 def signature(conditional: bool) -> mlflow.models.ModelSignature:
@@ -74,9 +70,9 @@ def log_generator(
     another dataset than MNIST). Returns (model URI, version).
 
     A rerun after a stop between registration and the end of the stage reuses that version."""
-    name = store.registered_name(model_cfg.arch, dataset.name)
+    name = registry.registered_name(model_cfg.arch, dataset.name)
     run_id = mlflow.active_run().info.run_id
-    found = store.version_of_run(run_id, name)
+    found = registry.version_of_run(run_id, name)
     if found:
         return found
     with tempfile.TemporaryDirectory() as tmp:
@@ -94,7 +90,7 @@ def log_generator(
         with warnings.catch_warnings():  # pandas 3 deprecation inside MLflow's example handling
             warnings.filterwarnings("ignore", "Operation with range is deprecated")
             info = _log_pyfunc(folder, vae.conditional, example)
-    return info.model_uri, register(info.model_uri, run_id, name)
+    return info.model_uri, registry.register(info.model_uri, run_id, name)
 
 
 def _log_pyfunc(folder: Path, conditional: bool, example: pd.DataFrame):
@@ -112,46 +108,3 @@ def _log_pyfunc(folder: Path, conditional: bool, example: pd.DataFrame):
         input_example=example,
         pip_requirements=requirements(),
     )
-
-
-def register(model_uri: str, run_id: str, name: str) -> str:
-    """A new version of registered model ``name`` for ``model_uri``; its number. The
-    stage's commit checks run first (its params and code unchanged since it started)."""
-    before_commit()
-    with store.store_lock():
-        for attempt in range(5):  # parallel writers on a server can race for a version number
-            try:
-                version = mlflow.register_model(model_uri, name)
-                return str(version.version)
-            except mlflow.exceptions.MlflowException:
-                time.sleep(0.5 * (attempt + 1))
-                found = store.version_of_run(run_id, name)  # registered, but the reply was lost
-                if found:
-                    return found[1]
-    raise BamError(f"could not register {name} for run {run_id}")
-
-
-def add_sampler(ref: dict[str, str], sampler_file: Path, kind: str) -> None:
-    """Upload ``sampler_file`` into the registered version of the run ``ref`` names (the
-    model's ``models/mlflow_run.json``) as ``samplers/<kind>.npz``, make ``kind`` its default,
-    and tag and describe the version with it."""
-    before_commit()
-    client = store.client()
-    model_id = ref["model_uri"].rsplit("/", 1)[-1]
-    with tempfile.TemporaryDirectory() as tmp:
-        named = Path(tmp) / f"{kind}.npz"
-        named.write_bytes(sampler_file.read_bytes())
-        (Path(tmp) / "default.json").write_text(json.dumps({"sampler": kind}))
-        client.log_model_artifact(model_id, str(named), SAMPLERS)
-        client.log_model_artifact(model_id, str(Path(tmp) / "default.json"), SAMPLERS)
-    name, version = ref["model_name"], ref["model_version"]
-    fitted = sorted({*client.get_model_version(name, version).tags.get("samplers", "").split(","),
-                     kind} - {""})  # fmt: skip
-    client.set_model_version_tag(name, version, "sampler", kind)
-    client.set_model_version_tag(name, version, "samplers", ",".join(fitted))
-    client.update_model_version(
-        name, version,
-        description=f"Generator of images: decoder + samplers {', '.join(['prior', *fitted])};"
-        f" default sampler {kind}. POST /invocations with"
-        ' {"dataframe_records": [{"n": 16, "seed": 0}]}.',
-    )  # fmt: skip

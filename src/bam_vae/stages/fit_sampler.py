@@ -23,7 +23,7 @@ from bam_vae.datasets import load_split
 from bam_vae.files import file_sha256, staged_outputs, write_json
 from bam_vae.models.saved import load_model
 from bam_vae.samplers import sampler_for
-from bam_vae.serving import publish
+from bam_vae.tracking import registry
 from bam_vae.tracking import store as tracking
 from bam_vae.training.runtime import resolve_device
 
@@ -57,7 +57,7 @@ def fit_sampler(
             mlflow.log_artifact(str(logged), "sampler")
             mlflow.log_metrics(scalars)
             mlflow.set_tag(f"{sampler.kind}/config", json.dumps(sampler.config()))
-        publish.add_sampler(ref, logged, sampler.kind)  # the registered version serves it
+        registry.add_sampler(ref, logged, sampler.kind)  # the registered version serves it
         staged.path(out).write_bytes(logged.read_bytes())
         write_json(staged.path(metrics_path), metrics)
     print(f"fit-sampler: {sampler.kind} fitted in {metrics['fit_seconds']:.1f} s -> {out}")

@@ -26,6 +26,7 @@ from bam_vae.figures import colormap, save_figure, subplots
 from bam_vae.files import staged_outputs
 from bam_vae.samplers import KINDS
 from bam_vae.tracking import store as tracking
+from bam_vae.tracking.registry import comparable_n, n_label, quote
 
 SPACES = ("classifier", "inception")
 # Columns of the table: (name in the report, column of mlflow.search_runs).
@@ -59,18 +60,14 @@ NUMERIC = ["z_dim", "k1", "k2", "epochs", "train_fraction"]
 SWEPT = ["train_fraction", "epochs", "z_dim", "k1", "arch"]
 
 
-def _quote(value: str) -> str:
-    return "'" + value.replace("'", "\\'") + "'"
-
-
 def search_filter(sweep: str | None, exp_names: list[str] | None, query: str | None) -> str:
     # Report runs have no model params and are dropped after the search (a "!=" filter on a
     # tag would also drop every run that lacks the tag).
     clauses = []
     if sweep:
-        clauses.append(f"tags.sweep = {_quote(sweep)}")
+        clauses.append(f"tags.sweep = {quote(sweep)}")
     if exp_names:
-        clauses.append(f"tags.dvc_exp_name IN ({', '.join(_quote(n) for n in exp_names)})")
+        clauses.append(f"tags.dvc_exp_name IN ({', '.join(quote(n) for n in exp_names)})")
     if query:
         clauses.append(f"({query})" if " or " in query.lower() else query)
     return " AND ".join(clauses)
@@ -135,20 +132,6 @@ def _scored(base: pd.DataFrame, runs: pd.DataFrame, sampler: str) -> pd.DataFram
     return base[keep].assign(sampler=sampler, **{k: v[keep] for k, v in scores.items()})
 
 
-def comparable_n(ns: list[float | None]) -> float | None:
-    """The number of generated images most of these scores come from (ties: the larger).
-
-    FID is biased by N (it falls as N grows), so scores from different N never share a
-    ranking or a curve; ``None`` (scored before N was logged) is a group of its own."""
-    counts = pd.Series([-1.0 if n is None or np.isnan(n) else float(n) for n in ns]).value_counts()
-    best = max(counts.index, key=lambda n: (counts[n], n))
-    return None if best == -1.0 else best
-
-
-def _n_label(n: float | None) -> str:
-    return "unknown N" if n is None or np.isnan(n) else f"N = {int(n)}"
-
-
 def same_n(table: pd.DataFrame) -> tuple[pd.DataFrame, str | None]:
     """The rows whose scores may be drawn together, and a note on the scored rows left out."""
     scored = table[[f"fid_{s}" for s in SPACES]].notna().any(axis=1)
@@ -160,10 +143,10 @@ def same_n(table: pd.DataFrame) -> tuple[pd.DataFrame, str | None]:
     if left.empty:
         return table, None
     others = ", ".join(
-        f"{_n_label(k)} ({len(g)} rows)" for k, g in left.groupby("n_generated", dropna=False)
+        f"{n_label(k)} ({len(g)} rows)" for k, g in left.groupby("n_generated", dropna=False)
     )
     note = (
-        f"FID figures use the scores from {_n_label(n)} images; {len(left)} rows scored from"
+        f"FID figures use the scores from {n_label(n)} images; {len(left)} rows scored from"
         f" other numbers of images are in the table only: {others}"
     )
     return table[~scored | same], note
@@ -301,7 +284,7 @@ def _study(sweep: str, drawn: Path) -> str:
     """A ``bam sweep`` study's parent run, if ``sweep`` is one: its figures (Optuna's) into
     ``drawn/study/`` and its trial table as a Markdown section."""
     runs = tracking.client().search_runs(
-        [tracking.init()], f"tags.sweep = {_quote(sweep)} and tags.bam_kind = 'sweep'",
+        [tracking.init()], f"tags.sweep = {quote(sweep)} and tags.bam_kind = 'sweep'",
         order_by=["attributes.start_time DESC"], max_results=1,
     )  # fmt: skip
     if not runs:
@@ -374,56 +357,3 @@ def report(
     for name, why in missing.items():
         print(f"report: {name} missing: {why}")
     return missing
-
-
-def promote(
-    space: str = "classifier", alias: str = "champion", sampler: str = "gmm"
-) -> dict[str, str]:
-    """Point ``alias`` at the version with the lowest FID of ``sampler`` in ``space``, per model.
-
-    Only versions scored from the same number of generated images are ranked together: the
-    N most versions share (:func:`comparable_n`); the others are named, not ranked.
-
-    Versions scored before samplers existed carry bare tags (``fid_classifier``): ``prior``.
-    """
-    if sampler not in KINDS:
-        raise BamError(f"--sampler: unknown sampler {sampler!r}; expected one of {KINDS}")
-    tracking.init()
-    client = tracking.client()
-    keys = [f"{sampler}/fid_{space}"] + ([f"fid_{space}"] if sampler == "prior" else [])
-    n_keys = [f"{sampler}/n_generated"] + (["n_generated"] if sampler == "prior" else [])
-
-    def tag(version, names: list[str]) -> float | None:
-        return next((float(version.tags[k]) for k in names if k in version.tags), None)
-
-    chosen: dict[str, str] = {}
-    for model in client.search_registered_models("name LIKE 'bam-vae-%'"):
-        versions = client.search_model_versions(f"name = {_quote(model.name)}")
-        scored = [(tag(v, keys), int(v.version), tag(v, n_keys)) for v in versions]
-        scored = [s for s in scored if s[0] is not None]
-        if not scored:
-            print(f"promote: {model.name} has no version scored with {keys[0]}; run compute-fid")
-            continue
-        n = comparable_n([s[2] for s in scored])
-        ranked = [s for s in scored if s[2] == n]
-        left = [s for s in scored if s[2] != n]
-        fid, version, _ = min(ranked)
-        client.set_registered_model_alias(model.name, alias, str(version))
-        chosen[model.name] = str(version)
-        print(
-            f"promote: {model.name}@{alias} -> version {version} ({keys[0]} {fid:.3f}, ranked"
-            f" among {len(ranked)} versions scored from {_n_label(n)} images)"
-        )
-        if left:
-            skipped = ", ".join(
-                f"{v} ({_n_label(k)})" for _, v, k in sorted(left, key=lambda s: s[1])
-            )
-            print(
-                f"promote: {model.name}: not ranked, scored from other numbers of images: {skipped}"
-            )
-    if not chosen:
-        raise BamError(
-            f"no registered version has {keys[0]}; run `dvc repro` (compute-fid) with"
-            f" generate.sampler={sampler} first"
-        )
-    return chosen

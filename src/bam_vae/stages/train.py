@@ -24,6 +24,7 @@ from bam_vae.machine import cpu_name
 from bam_vae.models import build_model, n_parameters, on_device
 from bam_vae.models.saved import save_model
 from bam_vae.serving import publish
+from bam_vae.tracking import registry
 from bam_vae.tracking import store as tracking
 from bam_vae.training.checkpoints import Checkpoint, checkpoint_path, config_key, stop_on_signals
 from bam_vae.training.loop import (
@@ -214,7 +215,7 @@ def _export(params, model, state, outputs, ckpt, stopped, dataset) -> tuple[dict
     """Log, register and write the trained model; checks for a signal between steps.
     Returns (final metrics, registered model name, version)."""
     model_path, metrics_path, history_path, run_ref_path = outputs
-    cfg, name = params.train, tracking.registered_name(params.model.arch, dataset.name)
+    cfg, name = params.train, registry.registered_name(params.model.arch, dataset.name)
 
     def check() -> None:
         if stopped():

@@ -43,6 +43,7 @@ from bam_vae.sweep.space import (
     parse_space,
 )
 from bam_vae.sweep.trial import STOP_GRACE_S, Trial, run_trial
+from bam_vae.tracking import registry
 
 STORAGE_ENV = "BAM_STUDY_STORAGE"
 POLL_S = 2.0  # how often a trial's MLflow run is read for its per-epoch values
@@ -539,13 +540,13 @@ class Driver:
         return run_id
 
     def _supersede(self, run_id: str, keep: str) -> None:
+
         why = f"superseded by run {keep} (the task was retried)"
         with contextlib.suppress(Exception):
             if self.client.get_run(run_id).info.status == "RUNNING":
                 self.client.set_terminated(run_id, status="KILLED")
             self.client.set_tag(run_id, "bam_sweep_settled", why)
-            for version in self.client.search_model_versions(f"run_id = '{run_id}'"):
-                self.client.delete_model_version(version.name, version.version)
+            registry.delete_versions_of_run(run_id)
 
     def fail(self, trial: Any, why: str, values: dict[str, Any]) -> None:
         """Record the reason in the study and on the trial's FAILED child run; raise."""

@@ -284,21 +284,6 @@ def flat_params(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def registered_name(arch: str, dataset: str = "mnist") -> str:
-    """``bam-vae-<arch>`` for MNIST (the names of the report's models), else
-    ``bam-vae-<dataset>-<arch>``: one champion per dataset and architecture."""
-    return f"bam-vae-{arch}" if dataset == "mnist" else f"bam-vae-{dataset}-{arch}"
-
-
-def version_of_run(run_id: str, name: str) -> tuple[str, str] | None:
-    """(model URI, version) of the version of registered model ``name`` that ``run_id``
-    registered."""
-    for found in client().search_model_versions(f"run_id = '{run_id}'"):
-        if found.name == name:
-            return found.source, str(found.version)
-    return None
-
-
 def run_exists(run_id: str) -> bool:
     try:
         client().get_run(run_id)
