@@ -1,5 +1,5 @@
 """The table of docs/results.md#the-literatures-protocol from bench/literature_table.sh's
-results: one markdown row per folder of ``OUT`` (default bench/results/literature), then, for
+results (REC, the FID of reconstructions, beside each FID): one markdown row per folder of ``OUT`` (default bench/results/literature), then, for
 a row run with several seeds (``ROW`` and ``ROW-seedN`` folders), the mean and sample
 standard deviation of its scores over them.
 
@@ -48,9 +48,20 @@ def _run_id(folder: Path, name: str) -> str:
     return runs[0].info.run_id
 
 
+def _cell(fid: dict, fmt: str, *keys: str) -> str:
+    """``fmt`` of the scores ``keys``, or "–" for a row scored without one (a classifier-only
+    row, or a row scored before REC existed)."""
+    if not all(k in fid for k in keys):
+        return "–"
+    return " / ".join(format(fid[k], fmt) for k in keys)
+
+
 def row(folder: Path) -> str:
+    """One Markdown row: REC (the FID of the floor images' reconstructions) beside each FID."""
     fid = json.loads((folder / "fid.json").read_text())
     mem = json.loads((folder / "memorisation.json").read_text())
+    if mem.get("n_samples") != fid["n_generated"]:  # a row stopped at compute-fid: not its own
+        mem = {}
     train = json.loads((folder / "train.json").read_text())
     ran = json.loads((folder / "run.json").read_text())
     run_id = _run_id(folder, ran["row"])
@@ -60,13 +71,15 @@ def row(folder: Path) -> str:
         fid["sampler"],
         str(train["epochs"]),
         training_minutes(run_id),
-        f"**{fid['fid_inception']:.2f}**",
-        f"{fid['fid_classifier']:.1f}",
-        f"{fid['kid_inception']:.4f}",
-        f"{fid['precision_inception']:.3f} / {fid['recall_inception']:.3f}",
-        f"{fid['precision_classifier']:.3f} / {fid['recall_classifier']:.3f}",
-        f"{fid['density_inception']:.3f} / {fid['coverage_inception']:.3f}",
-        f"{mem['copy_share']:.3f} / {mem['mw_z']:.1f}",
+        f"**{_cell(fid, '.2f', 'fid_inception')}**",
+        _cell(fid, ".2f", "fid_recon_inception"),
+        _cell(fid, ".1f", "fid_classifier"),
+        _cell(fid, ".2f", "fid_recon_classifier"),
+        _cell(fid, ".4f", "kid_inception"),
+        _cell(fid, ".3f", "precision_inception", "recall_inception"),
+        _cell(fid, ".3f", "precision_classifier", "recall_classifier"),
+        _cell(fid, ".3f", "density_inception", "coverage_inception"),
+        _cell(mem, ".3f", "copy_share") + " / " + _cell(mem, ".1f", "mw_z"),
         f"{ran['processor']}, {ran['date']}, {ran['commit']}",
     ]
     return "| " + " | ".join(cells) + " |"
