@@ -1,7 +1,7 @@
 """The table of docs/results.md#the-literatures-protocol from bench/literature_table.sh's
-results (REC, the FID of reconstructions, beside each FID): one markdown row per folder of ``OUT`` (default bench/results/literature), then, for
-a row run with several seeds (``ROW`` and ``ROW-seedN`` folders), the mean and sample
-standard deviation of its scores over them.
+results (REC, the FID of reconstructions, beside each FID): one markdown row per folder of
+``OUT`` (default bench/results/literature), then, for a row run with several seeds (``ROW``
+and ``ROW-seedN`` folders), the mean and sample standard deviation of its scores over them.
 
     python bench/literature_rows.py [OUT]
 
