@@ -412,14 +412,7 @@ def test_rec_scores_the_floors_own_images_and_quantize_rounds_to_8_bits(
     reconstructions are of the very training images the floor draws."""
     from bam_vae.models.base import VAE
 
-    params = tiny(train={"epochs": 1}, generate={"sampler": "prior", "n": 80},
-                  **{k: v for k, v in SCORING.items() if k != "generate"})  # fmt: skip
-    (project / "models").mkdir(exist_ok=True)
-    shutil.copy(evaluator_file, project / "models/evaluator.pt")
-    fit(params)
-    fit_sampler(params)
-    reference(params, "classifier")
-    generate(params)
+    params = generated_by_prior(project, tiny, evaluator_file, n=80)
     blurred = compute(params)
     assert blurred["fid_recon_classifier"] > blurred["fid_floor_classifier"] > 0
 
