@@ -128,6 +128,21 @@ def test_runs_starting_together_share_one_dataset_row(server, tmp_path):
         mlflow.set_tracking_uri(previous)
 
 
+def test_published_path_traversals_are_refused_by_bam_server(server):
+    """MLflow's path-traversal advisories replayed against `bam server`: nothing outside the
+    artifact root is read or written (the floor of mlflow in pyproject.toml, docs/team.md).
+    Before the two-clone test, which stops the shared server."""
+    client = mlflow.MlflowClient(server["uri"])
+    tag = uuid.uuid4().hex[:6]
+    run = client.create_run(client.create_experiment(f"traversal-{tag}")).info.run_id
+    client.log_text(run, "an artifact", "a.txt")
+    name = f"traversal-{tag}"
+    client.create_registered_model(name)
+    client.create_model_version(name, f"runs:/{run}/a.txt", run_id=run)
+    seen = replay_traversals(server["uri"], run, name, server["artifacts"])
+    assert all(status >= 400 for _, status in seen), seen
+
+
 def test_two_clones_share_runs_models_data_and_experiments(server, tmp_path):
     uri = server["uri"]
     origin, remote = tmp_path / "origin.git", tmp_path / "dvc-remote"
@@ -187,17 +202,3 @@ def test_two_clones_share_runs_models_data_and_experiments(server, tmp_path):
     assert len(lines) == 1 and uri in lines[0] and "unreachable" in lines[0], down.stderr
     assert time.monotonic() - start < 60  # interpreter start included
     assert (b / "gen/images.npy").read_bytes() == before
-
-
-def test_published_path_traversals_are_refused_by_bam_server(server):
-    """MLflow's path-traversal advisories replayed against `bam server`: nothing outside the
-    artifact root is read or written (the floor of mlflow in pyproject.toml, docs/team.md)."""
-    client = mlflow.MlflowClient(server["uri"])
-    tag = uuid.uuid4().hex[:6]
-    run = client.create_run(client.create_experiment(f"traversal-{tag}")).info.run_id
-    client.log_text(run, "an artifact", "a.txt")
-    name = f"traversal-{tag}"
-    client.create_registered_model(name)
-    client.create_model_version(name, f"runs:/{run}/a.txt", run_id=run)
-    seen = replay_traversals(server["uri"], run, name, server["artifacts"])
-    assert all(status >= 400 for _, status in seen), seen
