@@ -302,3 +302,35 @@ def test_every_arch_runs_with_the_shipped_params(arch):
     # README: `dvc exp run -S model.arch=<arch>` changes nothing else.
     params = load_params(ROOT / "params.yaml", [f"model.arch={arch}"])
     assert params.model.arch == arch and params.generate.sampler == "auto"
+
+
+FIELDS_OF_OTHERS = [
+    "model.vq.decay=0.5", "model.intro.beta_neg=64.0", "model.rae.decoder_l2=0.001",
+    "model.hidden=[64]", "model.channels=[16,32]", "model.batch_norm=true",
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("arch", ["dense", "cnn", "cvae", "vqvae", "introvae", "rae"])
+def test_only_the_active_architectures_params_make_another_run(tmp_path, arch):
+    """The checkpoint key and the logged params cover arch, z_dim and the fields the arch
+    reads: another arch's field changes neither the key nor the network built."""
+    from bam_vae.models import build_model
+    from bam_vae.stages.train import run_key
+
+    path = tmp_path / "params.yaml"
+    path.write_text(Path("params.yaml").read_text())
+    base = load_params(path, [f"model.arch={arch}"])
+    n_params = sum(p.numel() for p in build_model(base.model, 10).parameters())
+    for override in FIELDS_OF_OTHERS:
+        try:
+            other = load_params(path, [f"model.arch={arch}", override])
+        except ConfigError:  # the vqvae refuses batch norm: it cannot differ
+            continue
+        field = override.split(".")[1].split("=")[0]
+        used = field in base.model.USES[arch]
+        assert (run_key(other, "data") != run_key(base, "data")) == used, override
+        assert (other.model.active() != base.model.active()) == used, override
+        if not used:  # the arch does not read it: the same network
+            built = build_model(other.model, 10)
+            assert sum(p.numel() for p in built.parameters()) == n_params, override
+    assert set(base.model.active()) == {"arch", "z_dim", *base.model.USES[arch]}

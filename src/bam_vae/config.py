@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import reprlib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError
 from ruamel.yaml import YAML
@@ -111,6 +111,24 @@ class ModelConfig(_Section):
     vq: VQConfig = Field(default_factory=VQConfig)
     intro: IntroConfig = Field(default_factory=IntroConfig)
     rae: RAEConfig = Field(default_factory=RAEConfig)
+
+    # The fields each architecture reads (models/__init__.py builds it from them).
+    USES: ClassVar[dict[str, tuple[str, ...]]] = {
+        "dense": ("hidden",),
+        "cnn": ("channels", "batch_norm"),
+        "cvae": ("channels", "batch_norm"),
+        "rae": ("channels", "batch_norm", "rae"),
+        "vqvae": ("channels", "vq"),
+        "introvae": ("channels", "batch_norm", "intro"),
+    }
+
+    def active(self) -> dict[str, Any]:
+        """``arch``, ``z_dim`` and the active architecture's own fields (as pythae keeps one
+        config per model): what the checkpoint key and the MLflow params cover, so that
+        ``-S model.vq.decay=0.5`` does not make a ``cnn`` another run. The saved file keeps
+        the whole section."""
+        dumped = self.model_dump(mode="json")
+        return {k: dumped[k] for k in ("arch", "z_dim", *self.USES[self.arch])}
 
 
 class _Fit(_Section):

@@ -72,7 +72,7 @@ def training_images(
 
 
 def run_key(params: Params, data_digest: str) -> str:
-    return config_key(params.model.model_dump(), params.train.model_dump(), data_digest)
+    return config_key(params.model.active(), params.train.model_dump(), data_digest)
 
 
 class LogEpochs(Callback):
@@ -158,7 +158,8 @@ def fit(
                     path = Path(params.data.out_dir) / f"{split}.pt"
                     sha = data_sha256(images, labels)
                     tracking.log_dataset(path, sha, context, len(images), dataset)
-                mlflow.log_params(tracking.flat_params(params.model_dump(mode="json")))
+                logged = params.model_dump(mode="json") | {"model": params.model.active()}
+                mlflow.log_params(tracking.flat_params(logged))
                 mlflow.log_params({"n_parameters": n_parameters(model),
                                    "n_train_images": len(x_train), "torch_threads": threads,
                                    "device": str(device), "cpu": cpu_name()})  # fmt: skip
