@@ -10,8 +10,9 @@ import pandas as pd
 import pytest
 
 from bam_vae.errors import BamError
+from bam_vae.reporting.report import report
+from bam_vae.reporting.table import collect, same_n
 from bam_vae.stages.generate import generate
-from bam_vae.stages.report import collect, report, same_n
 from bam_vae.stages.train import fit
 from bam_vae.tracking import store as tracking
 from bam_vae.tracking.registry import promote

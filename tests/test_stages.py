@@ -17,8 +17,8 @@ from conftest import PIXELCNN_TINY
 from bam_vae.config import EvaluatorConfig
 from bam_vae.errors import BamError, Interrupted
 from bam_vae.files import exclusive
+from bam_vae.reporting.compare_samplers import compare_samplers
 from bam_vae.stages import fid_reference as fid
-from bam_vae.stages.compare_samplers import compare_samplers
 from bam_vae.stages.compute_fid import compute
 from bam_vae.stages.fid_reference import reference
 from bam_vae.stages.fit_sampler import fit_sampler
@@ -279,6 +279,49 @@ def test_compare_samplers_draws_one_panel_per_sampler(project, tiny, capsys):
     out = compare_samplers(params, out=project / "samplers.png")
     assert out.stat().st_size > 5000
     assert "prior, gmm, two-stage" in capsys.readouterr().out
+
+
+def test_compare_samplers_takes_the_checkout_lock_before_any_work(project):
+    from typer.testing import CliRunner
+
+    from bam_vae.cli import app
+    from bam_vae.paths import lock_file
+
+    (project / "params.yaml").write_text("{}\n")  # the defaults
+    figure = project / "figures" / "samplers.png"
+    with exclusive(lock_file(), "a running stage"):
+        done = CliRunner().invoke(app, ["compare-samplers", "--out", str(figure)])
+    assert done.exit_code == 2 and "in use by pid" in done.output, done.output
+    assert not figure.exists()
+
+
+def test_the_report_figures_are_drawn_from_dataframes_alone(tmp_path):
+    """No store, no MLflow: the table and histories a report fetched are all they read."""
+    import pandas as pd
+
+    from bam_vae.reporting import figures
+
+    table = pd.DataFrame({
+        "run_id": ["a", "b"], "dataset": "mnist", "arch": "cnn", "sampler": "gmm",
+        "z_dim": [2, 8], "k1": 0.5, "epochs": 2, "train_fraction": 1.0,
+        "train_loss": [3.0, 2.0], "test_loss": [3.5, 2.5], "fid_classifier": [9.0, 4.0],
+        "fid_floor_classifier": 1.0, "fid_inception": float("nan"),
+        "fid_floor_inception": float("nan"), "precision_classifier": [0.5, 0.7],
+        "recall_classifier": [0.4, 0.6], "precision_inception": float("nan"),
+    })  # fmt: skip
+    history = pd.DataFrame(
+        [(r, m, step, 4.0 - step) for r in "ab" for m in ("train_loss", "test_loss")
+         for step in (1, 2)], columns=["run_id", "metric", "step", "value"])  # fmt: skip
+    drawn = {
+        "6a": figures.fid_vs(table, "z_dim", tmp_path / "6a.png", "6a", logx=True),
+        "5": figures.loss_vs_zdim(table, tmp_path / "5.png"),
+        "2": figures.loss_curves(table, history, tmp_path / "2.png"),
+        "pr": figures.precision_recall(table, tmp_path / "pr.png"),
+    }
+    assert drawn == dict.fromkeys(drawn)  # every one drawn: no reason returned
+    assert all((tmp_path / f"{name}.png").stat().st_size > 1000 for name in drawn)
+    why = figures.fid_vs(table.head(1), "z_dim", tmp_path / "one.png", "6a", logx=True)
+    assert "at least two values of z_dim" in why and not (tmp_path / "one.png").exists()
 
 
 def test_no_stage_imports_another_and_only_cli_imports_stages():

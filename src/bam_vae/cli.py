@@ -175,7 +175,7 @@ def generate(
 
 
 @app.command("compare-samplers")
-@command
+@stage  # writes into figures/: one writer per checkout, as the stages
 def compare_samplers(
     params: ParamsFile = Path("params.yaml"),
     set_: Overrides = None,
@@ -183,7 +183,7 @@ def compare_samplers(
     out: Annotated[Path, typer.Option(help="PNG to write")] = Path("figures/samplers.png"),
 ) -> None:
     """One model's samples from each sampler that fits it, side by side."""
-    from bam_vae.stages.compare_samplers import compare_samplers as run
+    from bam_vae.reporting.compare_samplers import compare_samplers as run
 
     run(_params(params, set_), model_uri=model, out=out)
 
@@ -259,7 +259,7 @@ def report(
     """Compare runs from the MLflow store: table (CSV, Markdown) and Figures 2, 5, 6a, 6b
     (one curve per dataset, architecture and sampler)."""
     from bam_vae.paths import REPORTS, project_root
-    from bam_vae.stages.report import report as run
+    from bam_vae.reporting.report import report as run
 
     # From a subfolder too: the store is the project's, so its report goes beside it.
     out_dir = out or project_root() / REPORTS
