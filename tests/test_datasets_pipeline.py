@@ -10,7 +10,7 @@ import sqlite3
 
 import numpy as np
 import pytest
-from conftest import bam_serve, copy_checkout, served_images
+from helpers import bam_serve, copy_checkout, served_images
 from PIL import Image
 from test_pipeline import TINY, run
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import write_tiny
+from helpers import write_tiny
 from pydantic import ValidationError
 
 from bam_vae.datasets import load_split

@@ -15,7 +15,7 @@ import mlflow
 import pytest
 import torch
 import yaml
-from conftest import env_with_venv
+from helpers import env_with_venv
 
 from bam_vae.datasets import data_sha256, load_split
 from bam_vae.errors import BamError

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import yaml
-from conftest import REPO, env_with_venv
+from helpers import REPO, env_with_venv
 
 CHECK = REPO / ".ci" / "check_lock.py"
 

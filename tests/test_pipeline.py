@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from conftest import PIXELCNN_TINY, copy_checkout, env_with_venv
+from helpers import PIXELCNN_TINY, copy_checkout, env_with_venv
 
 # Slow, and these 2-core machines are sometimes several times slower than usual: the parallel
 # queue test took 220 s on a quiet machine and 685 s on a busy one. The per-test limit is there

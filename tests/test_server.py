@@ -11,7 +11,7 @@ from pathlib import Path
 
 import mlflow
 import pytest
-from conftest import env_with_venv, free_port, replay_traversals, wait_for_http
+from helpers import env_with_venv, free_port, replay_traversals, wait_for_http
 from test_pipeline import copy_repo
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]

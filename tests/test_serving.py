@@ -10,8 +10,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import SERVE_DEADLINE, bam_serve, post, tiny_params
-from conftest import served_images as images
+from helpers import SERVE_DEADLINE, bam_serve, post, tiny_params
+from helpers import served_images as images
 
 from bam_vae.stages.fit_sampler import fit_sampler
 from bam_vae.stages.generate import generate

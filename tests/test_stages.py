@@ -12,7 +12,7 @@ import mlflow
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import PIXELCNN_TINY
+from helpers import PIXELCNN_TINY
 
 from bam_vae.config import EvaluatorConfig
 from bam_vae.errors import BamError, Interrupted

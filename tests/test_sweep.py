@@ -25,7 +25,7 @@ import optuna
 import psutil
 import pytest
 import yaml
-from conftest import REPO, copy_checkout, env_with_venv, free_port
+from helpers import REPO, copy_checkout, env_with_venv, free_port
 
 from bam_vae.errors import BamError
 from bam_vae.sweep import guard

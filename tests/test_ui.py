@@ -10,7 +10,7 @@ import urllib.request
 
 import mlflow
 import pytest
-from conftest import env_with_venv, free_port, replay_traversals, wait_for_http
+from helpers import env_with_venv, free_port, replay_traversals, wait_for_http
 
 from bam_vae.tracking import store as tracking
 

@@ -10,7 +10,7 @@ import mlflow
 import pandas as pd
 import pytest
 import torch
-from conftest import PIXELCNN_TINY
+from helpers import PIXELCNN_TINY
 
 from bam_vae.config import TrainConfig, VQConfig
 from bam_vae.models.vqvae import EPS, VQVAE, VectorQuantizerEMA

@@ -12,13 +12,13 @@ writes no lock for it.
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from bam_vae.config import load_yaml
 from bam_vae.errors import BamError
+from bam_vae.files import file_sha256
 
 CODE = ("src/",)  # deps that are the stage's code (data deps are DVC's own outputs)
 
@@ -109,7 +109,7 @@ def _difference(key: str, old: Any, new: Any) -> tuple[str, Any, Any]:
 
 def _digest(path: Path) -> str:
     try:
-        return hashlib.sha256(path.read_bytes()).hexdigest()
+        return file_sha256(path)
     except OSError:
         return "missing"
 

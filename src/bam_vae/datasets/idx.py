@@ -26,6 +26,7 @@ import numpy as np
 from bam_vae.config import DataConfig
 from bam_vae.datasets.base import Prepared, SourceUnavailable, Split, check, user_path
 from bam_vae.errors import BamError
+from bam_vae.files import file_sha256
 from bam_vae.paths import user_cache
 
 # The standard names; a dataset may have its own (EMNIST prefixes its split).
@@ -119,7 +120,7 @@ def torchvision_download(name: str, **kwargs) -> Callable[[Path], Path]:
 def verify_sha256(path: Path, expected: str, what: str) -> None:
     """A downloaded file against its pinned SHA-256; a bad copy is removed (else a corrupt
     cache would fail forever) and named in one line."""
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    digest = file_sha256(path)
     if digest != expected:
         path.unlink()
         raise BamError(f"corrupt {what} {path}: SHA-256 {digest}, expected {expected}")

@@ -115,12 +115,6 @@ def kid(real: np.ndarray, fake: np.ndarray, subsets: int, subset_size: int, seed
 
 
 # ---------------------------------------------------------------------------- feature spaces
-def as_images(array: np.ndarray) -> torch.Tensor:
-    """N x 28 x 28 (or N x 1 x 28 x 28) floats in [0, 1] -> N x 1 x 28 x 28 tensor."""
-    x = torch.as_tensor(np.asarray(array, dtype=np.float32))
-    return x.unsqueeze(1) if x.ndim == 3 else x
-
-
 def quantize(images: torch.Tensor) -> torch.Tensor:
     """Images in [0, 1] rounded to 8 bits (what a saved PNG holds), still floats in [0, 1]."""
     return images.clamp(0, 1).mul(255).round().div(255)

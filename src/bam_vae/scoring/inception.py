@@ -8,7 +8,6 @@ pytorch-fid itself looks for them.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import os
 import shutil
@@ -29,7 +28,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 from tqdm import tqdm
 
 from bam_vae.errors import BamError, reason
-from bam_vae.files import atomic_path
+from bam_vae.files import atomic_path, file_sha256
 from bam_vae.models.base import on_device
 from bam_vae.paths import user_cache
 
@@ -72,7 +71,7 @@ def _no_source(reason: str) -> BamError:
 
 
 def _check_sha256(path: Path) -> None:
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    digest = file_sha256(path)
     if digest != _WHEEL_SHA256:
         raise BamError(f"{path} has SHA-256 {digest}, expected {_WHEEL_SHA256}; delete it")
 

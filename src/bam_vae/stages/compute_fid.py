@@ -13,13 +13,13 @@ from bam_vae.config import Params
 from bam_vae.files import before_commit, staged_outputs, write_json
 from bam_vae.scoring.evaluator import (
     NoClassifier,
+    as_images,
     class_metrics,
     label_accuracy,
     load_evaluator,
     predict,
 )
 from bam_vae.scoring.fid import (
-    as_images,
     check_enough,
     generated_sampler,
     load_generated,

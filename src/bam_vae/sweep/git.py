@@ -31,8 +31,9 @@ def repo_root(start: Path) -> Path:
     return root
 
 
-def head_commit(root: Path) -> str:
-    return _git(root, "rev-parse", "HEAD")
+def head_commit(root: Path, required: bool = True) -> str:
+    """HEAD's commit; outside a repository a BamError, or "" when not ``required``."""
+    return _git(root, "rev-parse", "HEAD", check=required)
 
 
 def dirty_files(root: Path) -> list[str]:

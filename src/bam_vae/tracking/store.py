@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import subprocess
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -22,13 +21,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import mlflow
-from filelock import FileLock
 from mlflow.tracking import MlflowClient
 
 from bam_vae import paths
 from bam_vae.errors import BamError
-from bam_vae.files import write_json
+from bam_vae.files import exclusive, write_json
 from bam_vae.paths import project_root
+from bam_vae.sweep import git
 
 if TYPE_CHECKING:
     from bam_vae.datasets.base import DatasetInfo
@@ -94,8 +93,7 @@ def store_lock() -> Iterator[None]:
         yield
         return
     # Beside the database, so every checkout and sweep trial writing to one store shares it.
-    database.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(database.parent / ".store.lock"), timeout=600):
+    with exclusive(database.parent / ".store.lock", f"the MLflow store {database}", wait=True):
         yield
 
 
@@ -220,10 +218,9 @@ def check_artifact_location(location: str) -> None:
 
 
 def git_commit() -> str:
-    done = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True)
-    if done.returncode == 0:
-        return done.stdout.strip()
-    return os.environ.get("DVC_EXP_BASELINE_REV", "unknown")
+    """The checkout's commit (a ``dvc exp run --temp`` copy has no .git: DVC's baseline)."""
+    found = git.head_commit(Path.cwd(), required=False)
+    return found or os.environ.get("DVC_EXP_BASELINE_REV", "unknown")
 
 
 def run_tags(data_sha256: str, sweep: str, run_key: str) -> dict[str, str]:
