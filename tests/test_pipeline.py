@@ -57,9 +57,17 @@ def mlflow_rows(root: Path, sql: str) -> list[tuple]:
         return db.execute(sql).fetchall()
 
 
-def test_repro_then_nothing_then_a_temp_experiment(tmp_path):
-    root = copy_repo(tmp_path)
+@pytest.fixture(scope="module")
+def reproduced(tmp_path_factory) -> Path:
+    """One tiny checkout after `dvc repro`, shared by the tests of this module that start
+    from a reproduced pipeline (each counts what it adds to the store)."""
+    root = copy_repo(tmp_path_factory.mktemp("reproduced"))
     run(["dvc", "repro"], root)
+    return root
+
+
+def test_repro_then_nothing_then_a_temp_experiment(reproduced):
+    root = reproduced
     outputs = [
         "data/prepared/train.pt",
         "data/prepared/test.pt",
@@ -186,10 +194,11 @@ def start_queue(root: Path, jobs: int, timeout: float = 1500) -> str:
     raise AssertionError(f"queue workers still running after {timeout} s:\n{logs}")
 
 
-def test_parallel_queue_gives_one_mlflow_run_per_experiment(tmp_path):
+def test_parallel_queue_gives_one_mlflow_run_per_experiment(reproduced):
     """Four queued experiments on two workers, one of which diverges, share one SQLite store."""
-    root = copy_repo(tmp_path)
-    run(["dvc", "repro"], root)
+    root = reproduced
+    n_runs = len(mlflow_rows(root, "select run_uuid from runs"))
+    n_versions = len(mlflow_rows(root, "select version from model_versions"))
     queue = ["dvc", "exp", "run", "--queue", "-S", "sweep.name=q", "-S", "train.threads=1"]
     for z in (1, 2, 4):
         run([*queue, "-S", f"model.z_dim={z}"], root)
@@ -210,7 +219,7 @@ def test_parallel_queue_gives_one_mlflow_run_per_experiment(tmp_path):
     )
     assert len({n for (n,) in exp_names if n}) == 4  # each run names its DVC experiment
     versions = mlflow_rows(root, "select version, status from model_versions")
-    assert len(versions) == 1 + 3 and {s for _, s in versions} == {"READY"}
+    assert len(versions) == n_versions + 3 and {s for _, s in versions} == {"READY"}
     # Every finished run was scored: FID lands in the same run as the training.
     scored = mlflow_rows(
         root,
@@ -222,8 +231,8 @@ def test_parallel_queue_gives_one_mlflow_run_per_experiment(tmp_path):
     # Removing the experiments from DVC never touches MLflow.
     run(["dvc", "exp", "remove", "--all-commits"], root)
     run(["dvc", "gc", "--workspace", "--force"], root)
-    assert len(mlflow_rows(root, "select run_uuid from runs")) == 5
-    assert len(mlflow_rows(root, "select version from model_versions")) == 4
+    assert len(mlflow_rows(root, "select run_uuid from runs")) == n_runs + 4
+    assert len(mlflow_rows(root, "select version from model_versions")) == n_versions + 3
 
 
 def _edit_while_training(root: Path, cmd: list[str], edit) -> subprocess.CompletedProcess:
