@@ -200,10 +200,19 @@ class VAE(nn.Module):
         (N x 28 x 28, moved there once as bytes), labels int64 (N; ignored by unconditional
         models). Returns float32, N x D, on the CPU (posterior means; VQ-VAE's quantised grid
         flattened). What samplers are fitted to, t-SNE embeds and ``inspect`` walks through."""
+        return self._batched(self.latent, images, labels, batch).flatten(1)
+
+    @torch.no_grad()
+    def reconstructions(self, images: Tensor, labels: Tensor, batch: int = 1000) -> Tensor:
+        """``reconstruct`` of many images, as :meth:`latents` takes them. Returns float32,
+        N x 1 x 28 x 28, in [0, 1], on the CPU: what REC scores (Ghosh et al. 2020)."""
+        return self._batched(self.reconstruct, images, labels, batch)
+
+    def _batched(self, fn, images: Tensor, labels: Tensor, batch: int) -> Tensor:
         x, y = images.to(self.device), labels.to(self.device)
-        parts = [self.latent(x[i : i + batch].float().div(255.0).unsqueeze(1), y[i : i + batch])
+        parts = [fn(x[i : i + batch].float().div(255.0).unsqueeze(1), y[i : i + batch])
                  for i in range(0, len(x), batch)]  # fmt: skip
-        return torch.cat(parts).flatten(1).cpu()
+        return torch.cat(parts).cpu()
 
     def reconstruct(self, x: Tensor, y: Tensor | None = None) -> Tensor:
         """Deterministic reconstruction (from the posterior mean) in [0, 1]."""

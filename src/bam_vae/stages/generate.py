@@ -89,15 +89,9 @@ def generate(
 
 
 @torch.no_grad()
-def floor_reconstructions(vae, params: Params, n: int, batch: int = 1000) -> np.ndarray:
+def floor_reconstructions(vae, params: Params, n: int) -> np.ndarray:
     """Posterior-mean reconstructions of the ``min(n, fid.floor_n)`` floor training images
     (float32, n x 28 x 28, in [0, 1]): Ghosh et al. 2020's REC, scored by compute-fid."""
     images, labels = load_split(params.data.out_dir, "train")
     idx = torch.as_tensor(rec_indices(len(images), n, params.fid))
-    x = images[idx].float().div(255.0).unsqueeze(1)
-    y = labels[idx] if vae.conditional else None
-    parts = []
-    for i in range(0, len(x), batch):
-        xb, yb = on_device(vae.device, x[i : i + batch], None if y is None else y[i : i + batch])
-        parts.append(vae.reconstruct(xb, yb).cpu())
-    return torch.cat(parts)[:, 0].numpy().astype(np.float32)
+    return vae.reconstructions(images[idx], labels[idx])[:, 0].numpy().astype(np.float32)
