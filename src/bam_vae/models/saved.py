@@ -28,12 +28,13 @@ def load_saved_model(
     kind: str,
     hint: str,
     build: Callable[[dict], torch.nn.Module],
-    upgrade: Callable[[dict, dict], None] | None = None,
+    before_build: Callable[[dict, dict], None] | None = None,
 ) -> tuple[Any, dict]:
     """A model saved as ``{"config", "state_dict"}`` (plain tensors, so ``weights_only``),
     rebuilt by ``build(config)`` on the CPU in eval mode; returns (model, config).
-    ``upgrade(config, state_dict)``, if given, first brings a file written by an earlier
-    version of bam-vae up to date, in place.
+    ``before_build(config, state_dict)``, if given, is called first: it brings a file written
+    by an earlier version of bam-vae up to date, in place, or raises for a file that holds
+    no model (its errors pass through as they are).
 
     A missing or corrupt file is a one-line error naming it, with ``hint`` on how to remake it:
     never torch's or pydantic's own multi-line text.
@@ -55,8 +56,8 @@ def load_saved_model(
     config, saved = blob["config"], blob["state_dict"]
     if not isinstance(config, dict) or not isinstance(saved, dict):
         raise corrupt("its config and state_dict must both be dictionaries")
-    if upgrade is not None:
-        upgrade(config, saved)
+    if before_build is not None:
+        before_build(config, saved)
     try:
         model = build(config)
     except ValidationError as exc:

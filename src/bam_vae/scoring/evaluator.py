@@ -19,7 +19,6 @@ from bam_vae import paths
 from bam_vae.config import EvaluatorConfig
 from bam_vae.datasets.base import MNIST_CLASSES
 from bam_vae.errors import BamError
-from bam_vae.files import load_tensors
 from bam_vae.models import on_device
 from bam_vae.models.saved import load_saved_model
 
@@ -81,20 +80,21 @@ def load_evaluator(path: str | Path = paths.EVALUATOR) -> Evaluator:
     """Load the classifier written by stage ``train-evaluator``, in eval mode, on the CPU
     (a file without class names is MNIST's). Raises :class:`NoClassifier` for data without
     labels (the file then records that no classifier exists), BamError for a bad file."""
-    blob_config = load_tensors(path, "evaluator", "run `bam train-evaluator`")
-    config = blob_config.get("config") if isinstance(blob_config, dict) else None
-    if isinstance(config, dict) and config.get("classes") == []:
-        raise NoClassifier(
-            f"{path}: the dataset has no labels, so there is no classifier: its feature space"
-            " and class metrics are skipped; expected fid.features=[inception] for such data"
-        )
+
+    def no_labels(config: dict, _state_dict: dict) -> None:
+        if config.get("classes") == []:
+            raise NoClassifier(
+                f"{path}: the dataset has no labels, so there is no classifier: its feature"
+                " space and class metrics are skipped; expected fid.features=[inception] for"
+                " such data"
+            )
 
     def build(config: dict) -> Evaluator:
         rest = {k: v for k, v in config.items() if k != "classes"}
         classes = tuple(map(str, config.get("classes", MNIST_CLASSES)))
         return Evaluator(EvaluatorConfig.model_validate(rest).feature_dim, classes)
 
-    return load_saved_model(path, "evaluator", "run `bam train-evaluator`", build)[0]
+    return load_saved_model(path, "evaluator", "run `bam train-evaluator`", build, no_labels)[0]
 
 
 # ---------------------------------------------------------------------------- scoring
