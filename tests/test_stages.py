@@ -301,16 +301,17 @@ def test_the_report_figures_are_drawn_from_dataframes_alone(tmp_path):
 
     from bam_vae.reporting import figures
 
+    nan = float("nan")  # run c: a trial that failed before it logged its params or scores
     table = pd.DataFrame({
-        "run_id": ["a", "b"], "dataset": "mnist", "arch": "cnn", "sampler": "gmm",
-        "z_dim": [2, 8], "k1": 0.5, "epochs": 2, "train_fraction": 1.0,
-        "train_loss": [3.0, 2.0], "test_loss": [3.5, 2.5], "fid_classifier": [9.0, 4.0],
-        "fid_floor_classifier": 1.0, "fid_inception": float("nan"),
-        "fid_floor_inception": float("nan"), "precision_classifier": [0.5, 0.7],
-        "recall_classifier": [0.4, 0.6], "precision_inception": float("nan"),
+        "run_id": ["a", "b", "c"], "dataset": "mnist", "arch": "cnn", "sampler": "gmm",
+        "z_dim": [2, 8, nan], "k1": 0.5, "epochs": 2, "train_fraction": 1.0,
+        "train_loss": [3.0, 2.0, 5.0], "test_loss": [3.5, 2.5, 5.5],
+        "fid_classifier": [9.0, 4.0, nan], "fid_floor_classifier": 1.0, "fid_inception": nan,
+        "fid_floor_inception": nan, "precision_classifier": [0.5, 0.7, nan],
+        "recall_classifier": [0.4, 0.6, nan], "precision_inception": nan,
     })  # fmt: skip
     history = pd.DataFrame(
-        [(r, m, step, 4.0 - step) for r in "ab" for m in ("train_loss", "test_loss")
+        [(r, m, step, 4.0 - step) for r in "abc" for m in ("train_loss", "test_loss")
          for step in (1, 2)], columns=["run_id", "metric", "step", "value"])  # fmt: skip
     drawn = {
         "6a": figures.fid_vs(table, "z_dim", tmp_path / "6a.png", "6a", logx=True),

@@ -194,7 +194,9 @@ from pathlib import Path
 if sys.argv[2] == "ignore":
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 else:
-    signal.signal(signal.SIGTERM, lambda *_: (Path(sys.argv[1]).write_text("TERM"), sys.exit(0)))
+    # Shutting down takes a while (bam train closes its MLflow run): the guard must wait.
+    stop = lambda *_: (time.sleep(1), Path(sys.argv[1]).write_text("TERM"), sys.exit(0))
+    signal.signal(signal.SIGTERM, stop)
 subprocess.Popen(["sleep", "300"])
 time.sleep(300)
 """

@@ -106,7 +106,11 @@ def loss_curves(table: pd.DataFrame, history: pd.DataFrame, path: Path) -> str |
     values = sorted(table[group].dropna().unique())
     curves = dict(tuple(history.sort_values("step").groupby(["run_id", "metric"])))
     for _, row in table.iterrows():
-        shade = colours(values.index(row[group]) / max(1, len(values) - 1))
+        # A run without the param (a trial that failed before logging it) is drawn grey.
+        value = row[group]
+        shade = (
+            colours(values.index(value) / max(1, len(values) - 1)) if pd.notna(value) else "grey"
+        )
         for ax, metric in zip(axes, ("train_loss", "test_loss"), strict=True):
             curve = curves.get((row["run_id"], metric))
             if curve is not None:

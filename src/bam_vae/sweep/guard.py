@@ -54,7 +54,7 @@ def stop_and_exit(child: subprocess.Popen, work: str, grace: float) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     os.killpg(0, signal.SIGTERM)
     deadline = time.monotonic() + grace
-    while members(os.getpid()) and time.monotonic() < deadline:
+    while members(os.getpgrp()) and time.monotonic() < deadline:
         child.poll()  # reap it, so that it stops counting
         time.sleep(0.2)
     shutil.rmtree(work, ignore_errors=True)
