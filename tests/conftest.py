@@ -3,16 +3,36 @@ project, a PostgreSQL database. Helpers the tests import live in helpers.py."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import uuid
 from pathlib import Path
 
 import pytest
+import torch
 from helpers import as_postgres, tiny_params, write_tiny
 
 from bam_vae.config import DataConfig
+from bam_vae.machine import available_cores
 from bam_vae.stages.prepare import prepare
+
+
+def pytest_configure(config):
+    """Under ``pytest -n N`` (pytest-xdist) the N workers split the cores, as `dvc queue`
+    workers do: torch here and every stage they start (``BAM_PARALLEL_JOBS``) takes its share,
+    since two processes that each take every core run many times slower than one alone."""
+    workers = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
+    if workers:
+        os.environ.setdefault("BAM_PARALLEL_JOBS", workers)
+        torch.set_num_threads(max(1, available_cores() // int(workers)))
+
+
+def pytest_collection_modifyitems(items):
+    """Files with end-to-end (``slow``) tests run first: under ``-n`` each file runs whole on
+    one worker (``--dist loadfile``), so a long one started last would end the run alone."""
+    slow = {item.path for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.path not in slow)  # stable: each file's order is kept
 
 
 @pytest.fixture(scope="session")
