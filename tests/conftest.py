@@ -29,10 +29,14 @@ def pytest_configure(config):
 
 
 def pytest_collection_modifyitems(items):
-    """Files with end-to-end (``slow``) tests run first: under ``-n`` each file runs whole on
-    one worker (``--dist loadfile``), so a long one started last would end the run alone."""
-    slow = {item.path for item in items if item.get_closest_marker("slow")}
-    items.sort(key=lambda item: item.path not in slow)  # stable: each file's order is kept
+    """Files with end-to-end (``e2e``) tests run first, then those with ``slow`` ones: under
+    ``-n`` each file runs whole on one worker (``--dist loadfile``), so a long one started
+    last would end the run alone."""
+    marked = {
+        name: {i.path for i in items if i.get_closest_marker(name)} for name in ("e2e", "slow")
+    }
+    # stable: each file's order is kept
+    items.sort(key=lambda item: (item.path not in marked["e2e"], item.path not in marked["slow"]))
 
 
 @pytest.fixture(scope="session")

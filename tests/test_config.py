@@ -164,6 +164,7 @@ def test_overrides_are_typed(tmp_path):
         ("fit-sampler", "generate", {"gmm": {"components": 0}}, ["generate.gmm.components", "0"]),
     ],
 )
+@pytest.mark.slow
 def test_cli_rejects_bad_param_before_any_work_and_touches_nothing(
     tmp_path, stage, section, bad, names
 ):
@@ -192,6 +193,7 @@ def test_cli_rejects_bad_param_before_any_work_and_touches_nothing(
         (["--set", "train.lr=fast"], ["train.lr", "'fast'", "number"]),
     ],
 )
+@pytest.mark.slow
 def test_cli_rejects_a_mistyped_override_in_one_line(tmp_path, args, names):
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(DEFAULTS))
     (tmp_path / "dvc.yaml").write_text("stages: {}\n")

@@ -81,6 +81,7 @@ def test_label_accuracy_on_hand_made_probabilities():
     assert label_accuracy(probs, np.array([3, 3, 7, 0])) == 1.0
 
 
+@pytest.mark.slow
 def test_one_epoch_trains_and_registers_a_pyfunc_generator(project, tiny):
     from bam_vae.stages.train import fit
 
@@ -101,6 +102,7 @@ def test_one_epoch_trains_and_registers_a_pyfunc_generator(project, tiny):
         5, 28, 28)  # fmt: skip
 
 
+@pytest.mark.slow
 def test_a_cvae_of_another_dataset_conditions_on_its_classes(project, tiny_mnist, tmp_path):
     """Three classes with names: the model, its file and its registered generator follow them;
     the generator takes ``class`` (index or name), and ``digit`` only for MNIST."""

@@ -56,6 +56,7 @@ def small(n: int, k: int, seed: int = 0) -> Split:
 
 
 # ---------------------------------------------------------------------------- MNIST
+@pytest.mark.slow
 def test_pypi_copy_is_the_original_mnist(pypi_mnist):
     assert pypi_mnist.train.images.shape == (60_000, 28, 28)
     assert pypi_mnist.train.images.dtype == np.uint8

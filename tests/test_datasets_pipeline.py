@@ -14,7 +14,7 @@ from helpers import bam_serve, copy_checkout, served_images
 from PIL import Image
 from test_pipeline import TINY, run
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
+pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(1800)]
 
 
 def rows(root, sql: str) -> list[tuple]:

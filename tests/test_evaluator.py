@@ -104,6 +104,7 @@ def trained(small_data, tmp_path_factory):
     return out, metrics
 
 
+@pytest.mark.slow
 def test_train_writes_model_and_metrics(trained, small_data):
     out, metrics = trained
     assert json.loads((out / "ev.json").read_text()) == metrics
@@ -123,12 +124,14 @@ def test_train_writes_model_and_metrics(trained, small_data):
     assert ev.label_accuracy(probs, test["labels"].numpy()) == metrics["test_accuracy"]
 
 
+@pytest.mark.slow
 def test_train_is_deterministic(trained, small_data, tmp_path):
     _, first = trained
     again = ev_stage.train_evaluator(TINY, small_data, tmp_path / "ev.pt", tmp_path / "ev.json")
     assert again == first
 
 
+@pytest.mark.slow
 def test_interrupted_training_resumes_to_the_same_classifier(trained, small_data, project):
     out, expected = trained
 
@@ -171,11 +174,13 @@ def default_evaluator(mnist_dir, tmp_path_factory):
     return ev.load_evaluator(out / "ev.pt"), metrics
 
 
+@pytest.mark.e2e
 @pytest.mark.slow
 def test_default_evaluator_reaches_99_percent(default_evaluator):
     assert default_evaluator[1]["test_accuracy"] >= 0.99
 
 
+@pytest.mark.e2e
 @pytest.mark.slow
 def test_class_metrics_of_real_test_images(default_evaluator, mnist_dir):
     images, _ = load_split(mnist_dir, "test")
@@ -185,6 +190,7 @@ def test_class_metrics_of_real_test_images(default_evaluator, mnist_dir):
     assert metrics["confident_share"] >= 0.95
 
 
+@pytest.mark.e2e
 @pytest.mark.slow
 def test_real_vs_real_floor_is_below_fid_of_noise(default_evaluator, mnist_dir):
     images, _ = load_split(mnist_dir, "test")

@@ -42,6 +42,7 @@ GENERATE_OUTPUTS = ["data/generated/images.npy", "data/generated/meta.json",
                     "figures/samples.png", "figures/reconstructions.png"]  # fmt: skip
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("breakage", ["missing test split", "empty MLflow store"])
 def test_failed_generate_keeps_the_previous_samples(
     breakage, project, tiny, tiny_mnist, tmp_path, monkeypatch
@@ -70,6 +71,7 @@ def test_failed_generate_keeps_the_previous_samples(
 
 
 # ---------------------------------------------------------------------------- train
+@pytest.mark.slow
 def test_corrupt_resume_checkpoint_is_set_aside_and_training_starts_over(project, tiny, capsys):
     params = tiny()
     expected = fit(params)
@@ -90,6 +92,7 @@ def test_corrupt_resume_checkpoint_is_set_aside_and_training_starts_over(project
     ) in err
 
 
+@pytest.mark.slow
 def test_orphan_run_of_the_same_params_is_marked_killed(project, tiny):
     params = tiny()
     images, _ = load_split(params.data.out_dir, "train")
@@ -163,6 +166,7 @@ def store_runs(root: Path):
     return client, client.search_runs([client.get_experiment_by_name("bam-vae").experiment_id])
 
 
+@pytest.mark.e2e
 @pytest.mark.slow
 def test_sigterm_during_export_then_rerun_gives_one_finished_run_and_one_version(
     tmp_path, tiny_mnist
@@ -198,6 +202,7 @@ def test_sigterm_during_export_then_rerun_gives_one_finished_run_and_one_version
     assert sorted(v.run_id for v in versions) == sorted(r.info.run_id for r in found)
 
 
+@pytest.mark.e2e
 @pytest.mark.slow
 def test_sigkill_mid_epoch_loses_little_and_the_rerun_resumes_the_same_run(tmp_path, tiny_mnist):
     root = write_project(tmp_path, tiny_mnist, epochs=3, batch_size=4)
@@ -223,6 +228,7 @@ def test_sigkill_mid_epoch_loses_little_and_the_rerun_resumes_the_same_run(tmp_p
     assert [(r.info.run_id, r.info.status) for r in after] == [(found[0].info.run_id, "FINISHED")]
 
 
+@pytest.mark.e2e
 @pytest.mark.slow
 def test_second_writer_in_the_same_checkout_fails_naming_the_first(tmp_path, tiny_mnist):
     root = write_project(tmp_path, tiny_mnist, epochs=50)
@@ -237,6 +243,7 @@ def test_second_writer_in_the_same_checkout_fails_naming_the_first(tmp_path, tin
     assert f"pid {first.pid} (bam train" in line and "in use" in line
 
 
+@pytest.mark.e2e
 @pytest.mark.slow
 def test_train_against_a_dead_tracking_server_fails_in_seconds(tmp_path, tiny_mnist):
     root = write_project(tmp_path, tiny_mnist)
@@ -253,6 +260,7 @@ def test_train_against_a_dead_tracking_server_fails_in_seconds(tmp_path, tiny_mn
     assert not (root / "models").exists() and not (root / "mlruns").exists()
 
 
+@pytest.mark.e2e
 @pytest.mark.slow
 def test_an_error_mid_epoch_gets_a_line_of_its_own(tmp_path, tiny_mnist):
     root = write_project(tmp_path, tiny_mnist, lr=1.0e9)  # diverges within the first epoch

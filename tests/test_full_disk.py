@@ -92,6 +92,7 @@ def one_line(result, path: str, cause: str) -> str:
     return last
 
 
+@pytest.mark.slow
 def test_a_full_checkpoint_folder_is_one_line_and_registers_nothing(
     tiny_project, mounts, monkeypatch
 ):
@@ -106,6 +107,7 @@ def test_a_full_checkpoint_folder_is_one_line_and_registers_nothing(
     assert not (tiny_project / "models" / "vae.pt").exists()
 
 
+@pytest.mark.slow
 def test_a_full_models_folder_keeps_the_earlier_outputs(tiny_project, mounts):
     assert bam_train(tiny_project).exit_code == 0
     models = tiny_project / "models"
@@ -127,6 +129,7 @@ def test_a_full_models_folder_keeps_the_earlier_outputs(tiny_project, mounts):
     ("code", "cause"),
     [(errno.EDQUOT, "disk quota exceeded (EDQUOT)"), (errno.EROFS, "read-only filesystem (EROFS)")],
 )
+@pytest.mark.slow
 def test_a_quota_or_a_read_only_mount_is_one_line(tiny_project, monkeypatch, code, cause):
     real = Path.write_bytes
 
@@ -144,6 +147,7 @@ def test_a_quota_or_a_read_only_mount_is_one_line(tiny_project, monkeypatch, cod
     assert statuses == ["FAILED"] and versions == 0
 
 
+@pytest.mark.slow
 def test_a_full_artifact_store_is_one_line_and_registers_nothing(tiny_project, mounts):
     # The MLflow store's artifacts (mlruns/artifacts) on a filesystem with no room left.
     fill(mounts(tiny_project / "mlruns" / "artifacts", "64k"))

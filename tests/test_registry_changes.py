@@ -72,6 +72,7 @@ def delete(what: str, ref: dict) -> str:
     return f"MLflow experiment {ref['experiment_id']}"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("what", ["version", "run", "experiment"])
 @pytest.mark.parametrize("stage", list(STAGES))
 def test_a_stage_refuses_before_any_work_when_its_run_or_version_is_gone(scored, what, stage):

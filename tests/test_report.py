@@ -53,6 +53,7 @@ def latent_sweep(project):
     return project
 
 
+@pytest.mark.slow
 def test_report_of_a_latent_sweep(latent_sweep):
     out = latent_sweep / "reports"
     missing = report(sweep="latent", out_dir=out)
@@ -104,6 +105,7 @@ def test_report_of_a_latent_sweep(latent_sweep):
     assert len(reports) == 1
 
 
+@pytest.mark.slow
 def test_runs_of_two_datasets_are_never_on_one_curve(latent_sweep):
     tracking.init()
     for z in (1, 4, 16, 128):
@@ -119,6 +121,7 @@ def test_runs_of_two_datasets_are_never_on_one_curve(latent_sweep):
     assert "dataset = mnist" in (out / "runs.md").read_text()
 
 
+@pytest.mark.slow
 def test_report_from_a_subfolder_writes_into_the_project_root(latent_sweep, monkeypatch):
     from typer.testing import CliRunner
 
@@ -133,6 +136,7 @@ def test_report_from_a_subfolder_writes_into_the_project_root(latent_sweep, monk
     assert not (sub / "reports").exists()
 
 
+@pytest.mark.slow
 def test_scores_from_another_number_of_images_are_listed_not_drawn(latent_sweep, capsys):
     # Scored from 16 images: a low FID that must not join the N = 1024 curves.
     tracking.init()
@@ -150,6 +154,7 @@ def test_scores_from_another_number_of_images_are_listed_not_drawn(latent_sweep,
     assert set(comparable["n_generated"]) == {1024} and left == note
 
 
+@pytest.mark.slow
 def test_report_with_a_query_and_with_nothing_selected(latent_sweep):
     out = latent_sweep / "reports"
     report(query="params.`model.arch` = 'cnn' and tags.sweep = 'other'", out_dir=out)
@@ -161,11 +166,13 @@ def test_report_with_a_query_and_with_nothing_selected(latent_sweep):
     assert "(0 runs, 0 rows" in (out / "runs.md").read_text()
 
 
+@pytest.mark.slow
 def test_bad_query_is_one_clear_line(latent_sweep):
     with pytest.raises(BamError, match="bad run query"):
         report(query="params.nonsense ===", out_dir=latent_sweep / "reports")
 
 
+@pytest.mark.slow
 def test_promote_points_champion_at_the_lowest_fid_and_generate_uses_it(project, tiny, capsys):
     fit(tiny())
     fit(tiny(model={"z_dim": 2}))
@@ -200,6 +207,7 @@ def test_promote_points_champion_at_the_lowest_fid_and_generate_uses_it(project,
     ]
 
 
+@pytest.mark.slow
 def test_promote_without_scores_says_what_to_run(project, tiny):
     fit(tiny())
     with pytest.raises(BamError, match="no registered version has gmm/fid_inception"):

@@ -90,6 +90,7 @@ def test_two_stage_learns_the_latent_distribution_better_than_the_prior():
     assert np.mean(nearest < 2.0**2) > 0.6, info
 
 
+@pytest.mark.slow
 def test_the_flow_puts_its_draws_on_the_blobs_and_is_its_own_likelihood():
     """zuko's spline flow, fitted by maximum likelihood: draws land on the known mixture's
     blobs, and its per-latent NLL nears the mixture's own entropy in the standardised
@@ -102,6 +103,7 @@ def test_the_flow_puts_its_draws_on_the_blobs_and_is_its_own_likelihood():
     assert np.mean(nearest < 1.5**2) > 0.9, info
 
 
+@pytest.mark.slow
 def test_a_conditional_flow_draws_the_asked_class():
     centres = torch.arange(10).float().unsqueeze(1) * torch.tensor([[3.0, -2.0]])
     labels = torch.arange(3000) % 10

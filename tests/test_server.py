@@ -14,7 +14,7 @@ import pytest
 from helpers import env_with_venv, free_port, replay_traversals, wait_for_http
 from test_pipeline import copy_repo
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
+pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(1800)]
 DEADLINE = 300  # seconds; only catches hangs
 
 

@@ -17,7 +17,7 @@ from bam_vae.stages.fit_sampler import fit_sampler
 from bam_vae.stages.generate import generate
 from bam_vae.stages.train import fit
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
+pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(900)]
 
 
 @pytest.fixture(scope="module")

@@ -63,6 +63,7 @@ FAST_SAMPLERS = {"gmm": {"components": 3}, "two_stage": {"epochs": 2, "hidden": 
                  "pixelcnn": PIXELCNN_TINY}  # fmt: skip
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", list(MODELS))
 def test_every_arch_runs_every_stage(arch, project, tiny, evaluator_file):
     model = {"arch": arch, "z_dim": 4, "channels": [8, 16], **MODELS[arch]}
@@ -137,6 +138,7 @@ def test_every_arch_runs_every_stage(arch, project, tiny, evaluator_file):
         assert served.predict(request).shape == (60, 28, 28)
 
 
+@pytest.mark.slow
 def test_class_option_draws_one_class_from_a_conditional_model(project, tiny):
     params = tiny(model={"arch": "cvae", "z_dim": 4, "channels": [8, 16]}, train={"epochs": 1},
                   generate={"n": 12, "per_class": 1, "gmm": {"components": 2}})  # fmt: skip
@@ -146,6 +148,7 @@ def test_class_option_draws_one_class_from_a_conditional_model(project, tiny):
     assert set(np.load(project / "data/generated/labels.npy").tolist()) == {7}
 
 
+@pytest.mark.slow
 def test_class_option_is_refused_for_unconditional_models(project, tiny):
     params = tiny(train={"epochs": 1}, generate={"n": 12, "per_class": 1, "sampler": "prior"})
     fit(params)
@@ -245,6 +248,7 @@ def test_reference_is_cached_per_machine_and_resumes_from_its_saved_chunks(
     assert calls == []
 
 
+@pytest.mark.slow
 def test_registered_version_generates_with_its_own_logged_sampler(project, tiny):
     params = tiny(train={"epochs": 1}, generate={"n": 32, "per_class": 1, **FAST_SAMPLERS})
     fit(params)
@@ -260,6 +264,7 @@ def test_registered_version_generates_with_its_own_logged_sampler(project, tiny)
         generate(two_stage, model_uri="models:/bam-vae-cnn/1", out_dir=project / "gen")
 
 
+@pytest.mark.slow
 def test_sampler_of_an_older_model_is_refused_and_nothing_is_overwritten(project, tiny):
     params = tiny(train={"epochs": 1}, generate={"n": 16, "per_class": 1, **FAST_SAMPLERS})
     fit(params)
@@ -272,6 +277,7 @@ def test_sampler_of_an_older_model_is_refused_and_nothing_is_overwritten(project
     assert (project / "data/generated/images.npy").read_bytes() == before
 
 
+@pytest.mark.slow
 def test_compare_samplers_draws_one_panel_per_sampler(project, tiny, capsys):
     params = tiny(train={"epochs": 1}, generate={"per_class": 1, **FAST_SAMPLERS})
     fit(params)
@@ -351,6 +357,7 @@ def generated_by_prior(project, tiny, evaluator_file, n: int):
     return params
 
 
+@pytest.mark.slow
 def test_scoring_works_with_a_scipy_whose_sqrtm_has_no_disp(project, tiny, evaluator_file,
                                                             monkeypatch):  # fmt: skip
     """scipy 1.18 removed ``sqrtm``'s ``disp`` argument (pytorch-fid 0.3.0 still passes it)."""
@@ -368,6 +375,7 @@ def test_scoring_works_with_a_scipy_whose_sqrtm_has_no_disp(project, tiny, evalu
     assert metrics["fid_classifier"] > metrics["fid_floor_classifier"] > 0
 
 
+@pytest.mark.slow
 def test_scores_say_how_many_images_they_come_from(project, tiny, evaluator_file, capsys):
     params = generated_by_prior(project, tiny, evaluator_file, n=1)
     # One image has no covariance: refused in one line, nothing written or logged.
@@ -404,6 +412,7 @@ def test_scores_say_how_many_images_they_come_from(project, tiny, evaluator_file
     assert stored["warnings"] == metrics["warnings"]
 
 
+@pytest.mark.slow
 def test_images_without_labels_go_through_every_stage_in_the_inception_space(project):
     """A folder of images with no classes: no classifier (said in one line), the Inception
     space scored, class metrics skipped, every figure drawn."""
@@ -449,6 +458,7 @@ def test_images_without_labels_go_through_every_stage_in_the_inception_space(pro
     assert tracking.read_run_ref()["model_name"] == "bam-vae-faces-cnn"
 
 
+@pytest.mark.slow
 def test_rec_scores_the_floors_own_images_and_quantize_rounds_to_8_bits(
     project, tiny, evaluator_file, monkeypatch
 ):
@@ -476,6 +486,7 @@ def test_rec_scores_the_floors_own_images_and_quantize_rounds_to_8_bits(
     assert mlflow.get_run(run_id).data.tags["prior/protocol"].startswith("N=80 uint8 vs")
 
 
+@pytest.mark.slow
 def test_the_floor_holds_when_samples_are_as_many_as_the_test_images(project, tiny, evaluator_file):
     # N = the whole test set (the literature's 10 000 of 10 000): the floor's real images are
     # held-out training images, so it stays a positive FID instead of the test set against

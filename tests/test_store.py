@@ -25,6 +25,7 @@ def files_under(path: Path) -> list[Path]:
     return sorted(p for p in path.rglob("*") if p.is_file())
 
 
+@pytest.mark.slow
 def test_checkouts_sharing_a_sqlite_store_keep_artifacts_with_the_store(project, tiny, monkeypatch):
     shared = project / "shared"
     a, b = checkout(project / "A"), checkout(project / "B")

@@ -107,6 +107,7 @@ def _git_repo(root: Path) -> Path:
     return root
 
 
+@pytest.mark.slow
 def test_uncommitted_changes_are_refused_naming_them(tmp_path):
     root = _git_repo(tmp_path / "repo")
     (root / "notes.txt").write_text("untracked files do not count\n")
@@ -155,6 +156,7 @@ def test_bad_values_and_options_fail_before_any_trial(tmp_path, options, kw, say
     assert says in str(err.value) and "\n" not in str(err.value), err.value
 
 
+@pytest.mark.slow
 def test_a_checked_plan_says_what_the_trials_run(tmp_path):
     root = _git_repo(tmp_path / "repo")
     checked = plan(["model.z_dim=2,4", "train.lr=0.01", "train.noise_fraction=0.0,0.5",
@@ -213,6 +215,7 @@ guard.wait()
     ("on_term", "grace", "victim"),
     [("exit", 60.0, "worker"), ("ignore", 1.0, "worker"), ("exit", 60.0, "outer guard")],
 )
+@pytest.mark.slow
 def test_the_guard_stops_its_group_and_removes_the_work_folder_when_its_parent_dies(
     tmp_path, on_term, grace, victim
 ):
@@ -470,6 +473,7 @@ def local_env() -> dict[str, str]:
     return env
 
 
+@pytest.mark.e2e
 @pytest.mark.slow
 @pytest.mark.timeout(2400)
 def test_a_tpe_study_killed_mid_trial_resumes_to_exactly_its_trials(sweep_project, request):
@@ -576,6 +580,7 @@ def artifact_files(root: Path, run_id: str) -> set[str]:
     return {str(p.relative_to(base)) for p in base.rglob("*") if p.is_file()}
 
 
+@pytest.mark.e2e
 @pytest.mark.slow
 @pytest.mark.timeout(1800)
 def test_two_drivers_share_a_study_on_postgresql_with_failed_and_cached_trials(
@@ -626,6 +631,7 @@ def test_two_drivers_share_a_study_on_postgresql_with_failed_and_cached_trials(
     assert rows(project, "select count(*) from model_versions")[0][0] == before + 1
 
 
+@pytest.mark.e2e
 @pytest.mark.slow
 @pytest.mark.timeout(1800)
 def test_a_hopeless_trial_is_pruned_after_an_epoch(sweep_project):
@@ -655,6 +661,7 @@ def test_a_hopeless_trial_is_pruned_after_an_epoch(sweep_project):
 PRUNE_SEED = 3  # GridSampler(seed=3) runs 1e-9 last (Optuna 5)
 
 
+@pytest.mark.e2e
 @pytest.mark.slow
 @pytest.mark.timeout(2400)
 def test_a_study_over_two_nodes_survives_a_node_killed(sweep_project, cluster):

@@ -26,6 +26,7 @@ def weights(path="models/vae.pt"):
     return torch.load(path, weights_only=True)["state_dict"]
 
 
+@pytest.mark.slow
 def test_same_params_and_seed_give_identical_results(project, tiny):
     params = tiny()
     first = fit(params)
@@ -41,6 +42,7 @@ def test_same_params_and_seed_give_identical_results(project, tiny):
 @pytest.mark.parametrize(
     ("schedule", "ema"), [("constant", 0.0), ("cosine", 0.0), ("constant", 0.9)]
 )
+@pytest.mark.slow
 def test_interrupted_run_resumes_to_the_uninterrupted_result(project, tiny, schedule, ema):
     params = tiny(train={"epochs": 2, "lr_schedule": schedule, "ema": ema})
     expected = fit(params)
@@ -100,6 +102,7 @@ def test_weight_ema_is_the_textbook_average_of_every_steps_weights_and_buffers()
         torch.testing.assert_close(averaged[key], value)
 
 
+@pytest.mark.slow
 def test_ema_weights_are_the_ones_saved_and_sampled(project, tiny):
     fit(tiny(train={"epochs": 2}))
     last = weights()
@@ -128,6 +131,7 @@ def test_cosine_schedule_decays_every_optimisers_rate_from_train_lr_to_zero():
     assert rates[3] == pytest.approx([5e-4, 2e-4]) and rates[-1] == pytest.approx([0, 0])
 
 
+@pytest.mark.slow
 def test_cosine_schedule_changes_the_weights_and_is_deterministic(project, tiny):
     fit(tiny(train={"epochs": 2}))
     constant = weights()
@@ -139,6 +143,7 @@ def test_cosine_schedule_changes_the_weights_and_is_deterministic(project, tiny)
     assert not all(torch.equal(v, constant[k]) for k, v in w1.items())
 
 
+@pytest.mark.slow
 def test_mlflow_run_holds_params_curves_tags_and_a_registered_version(project, tiny, monkeypatch):
     monkeypatch.setenv("DVC_EXP_NAME", "tidy-fish")
     monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.2")  # a short run
@@ -183,6 +188,7 @@ def test_mlflow_run_holds_params_curves_tags_and_a_registered_version(project, t
     assert "epoch_seconds" in run.data.metrics and "epoch_seconds" not in history[0]
 
 
+@pytest.mark.slow
 def test_each_training_registers_a_new_version(project, tiny):
     fit(tiny())
     fit(tiny(model={"z_dim": 2}))
@@ -275,6 +281,7 @@ print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 10)
 """
 
 
+@pytest.mark.slow
 def test_training_steps_stop_faulting_memory_in_once_threads_are_configured():
     """Every stage calls configure_threads first; after it, a training step reuses the memory
     the previous one freed instead of faulting fresh zeroed pages in from the kernel."""
@@ -301,6 +308,7 @@ def test_a_users_own_malloc_settings_win(env, monkeypatch):
     assert train.retain_freed_memory() is False
 
 
+@pytest.mark.slow
 def test_bf16_training_is_deterministic_and_tracks_fp32(project, tiny):
     fp32 = fit(tiny(train={"epochs": 2}))
     params = tiny(train={"epochs": 2, "precision": "bf16"})
@@ -314,6 +322,7 @@ def test_bf16_training_is_deterministic_and_tracks_fp32(project, tiny):
     assert first != fp32  # it really ran in bf16
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", ["dense", "cvae", "vqvae", "introvae"])
 def test_bf16_trains_every_arch(arch, project, tiny):
     model = {"arch": arch, "hidden": [32, 16]}

@@ -14,7 +14,7 @@ from helpers import env_with_venv, free_port, replay_traversals, wait_for_http
 
 from bam_vae.tracking import store as tracking
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 

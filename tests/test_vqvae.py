@@ -154,6 +154,7 @@ def test_embedded_codes_decode_to_the_reconstruction():
 VQ_TINY = {"codebook_size": 16, "code_dim": 4}
 
 
+@pytest.mark.slow
 def test_one_epoch_through_the_real_stages(project, tiny):
     from bam_vae.stages.fit_sampler import fit_sampler
     from bam_vae.stages.generate import generate
@@ -184,6 +185,7 @@ def test_one_epoch_through_the_real_stages(project, tiny):
     assert images.shape == (20, 28, 28) and 0 <= images.min() <= images.max() <= 1
 
 
+@pytest.mark.slow
 def test_interrupted_code_prior_resumes_to_the_same_sampler(project, tiny, monkeypatch):
     from bam_vae.errors import Interrupted
     from bam_vae.stages.fit_sampler import fit_sampler
