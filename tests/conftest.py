@@ -18,6 +18,16 @@ from bam_vae.machine import available_cores
 from bam_vae.stages.prepare import prepare
 
 
+def pytest_xdist_auto_num_workers(config):
+    """``-n auto`` starts one worker more than there are cores: the end-to-end tests spend much
+    of their time waiting on the servers and subprocesses they start, which left a core idle
+    with one worker per core (docs/speed.md, "The test suite"). ``PYTEST_XDIST_AUTO_NUM_WORKERS``
+    still decides where it is set."""
+    if os.environ.get("PYTEST_XDIST_AUTO_NUM_WORKERS"):
+        return None  # xdist's own hook reads it
+    return available_cores() + 1
+
+
 def pytest_configure(config):
     """Under ``pytest -n N`` (pytest-xdist) the N workers split the cores, as `dvc queue`
     workers do: torch here and every stage they start (``BAM_PARALLEL_JOBS``) takes its share,
