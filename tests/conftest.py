@@ -18,16 +18,6 @@ from bam_vae.machine import available_cores
 from bam_vae.stages.prepare import prepare
 
 
-def pytest_xdist_auto_num_workers(config):
-    """``-n auto`` starts one worker more than there are cores: the end-to-end tests spend much
-    of their time waiting on the servers and subprocesses they start, which left a core idle
-    with one worker per core (docs/speed.md, "The test suite"). ``PYTEST_XDIST_AUTO_NUM_WORKERS``
-    still decides where it is set."""
-    if os.environ.get("PYTEST_XDIST_AUTO_NUM_WORKERS"):
-        return None  # xdist's own hook reads it
-    return available_cores() + 1
-
-
 def pytest_configure(config):
     """Under ``pytest -n N`` (pytest-xdist) the N workers split the cores, as `dvc queue`
     workers do: torch here and every stage they start (``BAM_PARALLEL_JOBS``) takes its share,
@@ -38,15 +28,35 @@ def pytest_configure(config):
         torch.set_num_threads(max(1, available_cores() // int(workers)))
 
 
+# The files that take longest under ``-n auto`` on 2 cores, longest first (docs/speed.md, "The
+# test suite").
+LONGEST_FILES = (
+    "test_pipeline.py",
+    "test_sweep.py",
+    "test_datasets_pipeline.py",
+    "test_server.py",
+    "test_evaluator.py",
+)
+
+
 def pytest_collection_modifyitems(items):
-    """Files with end-to-end (``e2e``) tests run first, then those with ``slow`` ones: under
-    ``-n`` each file runs whole on one worker (``--dist loadfile``), so a long one started
-    last would end the run alone."""
+    """The longest files run first, then the other files with end-to-end (``e2e``) tests, then
+    those with ``slow`` ones: under ``-n`` each file runs whole on one worker (``--dist
+    loadfile``) and workers take the next file as they finish, so a long one started late
+    ends the run alone while the other cores idle (longest-processing-time-first)."""
     marked = {
         name: {i.path for i in items if i.get_closest_marker(name)} for name in ("e2e", "slow")
     }
-    # stable: each file's order is kept
-    items.sort(key=lambda item: (item.path not in marked["e2e"], item.path not in marked["slow"]))
+    rank = {name: n for n, name in enumerate(LONGEST_FILES)}
+
+    def key(item):
+        return (
+            rank.get(item.path.name, len(rank)),
+            item.path not in marked["e2e"],
+            item.path not in marked["slow"],
+        )
+
+    items.sort(key=key)  # stable: each file's own order is kept
 
 
 @pytest.fixture(scope="session")
