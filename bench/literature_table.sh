@@ -37,8 +37,8 @@ declare -A ROWS=(
   # The same recipe on a deeper, wider net with batch norm (3 convolutions, 64-128-256
   # channels, RAE's layer types at a quarter of its width): does a larger decoder lower REC?
   [searched-deep]="-S train.recon=gaussian -S train.epochs=6 -S train.k2=0.13476510032239455 -S train.lr=0.0022137741964229894 -S model.z_dim=32 -S generate.gmm.components=180 -S model.channels=[64,128,256] -S model.batch_norm=true"
-  # The same recipe at 3.2x searched-deep's parameters (128-256-512 channels, RAE's width for
-  # its first three layers; 5.5 M parameters), 6 epochs: does width alone keep lowering REC?
+  # The same recipe at 3.5x searched-deep's parameters (128-256-512 channels, RAE's width for
+  # its first three layers; 6.0 M parameters), 6 epochs: does width alone keep lowering REC?
   [searched-xl]="-S train.recon=gaussian -S train.epochs=6 -S train.k2=0.13476510032239455 -S train.lr=0.0022137741964229894 -S model.z_dim=32 -S generate.gmm.components=180 -S model.channels=[128,256,512] -S model.batch_norm=true"
   # searched-deep trained 2.5x longer with a cosine schedule (15 epochs, ~20-33 minutes on
   # 2 cores): does training time, not only size, lower REC?
