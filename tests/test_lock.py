@@ -48,3 +48,15 @@ def test_a_param_or_code_change_without_repro_fails_naming_it(clone):
     assert "dvc.lock is stale: train: param train modified" in lines  # DVC names the section
     assert "dvc.lock is stale: tsne: dependency src/bam_vae/stages/tsne.py modified" in lines
     assert not any("deleted" in line for line in lines)  # missing outputs are expected
+
+
+def test_every_fid_key_that_moves_the_reference_features_reruns_fid_reference(clone):
+    """Samples and reference must be scored by the same network: `-S fid.precision=bf16`
+    (or another padding, floor or seed) makes fid-reference stale, not compute-fid alone."""
+    params = yaml.safe_load((clone / "params.yaml").read_text())
+    params["fid"] |= {"precision": "bf16", "pad_to": 32, "floor_n": 500, "seed": 1}
+    (clone / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    lines = check(clone).stderr.splitlines()
+    for key in ("precision", "pad_to", "floor_n", "seed"):
+        assert f"dvc.lock is stale: fid-reference@classifier: param fid.{key} modified" in lines
+    assert "dvc.lock is stale: compute-fid: param fid modified" in lines
