@@ -21,6 +21,7 @@ import torch
 import yaml
 
 from bam_vae.config import Params, parse_params
+from bam_vae.processes import group_alive
 
 REPO = Path(__file__).resolve().parents[1]
 # The VQ-VAE's code prior at test size: the default (10 epochs of 64 channels over 60 000 codes)
@@ -113,14 +114,6 @@ def served_images(port: int, **row) -> np.ndarray:
     status, reply = post(port, json.dumps({"dataframe_records": [row]}).encode())
     assert status == 200, reply
     return np.asarray(reply["predictions"], dtype=np.float32)
-
-
-def group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    return True
 
 
 def wait_for_http(url: str, proc: subprocess.Popen, log: Path, deadline_s: float) -> None:

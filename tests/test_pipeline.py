@@ -18,6 +18,8 @@ import pytest
 import yaml
 from helpers import PIXELCNN_TINY, copy_checkout, env_with_venv
 
+from bam_vae.processes import stop_pgid
+
 # Slow, and these 2-core machines are sometimes several times slower than usual: the parallel
 # queue test took 220 s on a quiet machine and 685 s on a busy one. The per-test limit is there
 # to catch hangs, not to time them.
@@ -201,29 +203,16 @@ def start_queue(root: Path, jobs: int, tasks: int, timeout: float = 1500) -> str
                              for r in up)  # fmt: skip
             warnings.warn(f"stopping {len(up)} idle DVC queue worker(s) left up after every"
                           f" task finished (DVC #10398/#10428):\n{logs}", stacklevel=1)  # fmt: skip
-            stop_workers(up, signal.SIGTERM, 60)  # Celery's warm shutdown, then SIGKILL
+            for record in up:  # Celery's warm shutdown, then SIGKILL
+                with contextlib.suppress(ProcessLookupError, TypeError):
+                    stop_pgid(os.getpgid(worker_record(record).get("pid")), 60)
             return run(["dvc", "queue", "status"], root)
         time.sleep(2)
     logs = "\n".join(f"--- {p.name}\n{p.read_text()[-3000:]}" for p in celery.glob("*.out"))
-    stop_workers(records, signal.SIGKILL, 0)
-    raise AssertionError(f"queue workers still running after {timeout} s:\n{logs}")
-
-
-def stop_workers(records: list[Path], sig: int, grace: float) -> None:
-    """Signal the workers' process groups; SIGKILL what is left after ``grace`` seconds."""
-    groups = []
     for record in records:
         with contextlib.suppress(ProcessLookupError, TypeError):
-            groups.append(os.getpgid(worker_record(record).get("pid")))
-            os.killpg(groups[-1], sig)
-    deadline = time.monotonic() + grace
-    while time.monotonic() < deadline and any(
-        worker_record(r).get("returncode") is None for r in records
-    ):
-        time.sleep(1)
-    for group in groups:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(group, signal.SIGKILL)
+            os.killpg(os.getpgid(worker_record(record).get("pid")), signal.SIGKILL)
+    raise AssertionError(f"queue workers still running after {timeout} s:\n{logs}")
 
 
 def test_parallel_queue_gives_one_mlflow_run_per_experiment(reproduced):

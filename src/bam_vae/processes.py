@@ -1,4 +1,4 @@
-"""Stopping a child's whole process group (no torch, no MLflow: Ray workers import it)."""
+"""Stopping a whole process group, ours or not (no torch, no MLflow: Ray workers import it)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import time
+from collections.abc import Callable
 
 
 def group_alive(pgid: int) -> bool:
@@ -24,14 +25,21 @@ def stop_group(proc: subprocess.Popen, grace: float) -> None:
     """SIGTERM to the whole group ``proc`` leads (started with ``start_new_session``), then
     SIGKILL to whatever is left after ``grace`` seconds. The group, not the leader: a server's
     workers (``mlflow models serve``'s uvicorn) outlive a leader that exits at once."""
+    stop_pgid(proc.pid, grace, reap=proc.poll)
+    proc.wait()
+
+
+def stop_pgid(pgid: int, grace: float, reap: Callable[[], object] = lambda: None) -> None:
+    """SIGTERM to process group ``pgid``, then SIGKILL to whatever is left after ``grace``
+    seconds. ``reap`` collects a leader that is this process's child, so that it does not
+    count as alive; a group this process did not start needs none."""
     with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGTERM)
+        os.killpg(pgid, signal.SIGTERM)
     deadline = time.monotonic() + grace
     while time.monotonic() < deadline:
-        proc.poll()  # reap the leader, so it does not count as alive
-        if not group_alive(proc.pid):
+        reap()
+        if not group_alive(pgid):
             return
         time.sleep(0.1)
     with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+        os.killpg(pgid, signal.SIGKILL)
