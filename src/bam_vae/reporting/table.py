@@ -95,7 +95,8 @@ def collect(
     if runs.empty:
         return empty
     base = pd.DataFrame({name: runs.get(col, np.nan) for name, col in COLUMNS.items()})
-    base["dataset"] = base["dataset"].fillna("mnist")  # runs from before other datasets
+    # runs from before other datasets (no column at all: float NaN, which "mnist" cannot fill)
+    base["dataset"] = base["dataset"].astype(object).fillna("mnist")
     if dataset:
         base = base[base["dataset"] == dataset]
     if base.empty:
