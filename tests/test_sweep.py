@@ -144,6 +144,7 @@ def test_uncommitted_changes_are_refused_naming_them(tmp_path):
         (["model.z_dim=2"], {"pruner": "median", "direction": "maximize"}, "expected --direction"),
         (["model.z_dim=2"], {"pruner": "median", "prune_on": "fid"}, "--prune-on 'fid' is not"),
         (["model.z_dim=2"], {"storage": "redis://x"}, "--storage 'redis://x': expected"),
+        (["model.z_dim=2,4"], {"trials": 0}, "--trials 0: expected at least 1"),
     ],
 )
 def test_bad_values_and_options_fail_before_any_trial(tmp_path, options, kw, says):
@@ -154,6 +155,15 @@ def test_bad_values_and_options_fail_before_any_trial(tmp_path, options, kw, say
 
         open_storage(checked.storage, root)
     assert says in str(err.value) and "\n" not in str(err.value), err.value
+
+
+def test_an_unknown_metric_lists_the_numbers_the_pipeline_writes(tmp_path):
+    root = _git_repo(tmp_path / "repo")
+    with pytest.raises(BamError) as err:
+        plan(["model.z_dim=2"], cwd=root, metric="nonsense")
+    listed = set(str(err.value).split("expected one of ", 1)[1].split(", "))
+    assert {"fid_classifier", "fid_inception", "test_loss", "precision_classifier"} <= listed
+    assert not {"dataset", "sampler", "protocol", "warnings", "source"} & listed, listed
 
 
 @pytest.mark.slow
@@ -534,6 +544,15 @@ def test_a_tpe_study_killed_mid_trial_resumes_to_exactly_its_trials(sweep_projec
         assert t.value == pytest.approx(tags_metric(project, t.user_attrs["mlflow_run_id"]))
     listed = run(["dvc", "exp", "list", "origin", "--names-only"], project).split()
     assert {f"tpe-{t.number}" for t in done} <= set(listed), listed
+    # ... and fetched from origin into the checkout, where the printed `dvc exp apply` runs.
+    local = run(["dvc", "exp", "list", "--names-only"], project).split()
+    assert {f"tpe-{t.number}" for t in done} <= set(local), local
+    best = f"tpe-{s.best_trial.number}"
+    assert f"`dvc exp apply {best}`" in out, out
+    run(["dvc", "exp", "apply", best], project)
+    applied = yaml.safe_load((project / "params.yaml").read_text())
+    assert applied["train"]["lr"] == pytest.approx(s.best_trial.params["train.lr"])
+    run(["git", "checkout", "--", "."], project)
     # The parent carries Optuna's figures and the trial table.
     arts = artifact_files(project, parent)
     assert {"study/optimization_history.png", "study/trials.csv"} <= arts, arts

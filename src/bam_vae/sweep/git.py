@@ -78,12 +78,27 @@ def experiments_named(root: Path, name: str) -> list[str]:
     return [n for n in names if pattern.match(n)]
 
 
+def _dvc(root: Path, *args: str) -> subprocess.CompletedProcess:
+    """``dvc ARGS`` in ``root``: this interpreter's DVC, whatever PATH holds."""
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    return subprocess.run(["dvc", *args], cwd=root, capture_output=True, text=True, env=env)
+
+
 def cache_dir(root: Path) -> str:
     """The checkout's DVC cache, which trials on its machine share (and its run cache)."""
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    found = subprocess.run(["dvc", "cache", "dir"], cwd=root, capture_output=True, text=True,
-                           env=env)  # fmt: skip
-    return found.stdout.strip() or str(root / ".dvc" / "cache")
+    return _dvc(root, "cache", "dir").stdout.strip() or str(root / ".dvc" / "cache")
+
+
+def pull_experiments(root: Path, names: list[str]) -> str:
+    """Fetch experiments ``names`` from ``origin`` into the checkout, so that ``dvc exp show``
+    and ``dvc exp apply`` find them there: their git refs only (``--no-cache``; trials on
+    this machine wrote their outputs into its cache, the others' come with ``dvc pull``).
+    Returns "" or DVC's one-line reason."""
+    done = _dvc(root, "exp", "pull", "--no-cache", "origin", *names)
+    if not done.returncode:
+        return ""
+    lines = done.stderr.strip().splitlines()
+    return ([x for x in lines if x.startswith("ERROR")] or lines or [f"exit {done.returncode}"])[-1]
 
 
 def git_identity(root: Path) -> dict[str, str]:

@@ -42,7 +42,7 @@ from bam_vae.sweep.space import (
     default_name,
     parse_space,
 )
-from bam_vae.sweep.trial import STOP_GRACE_S, Trial, run_trial
+from bam_vae.sweep.trial import STOP_GRACE_S, Trial, numbers, run_trial
 from bam_vae.tracking import registry
 
 STORAGE_ENV = "BAM_STUDY_STORAGE"
@@ -194,14 +194,11 @@ def _metric_files(root: Path) -> dict[str, str]:
 def metric_stage(root: Path, metric: str) -> str:
     """The stage whose metrics file holds ``metric`` (committed files; a classifier-space
     score is also there in the Inception space)."""
-    import json
-
     known: dict[str, str] = {}
     for path, stage in _metric_files(root).items():
-        with contextlib.suppress(OSError, ValueError):
-            for key in json.loads((root / path).read_text()):
-                for name in (key, key.replace("_classifier", "_inception")):
-                    known.setdefault(name, stage)  # test_loss: train's, not the evaluator's
+        for key in numbers(root / path):
+            for name in (key, key.replace("_classifier", "_inception")):
+                known.setdefault(name, stage)  # test_loss: train's, not the evaluator's
     if metric not in known:
         raise BamError(f"--metric {metric!r} is not a metric of the pipeline; expected one of"
                        f" {', '.join(sorted(known))}")  # fmt: skip
@@ -210,6 +207,8 @@ def metric_stage(root: Path, metric: str) -> str:
 
 def plan(options: list[str], trials: int | None = None, **kw: Any) -> Plan:
     """Every check that needs no cluster, no tracking store and no study."""
+    if trials is not None and trials < 1:  # 0 is not "unset": the grid's size
+        raise BamError(f"--trials {trials}: expected at least 1")
     space = parse_space(options)
     name = kw.get("name") or default_name()
     check_name(name)
@@ -233,8 +232,6 @@ def plan(options: list[str], trials: int | None = None, **kw: Any) -> Plan:
         trials = trials or max(space.grid_size, 1)
     elif not trials:
         raise BamError(f"--sampler {sampler} needs --trials N (how many trials to finish)")
-    if trials < 1:
-        raise BamError(f"--trials {trials}: expected at least 1")
     num_cpus, num_gpus = kw.get("num_cpus", 1.0), kw.get("num_gpus", 0.0)
     if num_cpus <= 0 or num_gpus < 0:
         raise BamError(f"--num-cpus must be > 0 and --num-gpus >= 0 (got {num_cpus}, {num_gpus})")
@@ -691,6 +688,13 @@ def sweep(options: list[str], trials: int | None = None, **kw: Any) -> Any:
                 for s, handler in previous.items():
                     signal.signal(s, handler)
     done = finished(study)
+    if p.source != str(p.root):  # trials pushed their experiments to origin: fetch them here
+        made = {t.user_attrs["dvc_exp"] for t in done if t.state.name == "COMPLETE"}
+        missing = sorted(made - set(git.experiments_named(p.root, p.name)))
+        why = git.pull_experiments(p.root, missing) if missing else ""
+        if why:
+            print(f"sweep: the experiments stay on origin ({why}); `dvc exp pull origin"
+                  f" {p.name}-<n>` fetches one", flush=True)  # fmt: skip
     if status == "FINISHED" and len(done) < p.trials:
         status = "RUNNING"  # other drivers still at it: the last one closes the parent
     client = tracking.client()

@@ -167,15 +167,20 @@ class _Attempt:
         result["status"] = "done"
 
 
+def numbers(path: Path) -> dict[str, float]:
+    """The numbers at the top level of a metrics file (JSON); {} if it is missing or bad."""
+    found = _read_json(path).items()
+    return {k: float(v) for k, v in found if isinstance(v, int | float) and not isinstance(v, bool)}
+
+
 def metrics(clone: Path) -> dict[str, float]:
     """Every number at the top level of the checkout's ``metrics/*.json``: what ``--metric``
     may name."""
-    found: dict[str, float] = {}
-    for path in sorted((clone / "metrics").glob("*.json")):
-        for key, value in _read_json(path).items():
-            if isinstance(value, int | float) and not isinstance(value, bool):
-                found[key] = float(value)
-    return found
+    return {
+        k: v
+        for path in sorted((clone / "metrics").glob("*.json"))
+        for k, v in numbers(path).items()
+    }
 
 
 def run_trial(trial: Trial) -> dict[str, Any]:
