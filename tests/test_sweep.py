@@ -492,6 +492,7 @@ def test_a_tpe_study_killed_mid_trial_resumes_to_exactly_its_trials(sweep_projec
     is left RUNNING, and every finished trial is one FINISHED child run under one parent.
     optuna-dashboard reads the study; `bam report --sweep` shows its table and figures."""
     project, token = sweep_project, secrets.token_hex(16)
+    own_run = json.loads((project / "models" / "mlflow_run.json").read_text())
     # A token of the test's own: the Ray processes a killed driver leaves are found by it.
     env = local_env() | {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token}
     request.addfinalizer(lambda: kill_carrying(f"RAY_AUTH_TOKEN={token}"))
@@ -552,7 +553,11 @@ def test_a_tpe_study_killed_mid_trial_resumes_to_exactly_its_trials(sweep_projec
     run(["dvc", "exp", "apply", best], project)
     applied = yaml.safe_load((project / "params.yaml").read_text())
     assert applied["train"]["lr"] == pytest.approx(s.best_trial.params["train.lr"])
+    # Back to the project's own commit for the tests that share it: the applied trial's
+    # outputs (models/, the run record) are DVC's, so git alone would leave them.
     run(["git", "checkout", "--", "."], project)
+    run(["dvc", "checkout", "--force"], project)
+    assert json.loads((project / "models" / "mlflow_run.json").read_text()) == own_run
     # The parent carries Optuna's figures and the trial table.
     arts = artifact_files(project, parent)
     assert {"study/optimization_history.png", "study/trials.csv"} <= arts, arts
