@@ -123,6 +123,8 @@ def test_cosine_schedule_decays_every_optimisers_rate_from_train_lr_to_zero():
     decay = CosineDecay(optimizers, total_steps=8)
     rates = []
     for step in range(1, 9):
+        for o in optimizers:  # as the loop does: the optimiser steps, then the schedule
+            o.step()
         decay.on_batch_end(step)
         rates.append([o.param_groups[0]["lr"] for o in optimizers])
     expected = [[lr * 0.5 * (1 + math.cos(math.pi * s / 8)) for lr in (1e-3, 4e-4)]
