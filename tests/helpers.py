@@ -116,15 +116,21 @@ def served_images(port: int, **row) -> np.ndarray:
     return np.asarray(reply["predictions"], dtype=np.float32)
 
 
-def wait_for_http(url: str, proc: subprocess.Popen, log: Path, deadline_s: float) -> None:
-    """Until ``url`` answers 200; fails with the server's log if it exits or never answers."""
+def wait_for_http(
+    url: str, proc: subprocess.Popen, log: Path, deadline_s: float, cafile: Path | None = None
+) -> None:
+    """Until ``url`` answers 200 (HTTPS: trusting ``cafile``); fails with the server's log if
+    it exits or never answers."""
+    import ssl
+
     import pytest
 
+    context = ssl.create_default_context(cafile=str(cafile)) if cafile else None
     deadline = time.monotonic() + deadline_s
     while time.monotonic() < deadline:
         assert proc.poll() is None, f"{proc.args[:2]} exited:\n{log.read_text()}"
         try:
-            with urllib.request.urlopen(url, timeout=5) as reply:
+            with urllib.request.urlopen(url, timeout=5, context=context) as reply:
                 if reply.status == 200:
                     return
         except OSError:

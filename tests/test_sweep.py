@@ -304,14 +304,14 @@ class Cluster:
     those (not `ray stop`, which would stop any Ray on the machine). Token auth with a fresh
     token: Ray's multi-node mode listens on the machine's address, not only 127.0.0.1."""
 
-    def __init__(self) -> None:
+    def __init__(self, token_auth: bool = True) -> None:
         self.marker = secrets.token_hex(8)
         self.port = free_port()
         self.address = f"127.0.0.1:{self.port}"
+        auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16)}
         self.env = env_with_venv() | {
             "BAM_TEST_RAY_CLUSTER": self.marker,
-            "RAY_AUTH_MODE": "token",
-            "RAY_AUTH_TOKEN": secrets.token_hex(16),
+            **(auth if token_auth else {"RAY_AUTH_MODE": "disabled"}),
             "RAY_USAGE_STATS_ENABLED": "0",
         }
         self.env.pop("RAY_ADDRESS", None)
@@ -398,6 +398,29 @@ def cluster():
         nodes.head = nodes.start_node(head=True)
         nodes.second = nodes.start_node()
         yield nodes
+    finally:
+        nodes.stop()
+
+
+@pytest.mark.e2e
+@pytest.mark.slow
+def test_a_cluster_without_token_auth_is_refused_before_any_study(sweep_project):
+    """A `ray start --head` without token auth runs anyone's code: `bam sweep --address` to
+    it is one line, before a study, a run or a trial exists; --trusted-network lets it be."""
+    nodes = Cluster(token_auth=False)
+    try:
+        nodes.start_node(head=True)
+        env = local_env() | {"RAY_USAGE_STATS_ENABLED": "0"}
+        args = ["bam", "sweep", "--name", "open", "--trials", "1", "--address", nodes.address,
+                "-S", "model.z_dim=2,3"]  # fmt: skip
+        done = subprocess.run(args, cwd=sweep_project, env=env, capture_output=True, text=True,
+                              timeout=DEADLINE)  # fmt: skip
+        lines = [line for line in done.stderr.splitlines() if line.strip()]
+        assert done.returncode == 2 and len(lines) == 1, done.stdout + done.stderr
+        assert all(w in lines[0] for w in (nodes.address, "RAY_AUTH_MODE=token",
+                                           "--trusted-network")), lines[0]  # fmt: skip
+        journal = sweep_project / ".cache" / "sweeps" / "optuna.journal"
+        assert not journal.is_file() or '"open"' not in journal.read_text()
     finally:
         nodes.stop()
 

@@ -74,7 +74,7 @@ def _run(fn: Callable[..., Any], lock: bool, *args: Any, **kwargs: Any) -> Any:
     except KeyboardInterrupt:
         _fail("interrupted; nothing was written (outputs and the MLflow store are as before)", 130)
     except Exception as exc:  # a full disk, a quota, a read-only mount: one line, no traceback
-        line = storage_error(exc)
+        line = storage_error(exc) or _refused(exc)
         if line is None:
             raise
         _fail(line, 2)
@@ -82,6 +82,16 @@ def _run(fn: Callable[..., Any], lock: bool, *args: Any, **kwargs: Any) -> Any:
         _locks = None
         signal.signal(signal.SIGTERM, previous)
         signal.signal(signal.SIGINT, previous_int)
+
+
+def _refused(exc: Exception) -> str | None:
+    """A request the tracking server refused (HTTP 401/403) as one line; None otherwise."""
+    if "mlflow" not in sys.modules:
+        return None
+    from bam_vae.tracking import auth
+    from bam_vae.tracking.store import tracking_uri
+
+    return auth.refusal(exc, tracking_uri())
 
 
 def stage(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -313,21 +323,51 @@ def serve(
 def server(
     db: Annotated[
         str | None,
-        typer.Option(help="backend store: postgresql://user:password@host/db (or $BAM_SERVER_DB)"),
+        typer.Option(help="backend store: postgresql://USER@HOST/DB, its password from ~/.pgpass"
+                     " or PGPASSWORD (or $BAM_SERVER_DB)"),
     ] = None,
     artifacts: Annotated[
         str, typer.Option(help="where the server keeps artifacts: a folder or s3://bucket/path")
     ] = "mlflow-artifacts",
-    host: Annotated[str, typer.Option(help="address to bind (127.0.0.1: this machine only)")] = (
-        "127.0.0.1"
-    ),
+    host: Annotated[str, typer.Option(help="address to bind (127.0.0.1: this machine only;"
+                                      " another needs --auth and TLS)")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="port")] = 5000,
     workers: Annotated[int, typer.Option(min=1, help="server worker processes")] = 2,
-) -> None:
-    """Start a team's MLflow tracking server: PostgreSQL backend, proxied artifacts."""
-    from bam_vae.tracking.server import serve
+    auth: Annotated[bool, typer.Option(help="MLflow's basic-auth app: users, passwords and"
+                                       " permissions (docs/team.md)")] = False,
+    auth_db: Annotated[
+        str | None,
+        typer.Option(help="--auth: the database of users and permissions, its own beside --db"
+                     " (or $BAM_SERVER_AUTH_DB; or MLflow's ini in $MLFLOW_AUTH_CONFIG_PATH)"),
+    ] = None,
+    default_permission: Annotated[
+        str, typer.Option(help="--auth: what members may do where nobody granted them more:"
+                          " READ | USE | EDIT | MANAGE | NO_PERMISSIONS")
+    ] = "NO_PERMISSIONS",
+    ssl_certfile: Annotated[
+        str | None, typer.Option(help="TLS certificate (PEM): serve HTTPS")
+    ] = None,
+    ssl_keyfile: Annotated[str | None, typer.Option(help="TLS private key (PEM)")] = None,
+    allowed_hosts: Annotated[
+        str | None,
+        typer.Option(help="host names clients may use, comma-separated (MLflow's host check;"
+                     " default: localhost and private addresses)"),
+    ] = None,
+    cors_allowed_origins: Annotated[
+        str | None, typer.Option(help="origins of other web apps that may call it (MLflow's CORS)")
+    ] = None,
+    trusted_network: Annotated[
+        bool, typer.Option(help="allow a non-loopback --host without --auth or TLS: a private"
+                           " network you trust")
+    ] = False,
+) -> None:  # fmt: skip
+    """Start a team's MLflow tracking server: PostgreSQL backend, proxied artifacts, and with
+    --auth MLflow's basic-auth app (TLS with --ssl-certfile/--ssl-keyfile)."""
+    from bam_vae.tracking.server import ServerOptions, serve
 
-    serve(db, artifacts, host, port, workers)
+    serve(ServerOptions(db, artifacts, host, port, workers, auth, auth_db, default_permission,
+                        ssl_certfile, ssl_keyfile, allowed_hosts, cors_allowed_origins,
+                        trusted_network))  # fmt: skip
 
 
 @app.command()
@@ -372,6 +412,11 @@ def sweep(
     ] = None,
     num_cpus: Annotated[float, typer.Option(help="CPUs per trial (Ray resource)")] = 1.0,
     num_gpus: Annotated[float, typer.Option(help="GPUs per trial (Ray resource)")] = 0.0,
+    trusted_network: Annotated[
+        bool,
+        typer.Option(help="allow an --address cluster without Ray's token auth: a private"
+                     " network you trust"),
+    ] = False,
     name: Annotated[
         str | None,
         typer.Option(help="the study: its name, MLflow tag and experiments NAME-<trial>; the"
@@ -384,7 +429,8 @@ def sweep(
 
     run(space, trials, metric=metric, direction=direction, sampler=sampler, pruner=pruner,
         prune_on=prune_on, warmup=warmup, startup=startup, seed=seed, storage=storage,
-        address=address, num_cpus=num_cpus, num_gpus=num_gpus, name=name)  # fmt: skip
+        address=address, num_cpus=num_cpus, num_gpus=num_gpus, name=name,
+        trusted_network=trusted_network)  # fmt: skip
 
 
 def main() -> None:  # pragma: no cover - console entry point

@@ -120,8 +120,13 @@ def report(
         study = _study(sweep, drawn) if sweep else ""
         (drawn / "runs.md").write_text(_markdown(table, missing, selection, note) + study)
         tags = {"bam_kind": "report", "selection": selection}
-        with mlflow.start_run(run_name="report", tags=tags):
-            mlflow.log_artifacts(str(drawn), "report")
+        experiment = tracking.init()
+        if tracking.can_write(experiment):
+            with mlflow.start_run(run_name="report", tags=tags):
+                mlflow.log_artifacts(str(drawn), "report")
+        else:  # a member who may read the runs gets the report, kept on their disk only
+            print(f"report: not logged to MLflow: {tracking.user()} may only read experiment"
+                  f" {tracking.EXPERIMENT!r}")  # fmt: skip
         for path in drawn.rglob("*"):
             if path.is_file():
                 shutil.copyfile(path, staged.path(out_dir / path.relative_to(drawn)))

@@ -118,12 +118,16 @@ def fit(
             f" {device.type} here; expected train.cuda_graphs=false (graphs only cut GPU"
             " kernel-launch costs)"
         )
-    tracking.init()  # an unreachable tracking server fails here, before any work
+    # An unreachable tracking server, or one that refuses this user, fails here, before work.
+    tracking.init(writes="train writes its run")
     threads = configure_threads(cfg.threads)
     train_images, train_labels = load_split(params.data.out_dir, "train")
     test_images, test_labels = load_split(params.data.out_dir, "test")
     digest = data_sha256(train_images, test_images)
     dataset = load_info(params.data.out_dir)
+    tracking.require_model(
+        registry.registered_name(params.model.arch, dataset.name), "train registers a version"
+    )
 
     seed_everything(cfg.seed)
     x_train, y_train = training_images(cfg, train_images, train_labels)

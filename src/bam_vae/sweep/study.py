@@ -24,6 +24,7 @@ import math
 import os
 import signal
 import socket
+import subprocess
 import sys
 import threading
 import time
@@ -44,6 +45,7 @@ from bam_vae.sweep.space import (
 )
 from bam_vae.sweep.trial import STOP_GRACE_S, Trial, numbers, run_trial
 from bam_vae.tracking import registry
+from bam_vae.uris import mask
 
 STORAGE_ENV = "BAM_STUDY_STORAGE"
 POLL_S = 2.0  # how often a trial's MLflow run is read for its per-epoch values
@@ -106,8 +108,8 @@ def open_storage(url: str | None, root: Path) -> tuple[Any, str]:
             storage = optuna.storages.RDBStorage(full, heartbeat_interval=20, grace_period=60,
                                                  heartbeat_stale_trial_callback=retry)  # fmt: skip
     except Exception as exc:
-        raise BamError(f"cannot open the study storage {url}: {reason(exc)}") from None
-    return storage, url
+        raise BamError(f"cannot open the study storage {mask(url)}: {reason(exc)}") from None
+    return storage, mask(url)
 
 
 def interrupted(t: Any) -> bool:
@@ -177,6 +179,7 @@ class Plan:
     num_cpus: float
     num_gpus: float
     storage: str | None
+    trusted_network: bool = False
 
 
 def _metric_files(root: Path) -> dict[str, str]:
@@ -255,6 +258,7 @@ def plan(options: list[str], trials: int | None = None, **kw: Any) -> Plan:
         seed=kw.get("seed", 0), address=kw.get("address") or os.environ.get("RAY_ADDRESS"),
         num_cpus=num_cpus, num_gpus=num_gpus,
         storage=kw.get("storage") or os.environ.get(STORAGE_ENV),
+        trusted_network=kw.get("trusted_network", False),
     )  # fmt: skip
 
 
@@ -327,6 +331,33 @@ def _import_ray(local: bool) -> Any:
     return ray
 
 
+def check_token_auth(p: Plan) -> None:
+    """A cluster on other machines asks for Ray's token (``RAY_AUTH_MODE=token``): without it,
+    anyone who reaches its ports runs code on every node (CVE-2023-48022). Asked the way Ray's
+    own CLI asks, without a token: ``ray status`` answering means the cluster is open.
+
+    Raises :class:`BamError` for an open cluster, unless ``--trusted-network``."""
+    import shutil
+
+    if p.trusted_network:
+        return
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH_TOKEN")}
+    env["RAY_AUTH_MODE"] = "disabled"
+    ray_cli = shutil.which("ray", path=str(Path(sys.executable).parent)) or "ray"
+    try:
+        done = subprocess.run([ray_cli, "status", "--address", p.address], env=env,
+                              capture_output=True, text=True, timeout=60)  # fmt: skip
+    except (OSError, subprocess.TimeoutExpired):
+        return  # no answer at all: ray.init says why
+    if done.returncode == 0:
+        raise BamError(
+            f"--address {p.address}: the Ray cluster answers without a token, so anyone who"
+            " reaches it can run code on its nodes; start its nodes with RAY_AUTH_MODE=token"
+            " (docs/sweeps.md#setting-up-nodes), or pass --trusted-network on a private"
+            " network you trust"
+        )
+
+
 @contextlib.contextmanager
 def connect(p: Plan, uri: str) -> Any:
     """``ray.init`` (a new local instance when no address), checked and shut down."""
@@ -358,7 +389,7 @@ def connect(p: Plan, uri: str) -> Any:
         hosts = {n["NodeManagerAddress"] for n in nodes} - {ray.util.get_node_ip_address()}
         if hosts and not uri.startswith(("http://", "https://", "postgresql", "mysql")):
             raise BamError(f"the Ray cluster has nodes on other machines ({', '.join(hosts)}),"
-                           f" which cannot write the store {uri}; start a tracking server and"
+                           f" which cannot write the store {mask(uri)}; start a tracking server and"
                            " set MLFLOW_TRACKING_URI=http://... (docs/sweeps.md)")  # fmt: skip
         if hosts and p.source == str(p.root):
             raise BamError(
@@ -647,13 +678,15 @@ def sweep(options: list[str], trials: int | None = None, **kw: Any) -> Any:
     import optuna
 
     p = plan(options, trials, **kw)
+    if p.address not in (None, "", "local"):  # before any study or run is opened
+        check_token_auth(p)
     for handler in optuna.logging.get_logger("optuna").handlers:  # Optuna's own handler
         handler.addFilter(_Quiet())
     os.chdir(p.root)  # the tracking store is this checkout's (tracking.tracking_uri)
     from bam_vae.tracking import store as tracking
 
     uri = tracking.tracking_uri()
-    tracking.init()  # an unreachable tracking server fails here
+    tracking.init(writes="bam sweep logs its study run")  # a server that refuses: here
     study, where = open_study(p)
     recover(study)
     parent = _parent_run(study, p, where)
@@ -662,7 +695,7 @@ def sweep(options: list[str], trials: int | None = None, **kw: Any) -> Any:
     print(
         f"sweep {p.name}: {had} of {p.trials} trials finished, {p.sampler}"
         f" sampler, pruner {p.pruner}, metric {p.metric} ({p.direction}) from stage"
-        f" {p.stage}; study in {where}; parent run {parent} in {uri}",
+        f" {p.stage}; study in {where}; parent run {parent} in {mask(uri)}",
         flush=True,
     )
     status = "FINISHED"

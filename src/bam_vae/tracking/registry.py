@@ -120,7 +120,7 @@ def promote(
     def tag(version, names: list[str]) -> float | None:
         return next((float(version.tags[k]) for k in names if k in version.tags), None)
 
-    chosen: dict[str, str] = {}
+    picks = []  # decided before any write, so a refused grant leaves every alias as it was
     for model in client.search_registered_models("name LIKE 'bam-vae-%'"):
         versions = client.search_model_versions(f"name = {quote(model.name)}")
         scored = [(tag(v, keys), int(v.version), tag(v, n_keys)) for v in versions]
@@ -130,21 +130,22 @@ def promote(
             continue
         n = comparable_n([s[2] for s in scored])
         ranked = [s for s in scored if s[2] == n]
-        left = [s for s in scored if s[2] != n]
-        fid, version, _ = min(ranked)
-        client.set_registered_model_alias(model.name, alias, str(version))
-        chosen[model.name] = str(version)
+        picks.append((model.name, min(ranked), len(ranked), n, [s for s in scored if s[2] != n]))
+    for name, *_ in picks:
+        store.require_model(name, f"promote moves @{alias}")
+    chosen: dict[str, str] = {}
+    for name, (fid, version, _), n_ranked, n, left in picks:
+        client.set_registered_model_alias(name, alias, str(version))
+        chosen[name] = str(version)
         print(
-            f"promote: {model.name}@{alias} -> version {version} ({keys[0]} {fid:.3f}, ranked"
-            f" among {len(ranked)} versions scored from {n_label(n)} images)"
+            f"promote: {name}@{alias} -> version {version} ({keys[0]} {fid:.3f}, ranked"
+            f" among {n_ranked} versions scored from {n_label(n)} images)"
         )
         if left:
             skipped = ", ".join(
                 f"{v} ({n_label(k)})" for _, v, k in sorted(left, key=lambda s: s[1])
             )
-            print(
-                f"promote: {model.name}: not ranked, scored from other numbers of images: {skipped}"
-            )
+            print(f"promote: {name}: not ranked, scored from other numbers of images: {skipped}")
     if not chosen:
         raise BamError(
             f"no registered version has {keys[0]}; run `dvc repro` (compute-fid) with"

@@ -14,7 +14,6 @@ import json
 import logging
 import os
 import time
-import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -28,6 +27,8 @@ from bam_vae.errors import BamError
 from bam_vae.files import exclusive, write_json
 from bam_vae.paths import project_root
 from bam_vae.sweep import git
+from bam_vae.tracking import auth
+from bam_vae.uris import mask
 
 if TYPE_CHECKING:
     from bam_vae.datasets.base import DatasetInfo
@@ -73,8 +74,8 @@ def artifact_root() -> Path:
     database = sqlite_file()
     if database is None:
         raise BamError(
-            f"MLFLOW_TRACKING_URI {tracking_uri()}: a database without a tracking server has no"
-            f" place for artifacts; set {ARTIFACT_ROOT_ENV} to a shared folder, or run"
+            f"MLFLOW_TRACKING_URI {mask(tracking_uri())}: a database without a tracking server"
+            f" has no place for artifacts; set {ARTIFACT_ROOT_ENV} to a shared folder, or run"
             " `bam server` on it and point MLFLOW_TRACKING_URI at the server"
         )
     return database.parent / "artifacts"
@@ -111,45 +112,66 @@ def _create_experiment(name: str) -> str:
         return mlflow.get_experiment_by_name(name).experiment_id
 
 
-def check_server(uri: str, timeout: float = 5.0) -> None:
-    """A remote tracking URI must answer its health check within seconds.
-
-    MLflow's client retries an unreachable server with backoff for minutes before it fails
-    with a long traceback; this asks once, up front, before any work is done."""
-    if not is_remote(uri):
-        return
-    try:
-        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout) as reply:
-            ok = reply.status == 200
-    except (OSError, ValueError) as exc:
-        reason = getattr(exc, "reason", None) or exc
-        raise BamError(
-            f"MLFLOW_TRACKING_URI {uri}: tracking server unreachable ({reason}); start it or"
-            " unset MLFLOW_TRACKING_URI to use the project's own store"
-        ) from None
-    if not ok:
-        raise BamError(f"MLFLOW_TRACKING_URI {uri}: health check answered {reply.status}")
+def check_server(uri: str) -> None:
+    """A tracking server (``http(s)://``) must answer and let this client in, within seconds:
+    MLflow's client retries an unreachable server with backoff for minutes before it fails with
+    a long traceback; this asks once, up front, before any work (:func:`auth.check_server`)."""
+    if is_remote(uri):
+        auth.check_server(uri)
 
 
 _checked: set[str] = set()
 
 
-def init(experiment: str = EXPERIMENT) -> str:
-    """Point MLflow at the project store and return the experiment id (created if new)."""
+def init(experiment: str = EXPERIMENT, writes: str = "") -> str:
+    """Point MLflow at the project store and return the experiment id (created if new).
+
+    ``writes`` (``"train writes its run"``): the caller is about to write into the
+    experiment, so a tracking server's user without EDIT on it stops here, before any work
+    (:func:`auth.require`)."""
     uri = _connect()
     with store_lock():
         found = mlflow.get_experiment_by_name(experiment)
         experiment_id = found.experiment_id if found else _create_experiment(experiment)
     if found and found.lifecycle_stage == "deleted":
         raise BamError(
-            f"MLflow experiment {experiment!r} ({experiment_id}) is deleted in {uri};"
+            f"MLflow experiment {experiment!r} ({experiment_id}) is deleted in {mask(uri)};"
             f" `mlflow experiments restore --experiment-id {experiment_id}` brings it back, or"
             " `mlflow gc` empties the trash and the next stage creates a new one"
         )
     if found and not is_remote(uri):
         check_artifact_location(found.artifact_location)
     mlflow.set_experiment(experiment_id=experiment_id)
+    if writes:
+        auth.require(uri, "experiment", experiment_id, f"experiment {experiment!r}", writes)
     return experiment_id
+
+
+def can_write(experiment_id: str) -> bool:
+    """Whether this client may write into the experiment (always, but on a server whose
+    basic-auth app gives its user less than EDIT there)."""
+    return auth.can_write(tracking_uri(), "experiment", experiment_id)
+
+
+def user() -> str | None:
+    """Who the tracking server is told is calling (MLflow's credentials), None if nobody."""
+    return auth.user(tracking_uri()) if is_remote() else None
+
+
+def require_model(name: str, writes: str) -> None:
+    """Before any work: a tracking server's user may write registered model ``name`` if they
+    can see it (a new one is theirs to manage; the basic-auth app answers 403 alike for a model
+    that does not exist and for one its user may not read, which then refuses the write)."""
+    uri = _connect()
+    if not is_remote(uri):
+        return
+    try:
+        client().get_registered_model(name)
+    except mlflow.exceptions.MlflowException as exc:
+        if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "PERMISSION_DENIED"):
+            return
+        raise
+    auth.require(uri, "registered_model", name, f"registered model {name!r}", writes)
 
 
 def _connect() -> str:
@@ -172,7 +194,7 @@ def check_model_ref(ref: dict[str, str], stage: str) -> None:
 
     def gone(what: str, how: str) -> BamError:
         return BamError(
-            f"{stage}: {what} is gone from {uri} ({how}; {RUN_REF} names it); {retrain}"
+            f"{stage}: {what} is gone from {mask(uri)} ({how}; {RUN_REF} names it); {retrain}"
         )
 
     try:
@@ -211,8 +233,8 @@ def check_artifact_location(location: str) -> None:
     if found is not None and found.resolve() == expected:
         return
     raise BamError(
-        f"experiment {EXPERIMENT!r} in {tracking_uri()} keeps its artifacts in {location}, not"
-        f" with the store ({expected}); set {ARTIFACT_ROOT_ENV}={found or location} to keep"
+        f"experiment {EXPERIMENT!r} in {mask(tracking_uri())} keeps its artifacts in {location},"
+        f" not with the store ({expected}); set {ARTIFACT_ROOT_ENV}={found or location} to keep"
         " writing there, or point MLFLOW_TRACKING_URI at a new store"
     )
 
@@ -311,12 +333,15 @@ def model_run(stage: str, path: Path = RUN_REF) -> dict[str, str]:
     """The preamble of every stage that works on the trained model's run, in one order and
     before any work: read ``models/mlflow_run.json``, check that its experiment, run and
     registered version still exist and the tracking server answers (one line otherwise,
-    :func:`check_model_ref`), and point MLflow at the store. Returns the reference (``run_id``,
+    :func:`check_model_ref`), that a server's user may write the run and the version, and point
+    MLflow at the store. Returns the reference (``run_id``,
     ``model_name``, ``model_version``, ``model_uri``); the stage then loads the model and logs
     through :func:`reopen_run`."""
     ref = read_run_ref(path)
     check_model_ref(ref, stage)
-    init()
+    init(writes=f"{stage} logs")
+    if "model_name" in ref:
+        require_model(ref["model_name"], f"{stage} tags the version it scores")
     return ref
 
 
@@ -338,7 +363,7 @@ def reopen_run(run_id: str) -> Iterator[mlflow.ActiveRun]:
     init()
     if not run_exists(run_id):
         raise BamError(
-            f"MLflow run {run_id} (from {RUN_REF}) is not in {tracking_uri()}; restore that"
+            f"MLflow run {run_id} (from {RUN_REF}) is not in {mask(tracking_uri())}; restore that"
             " store (or point MLFLOW_TRACKING_URI at it), or retrain with `dvc repro`"
         )
     with mlflow.start_run(run_id=run_id) as run:
@@ -355,7 +380,7 @@ def model_run_id(model_uri: str) -> str:
         info = mlflow.models.get_model_info(model_uri)
     except Exception as exc:
         raise BamError(
-            f"model {model_uri!r} not found in {tracking_uri()}: {exc}".splitlines()[0]
+            f"model {model_uri!r} not found in {mask(tracking_uri())}: {exc}".splitlines()[0]
         ) from None
     return info.run_id
 
