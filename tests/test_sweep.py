@@ -178,6 +178,51 @@ def test_a_checked_plan_says_what_the_trials_run(tmp_path):
     assert plan(["train.lr=interval(0.1, 1)"], 5, cwd=root).sampler == "tpe"
 
 
+@pytest.mark.slow
+def test_a_resumed_or_joined_study_draws_points_of_its_own(tmp_path, monkeypatch):
+    """The study of issue 49: 2 trials of z in range(2,40), then the same command with
+    --trials 4. Seeded with --seed alone, the resume drew z = 22 and 29 again (Optuna #4714);
+    each resume's sampler now has a stream of its own, reproducibly derived."""
+    root = _git_repo(tmp_path / "repo")
+    monkeypatch.chdir(root)
+
+    def run_to(trials: int) -> list[int]:
+        p = plan(["model.z_dim=range(2,40)"], trials, name="dup", cwd=root, metric="test_loss")
+        study, _ = study_module.open_study(p)
+        left = trials - len(study.trials)
+        study.optimize(lambda t: t.suggest_int("model.z_dim", 2, 39) / 10, n_trials=left)
+        return [t.params["model.z_dim"] for t in study.trials]
+
+    first = run_to(2)
+    resumed = run_to(4)
+    assert resumed[:2] == first and len(set(resumed)) == 4, resumed
+    assert study_module.sampler_seed(0, 0) == 0  # a new study: --seed itself, as before
+    assert study_module.sampler_seed(0, 2) == study_module.sampler_seed(0, 2)
+    assert len({study_module.sampler_seed(0, n) for n in range(50)}) == 50
+
+
+@pytest.mark.slow
+def test_an_mlflow_database_is_refused_as_a_study_storage_before_optuna_writes(tmp_path):
+    """MLflow and Optuna both keep their schema revision in `alembic_version` (Optuna #2866,
+    MLflow #3374): a study in MLflow's database broke both."""
+    import mlflow
+
+    root = _git_repo(tmp_path / "repo")
+    database = root / "mlruns" / "mlflow.db"
+    database.parent.mkdir()
+    mlflow_store = f"sqlite:///{database}"
+    mlflow.MlflowClient(mlflow_store).search_experiments()  # MLflow creates its tables
+    before = database.read_bytes()
+    p = plan(["model.z_dim=2,3"], name="s", cwd=root, storage=mlflow_store)
+    with pytest.raises(BamError) as err:
+        study_module.open_study(p)
+    assert "MLflow database" in str(err.value) and "database of its own" in str(err.value)
+    assert database.read_bytes() == before
+    with sqlite3.connect(database) as db:
+        tables = {r[0] for r in db.execute("select name from sqlite_master where type='table'")}
+    assert "studies" not in tables and "trials" not in tables
+
+
 def test_the_guard_runs_its_command_whatever_pythonpath_it_gets(tmp_path):
     """The command's output goes to the log and its exit status comes back. The guard is the
     sweep's own code: a ``bam_vae`` first on the command's PYTHONPATH (the clone's ``src``,
@@ -606,6 +651,32 @@ def test_a_tpe_study_killed_mid_trial_resumes_to_exactly_its_trials(sweep_projec
     run(["bam", "report", "--sweep", "tpe", "--out", str(out_dir)], project, env)
     assert (out_dir / "study" / "optimization_history.png").stat().st_size > 0
     assert "tpe-" in (out_dir / "runs.md").read_text()
+
+
+@pytest.mark.e2e
+@pytest.mark.slow
+def test_a_torn_journal_record_is_cut_and_the_study_goes_on(sweep_project):
+    """A record cut off (a full disk, a killed machine) at the journal's end: Optuna glued the
+    next record onto it and no later run could read the study (Optuna #5138). The same
+    command cuts the torn bytes (one line naming the file and the byte, a copy kept) and the
+    study is whole: the TPE test's 4 finished trials, no traceback, then or after."""
+    journal = journal_path(sweep_project)
+    whole = journal.read_bytes()
+    journal.write_bytes(whole + b'{"op_code": 5, "worker_id": "torn-by-a-full-dis')
+    env = local_env() | {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16)}
+    args = ["--name", "tpe", "--trials", "4", "-S", "model.z_dim=choice(2,3,4)",
+            "-S", "train.lr=tag(log, interval(1e-3, 1e-2))"]  # fmt: skip
+    code, out = sweep(sweep_project, args, env)
+    assert code == 0 and "Traceback" not in out and "4 of 4 trials finished" in out, out
+    repaired = [line for line in out.splitlines() if "torn record" in line]
+    assert len(repaired) == 1, out
+    assert f"{journal} ended in a torn record at byte {len(whole)}" in repaired[0]
+    assert journal.read_bytes() == whole
+    (copy,) = journal.parent.glob("optuna.journal.torn-*")
+    assert copy.read_bytes().startswith(whole) and len(copy.read_bytes()) > len(whole)
+    code, out = sweep(sweep_project, args, env)  # and after: the study reads as it is
+    assert code == 0 and "Traceback" not in out and "torn record" not in out, out
+    assert "4 of 4 trials finished" in out
 
 
 def kill_carrying(needle: str) -> None:

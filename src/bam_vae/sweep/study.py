@@ -92,8 +92,12 @@ def open_storage(url: str | None, root: Path) -> tuple[Any, str]:
     if not url:
         path = journal_path(root)
         path.parent.mkdir(parents=True, exist_ok=True)
+        repair_journal(path)
         backend = optuna.storages.journal.JournalFileBackend(str(path))
-        return optuna.storages.JournalStorage(backend), str(path)
+        try:
+            return optuna.storages.JournalStorage(backend), str(path)
+        except Exception as exc:  # a record Optuna cannot read, in the middle of the file
+            raise BamError(f"cannot read the study journal {path}: {reason(exc)}") from None
     if not url.startswith(("postgresql", "mysql", "sqlite")):
         raise BamError(f"--storage {url!r}: expected postgresql://USER:PW@HOST/DB, sqlite:///FILE"
                        " or nothing (a journal file in the checkout)")  # fmt: skip
@@ -101,6 +105,7 @@ def open_storage(url: str | None, root: Path) -> tuple[Any, str]:
         require_extra("psycopg", "a study on PostgreSQL")
     full = "postgresql+psycopg://" + url.removeprefix("postgresql://") if url.startswith(
         "postgresql://") else url  # fmt: skip
+    check_not_tracking_store(url, full)
     try:
         with warnings.catch_warnings():  # the heartbeat is "experimental" since Optuna 2.8
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
@@ -110,6 +115,68 @@ def open_storage(url: str | None, root: Path) -> tuple[Any, str]:
     except Exception as exc:
         raise BamError(f"cannot open the study storage {mask(url)}: {reason(exc)}") from None
     return storage, mask(url)
+
+
+def repair_journal(path: Path) -> None:
+    """Cut a torn last record off Optuna's journal file, keeping a copy of the whole file.
+
+    Optuna's file backend appends without checking that the file ends in a newline (Optuna
+    #5138): after a record cut off by a full disk or a killed machine, the next record is glued
+    to it and no process reads the study again. Every complete record ends in a newline, so the
+    bytes after the last one are the torn record; cut under Optuna's own lock (no writer is
+    mid-record), after copying the file to ``<name>.torn-<unix time>``."""
+    import shutil
+
+    import optuna
+
+    if not path.is_file() or path.stat().st_size == 0:
+        return
+    lock = optuna.storages.journal.JournalFileSymlinkLock(str(path))
+    lock.acquire()
+    try:
+        data = path.read_bytes()
+        if data.endswith(b"\n"):
+            return
+        cut = data.rfind(b"\n") + 1
+        copy = path.with_name(f"{path.name}.torn-{int(time.time())}")
+        shutil.copy2(path, copy)
+        with path.open("r+b") as out:
+            out.truncate(cut)
+            os.fsync(out.fileno())
+    finally:
+        lock.release()
+    print(f"sweep: the study journal {path} ended in a torn record at byte {cut} (of"
+          f" {len(data)}); cut there, every complete record kept, the whole file copied to"
+          f" {copy}", flush=True)  # fmt: skip
+
+
+# MLflow's own tables (tracking; its basic-auth app's users): a database holding them is a store.
+_MLFLOW_TABLES = ({"experiments", "runs", "registered_models"}, {"users", "alembic_version_auth"})
+
+
+def check_not_tracking_store(url: str, full: str) -> None:
+    """Refuse a study storage that is an MLflow database, before Optuna writes to it: Optuna
+    and MLflow both keep their schema revision in one ``alembic_version`` table (Optuna
+    #2866/#5360, MLflow #3374), so each would find the other's revision and stop."""
+    import sqlalchemy
+
+    if full.startswith("sqlite:///") and not Path(full.removeprefix("sqlite:///")).is_file():
+        return  # a new file: Optuna creates it
+    engine = sqlalchemy.create_engine(full)
+    try:
+        tables = set(sqlalchemy.inspect(engine).get_table_names())
+    except Exception as exc:
+        raise BamError(f"cannot open the study storage {mask(url)}: {reason(exc)}") from None
+    finally:
+        engine.dispose()
+    if any(kind <= tables for kind in _MLFLOW_TABLES):
+        found = ", ".join(sorted(tables & set().union(*_MLFLOW_TABLES)))
+        raise BamError(
+            f"--storage {mask(url)} is an MLflow database (its tables {found}); Optuna and"
+            " MLflow both keep their schema"
+            " version in its alembic_version table and would break each other: expected a"
+            " database of its own (`createdb -O bam optuna`, docs/sweeps.md)"
+        )
 
 
 def interrupted(t: Any) -> bool:
@@ -262,14 +329,25 @@ def plan(options: list[str], trials: int | None = None, **kw: Any) -> Plan:
     )  # fmt: skip
 
 
-def _sampler(p: Plan) -> Any:
+def sampler_seed(seed: int, held: int) -> int:
+    """The seed of a driver's sampler: ``--seed`` itself for a new study; for a resume or a
+    join, a stream of its own derived from ``--seed`` and the trials the study holds. With
+    ``--seed`` alone every resume re-drew the points it had drawn the first time (Optuna
+    #4714, #1547: a sampler reseeds per trial only when ``n_jobs > 1``)."""
+    import numpy as np
+
+    return seed if held == 0 else int(np.random.SeedSequence([seed, held]).generate_state(1)[0])
+
+
+def _sampler(p: Plan, held: int = 0) -> Any:
     import optuna
 
-    if p.sampler == "grid":
-        return optuna.samplers.GridSampler(p.space.grid, seed=p.seed)
+    seed = sampler_seed(p.seed, held)
+    if p.sampler == "grid":  # picks among the points no trial has taken yet
+        return optuna.samplers.GridSampler(p.space.grid, seed=seed)
     if p.sampler == "random":
-        return optuna.samplers.RandomSampler(seed=p.seed)
-    return optuna.samplers.TPESampler(seed=p.seed)
+        return optuna.samplers.RandomSampler(seed=seed)
+    return optuna.samplers.TPESampler(seed=seed)
 
 
 def _pruner(p: Plan) -> Any:
@@ -294,9 +372,15 @@ def open_study(p: Plan) -> tuple[Any, str]:
     if p.name not in names and git.experiments_named(p.root, p.name):
         raise BamError(f"experiments {p.name}-<n> exist already but no study {p.name} in"
                        f" {where}; pick another --name")  # fmt: skip
-    study = optuna.create_study(storage=storage, study_name=p.name, sampler=_sampler(p),
-                                pruner=_pruner(p), direction=p.direction,
-                                load_if_exists=True)  # fmt: skip
+    try:
+        study = optuna.create_study(storage=storage, study_name=p.name, sampler=_sampler(p),
+                                    pruner=_pruner(p), direction=p.direction,
+                                    load_if_exists=True)  # fmt: skip
+    except optuna.exceptions.OptunaError as exc:
+        raise BamError(f"study {p.name} in {where}: {reason(exc)}") from None
+    held = len(study.get_trials(deepcopy=False))
+    if held:  # a resume or a join: a sampler stream of its own
+        study.sampler = _sampler(p, held)
     mine = {"space": list(p.space.options), "metric": p.metric, "commit": p.commit}
     for key, value in mine.items():
         had = study.user_attrs.get(key)

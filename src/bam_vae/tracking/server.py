@@ -55,7 +55,6 @@ def run_until_stopped(command: list[str], what: str, env: dict | None = None) ->
 def ui_command(port: int) -> list[str]:
     return [
         sys.executable, "-m", "mlflow", "ui",
-        "--backend-store-uri", tracking.tracking_uri(),
         "--default-artifact-root", tracking.artifact_root().as_uri(),
         "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
     ]  # fmt: skip
@@ -71,10 +70,12 @@ def serve_ui(port: int) -> None:
     check_port("127.0.0.1", port)
     tracking.init()  # creates the store and experiment, so a fresh checkout shows an empty one
     print(
-        f"MLflow UI for {tracking.tracking_uri()} at http://127.0.0.1:{port}  (Ctrl-C stops it)",
+        f"MLflow UI for {mask(tracking.tracking_uri())} at http://127.0.0.1:{port}  (Ctrl-C"
+        " stops it)",
         flush=True,
     )
-    run_until_stopped(ui_command(port), "MLflow UI")
+    env = os.environ | {STORE_ENV: tracking.tracking_uri()}  # not in argv: it may hold a password
+    run_until_stopped(ui_command(port), "MLflow UI", env)
 
 
 # ---------------------------------------------------------------------------- bam server
