@@ -38,17 +38,46 @@ def check_port(host: str, port: int) -> None:
             raise BamError(f"--port {port}: {host}:{port} is already in use; pick another port")
 
 
-def run_until_stopped(command: list[str], what: str, env: dict | None = None) -> None:
+def run_until_stopped(
+    command: list[str], what: str, env: dict | None = None, warm: str | None = None
+) -> None:
     """Run ``command`` in its own process group until it exits or we get SIGINT/SIGTERM,
-    then stop the whole group, so no server is left listening."""
+    then stop the whole group, so no server is left listening. ``warm``: an MLflow server's
+    local base URL, sent one runs search as soon as it answers (:func:`warm_up`)."""
     proc = subprocess.Popen(command, start_new_session=True, env=env)
     with stop_on_signals() as stopped:
         while proc.poll() is None and not stopped():
+            if warm and warm_up(warm):
+                warm = None
             time.sleep(0.2)
     signalled = proc.poll() is None
     stop_group(proc, STOP_GRACE_S)
     if not signalled and proc.returncode:
         raise BamError(f"the {what} exited with status {proc.returncode}; see its log above")
+
+
+def warm_up(base: str) -> bool:
+    """One runs search on a server without the auth app, once it answers; whether it did.
+
+    With ``mlflow[auth]`` installed, MLflow (3.18) imports its auth module on a server's first
+    runs search, lazily; the UI's first page sends several requests at once, which race on that
+    import and get HTTP 500, and the page never loads. One request first settles it."""
+    import ssl
+    import urllib.request
+
+    context = ssl._create_unverified_context()  # our own server, on this machine; no secret
+    search = urllib.request.Request(
+        f"{base}/ajax-api/2.0/mlflow/runs/search", data=b'{"experiment_ids": []}',
+        headers={"Content-Type": "application/json"}, method="POST",
+    )  # fmt: skip
+    try:
+        with urllib.request.urlopen(f"{base}/health", timeout=1, context=context):
+            pass
+    except OSError:
+        return False  # not up yet
+    with contextlib.suppress(OSError):
+        urllib.request.urlopen(search, timeout=30, context=context).close()
+    return True
 
 
 # ---------------------------------------------------------------------------- bam ui
@@ -75,7 +104,7 @@ def serve_ui(port: int) -> None:
         flush=True,
     )
     env = os.environ | {STORE_ENV: tracking.tracking_uri()}  # not in argv: it may hold a password
-    run_until_stopped(ui_command(port), "MLflow UI", env)
+    run_until_stopped(ui_command(port), "MLflow UI", env, warm=f"http://127.0.0.1:{port}")
 
 
 # ---------------------------------------------------------------------------- bam server
@@ -219,7 +248,10 @@ def serve(o: ServerOptions) -> None:
             flush=True,
         )
         command = server_command(replace(o, artifacts=artifacts))
-        run_until_stopped(command, "tracking server", env)
+        local = "127.0.0.1" if o.host in ("0.0.0.0", "::", "") else o.host
+        local = f"[{local}]" if ":" in local else local
+        warm = None if o.auth else f"{scheme}://{local}:{o.port}"  # auth imports it at start
+        run_until_stopped(command, "tracking server", env, warm=warm)
 
 
 def warn_argv(option: str, uri: str) -> None:
