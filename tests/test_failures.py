@@ -271,3 +271,51 @@ def test_an_error_mid_epoch_gets_a_line_of_its_own(tmp_path, tiny_mnist):
     shown = [line.rsplit("\r", 1)[-1] for line in err.split("\n") if line.strip()]
     (line,) = [s for s in shown if "error" in s]
     assert line.startswith("error: train: loss is nan"), err
+
+
+def _library_exceptions() -> list[tuple[str, BaseException, str]]:
+    """A real exception of each library whose errors reach `bam` (issue 49), with a password
+    in its text where the library puts the URI there."""
+    import optuna
+    import psycopg
+    import sqlalchemy
+    from mlflow.exceptions import RestException
+
+    url = "postgresql://bam:s3cret-pw@db.lan/optuna"
+    return [
+        ("optuna", optuna.exceptions.StorageInternalError(f"cannot commit to {url}"),
+         "the study (Optuna): StorageInternalError"),
+        ("sqlalchemy", sqlalchemy.exc.OperationalError("select 1", {}, Exception(f"{url} down")),
+         "a database (SQLAlchemy): OperationalError"),
+        ("psycopg", psycopg.OperationalError(f"connection to {url} failed: password authentication"
+                                             " failed for user \"bam\""),
+         "PostgreSQL (psycopg): OperationalError"),
+        ("mlflow", RestException({"error_code": "INTERNAL_ERROR", "message": "store broke"}),
+         "the MLflow store sqlite:///"),
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize("kind", ["optuna", "sqlalchemy", "psycopg", "mlflow"])
+def test_a_library_exception_reaching_bam_is_one_line_with_no_password(kind, project, capsys):
+    """bam's error boundary (cli._run), as every command meets it: Optuna's, SQLAlchemy's,
+    psycopg's and MLflow's REST client's exceptions are one line naming what failed; with
+    BAM_TRACEBACK=1 the traceback comes back."""
+    import typer
+
+    from bam_vae import cli
+
+    _, exc, says = next(case for case in _library_exceptions() if case[0] == kind)
+
+    def command() -> None:
+        raise exc
+
+    with pytest.raises(typer.Exit) as done:
+        cli._run(command, False)
+    assert done.value.exit_code == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(lines) == 1 and says in lines[0] and "BAM_TRACEBACK=1" in lines[0], lines
+    assert "s3cret-pw" not in lines[0]
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("BAM_TRACEBACK", "1")
+        with pytest.raises(type(exc)):
+            cli._run(command, False)

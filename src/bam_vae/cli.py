@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 from collections.abc import Callable
@@ -16,7 +17,7 @@ from typing import Annotated, Any
 import typer
 
 from bam_vae.config import Params, load_params
-from bam_vae.errors import BamError, Interrupted, storage_error
+from bam_vae.errors import TRACEBACK_ENV, BamError, Interrupted, library_error, storage_error
 
 app = typer.Typer(
     help="bam-vae: VAEs on MNIST, Fashion-MNIST or your own images as a reproducible DVC + MLflow"
@@ -74,8 +75,8 @@ def _run(fn: Callable[..., Any], lock: bool, *args: Any, **kwargs: Any) -> Any:
     except KeyboardInterrupt:
         _fail("interrupted; nothing was written (outputs and the MLflow store are as before)", 130)
     except Exception as exc:  # a full disk, a quota, a read-only mount: one line, no traceback
-        line = storage_error(exc) or _refused(exc)
-        if line is None:
+        line = storage_error(exc) or _refused(exc) or _library_error(exc)
+        if line is None or os.environ.get(TRACEBACK_ENV):
             raise
         _fail(line, 2)
     finally:
@@ -92,6 +93,17 @@ def _refused(exc: Exception) -> str | None:
     from bam_vae.tracking.store import tracking_uri
 
     return auth.refusal(exc, tracking_uri())
+
+
+def _library_error(exc: Exception) -> str | None:
+    """An exception of Optuna, SQLAlchemy, psycopg or MLflow's clients as one line."""
+    store = ""
+    if "mlflow" in sys.modules:
+        from bam_vae.tracking.store import tracking_uri
+        from bam_vae.uris import mask
+
+        store = mask(tracking_uri())
+    return library_error(exc, store)
 
 
 def stage(fn: Callable[..., Any]) -> Callable[..., Any]:

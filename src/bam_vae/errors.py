@@ -74,3 +74,29 @@ def _storage_line(where: str, code: str) -> str:
         f"cannot write {where}: {_STORAGE_ERRNOS[code]} ({code}); nothing was changed (earlier"
         " outputs are as they were) -- free space or fix the mount, then run again"
     )
+
+
+# Libraries whose exceptions reach the command line, and what each was doing for bam.
+_LIBRARIES = {"optuna": "the study (Optuna)", "sqlalchemy": "a database (SQLAlchemy)",
+              "psycopg": "PostgreSQL (psycopg)", "mlflow": "the MLflow store",
+              "requests": "an HTTP request"}  # fmt: skip
+TRACEBACK_ENV = "BAM_TRACEBACK"
+
+
+def library_error(exc: BaseException, mlflow_store: str = "") -> str | None:
+    """One line for an exception of Optuna, SQLAlchemy, psycopg, MLflow or requests (its
+    REST and artifact clients): what failed, the exception's type and first line, any
+    password in it masked, and how to see the traceback; None for any other exception (a
+    bug of ours keeps its traceback). ``mlflow_store``: the tracking URI, named in MLflow's."""
+    from bam_vae.uris import mask_text
+
+    library = type(exc).__module__.split(".")[0]
+    if library not in _LIBRARIES:
+        return None
+    what = _LIBRARIES[library] + (
+        f" {mlflow_store}" if library == "mlflow" and mlflow_store else ""
+    )
+    return (
+        f"{what}: {type(exc).__name__}: {mask_text(reason(exc, 300))} (set {TRACEBACK_ENV}=1 for"
+        " the traceback)"
+    )

@@ -3,7 +3,10 @@ message, a log or a printed command (PostgreSQL stores, tracking servers, studie
 
 from __future__ import annotations
 
+import re
 from urllib.parse import urlsplit, urlunsplit
+
+_IN_TEXT = re.compile(r"([A-Za-z][\w+.-]*://[^\s:/@]+:)[^\s@/]+@")
 
 
 def mask(uri: str) -> str:
@@ -27,3 +30,8 @@ def mask(uri: str) -> str:
 def has_password(uri: str) -> bool:
     """Whether ``uri`` carries a password in its authority (``user:password@``)."""
     return "://" in uri and urlsplit(uri).password is not None
+
+
+def mask_text(text: str) -> str:
+    """Every ``scheme://user:password@`` in ``text`` (an exception's message) masked."""
+    return _IN_TEXT.sub(r"\1***@", text)
