@@ -782,6 +782,37 @@ PRUNE_SEED = 3  # GridSampler(seed=3) runs 1e-9 last (Optuna 5)
 
 @pytest.mark.e2e
 @pytest.mark.slow
+def test_a_trial_from_the_run_cache_whose_run_is_in_another_store_still_finishes(
+    sweep_project, tmp_path
+):
+    """Two checkouts sharing one DVC cache, each with its own MLflow store: the default point
+    comes back from DVC's run cache with a models/mlflow_run.json naming the other store's
+    run. The study used to stop on `Run with id=... not found`; the trial now finishes, its
+    child run holding the restored metrics and saying the model's run is elsewhere."""
+    project = sweep_project
+    other = tmp_path / "other-store" / "mlflow.db"
+    other.parent.mkdir()
+    env = local_env() | {"MLFLOW_TRACKING_URI": f"sqlite:///{other}"}
+    default_run = json.loads((project / "models" / "mlflow_run.json").read_text())["run_id"]
+    code, out = sweep(project, ["--name", "elsewhere", "-S", "model.z_dim=3"], env)
+    assert code == 0 and "Traceback" not in out, out
+    assert f"its model's run {default_run} is not in sqlite:///{other}" in out, out
+    s = study(project, "elsewhere")
+    assert states(s) == ["COMPLETE"]
+    with sqlite3.connect(other) as db:
+        child = db.execute(
+            "select r.run_uuid from runs r join tags t on t.run_uuid = r.run_uuid"
+            " and t.key = 'optuna_trial' where r.status = 'FINISHED'"
+        ).fetchall()
+        assert len(child) == 1, child
+        found = dict(db.execute("select key, value from tags where run_uuid = ?", child[0]))
+        scored = {k for (k,) in db.execute("select key from metrics where run_uuid = ?", child[0])}
+    assert found["bam_model_run"] == default_run and "bam_model_run_store" in found
+    assert "fid_classifier" in scored
+
+
+@pytest.mark.e2e
+@pytest.mark.slow
 @pytest.mark.timeout(2400)
 def test_a_study_over_two_nodes_survives_a_node_killed(sweep_project, cluster):
     """A grid over a real two-node cluster; the second node's raylet is killed while one of

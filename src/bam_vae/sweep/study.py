@@ -639,17 +639,37 @@ class Driver:
                 "bam_model_run": keep}  # fmt: skip
         run_id = self.client.create_run(self.experiment_id, run_name=tags["dvc_exp_name"],
                                         tags=tags).info.run_id  # fmt: skip
-        if keep:  # from the run cache: the model's params and scores
-            model = self.client.get_run(keep).data
+        model = self._model_run(number, keep, run_id) if keep else None
+        if model is not None:  # from the run cache: the model's params and scores
             for k, v in model.params.items():
                 self.client.log_param(run_id, k, v)
-            for k, v in {**model.metrics, **(result or {}).get("metrics", {})}.items():
-                self.client.log_metric(run_id, k, v)
         else:
             for k, v in values.items():
                 self.client.log_param(run_id, k, as_text(v))
+        if keep:  # the restored scores (and the model run's, where this store has it)
+            scores = {**(model.metrics if model else {}), **(result or {}).get("metrics", {})}
+            for k, v in scores.items():
+                self.client.log_metric(run_id, k, v)
         self.client.set_terminated(run_id, status="FINISHED")
         return run_id
+
+    def _model_run(self, number: int, keep: str, run_id: str) -> Any:
+        """The data of the run that trained a model restored from DVC's run cache, or None
+        when that run is in another store (checkouts sharing one DVC cache, each with its own
+        MLflow store): the child run then records the restored metrics and says where the
+        model was logged (tag ``bam_model_run_store``)."""
+        import mlflow
+
+        try:
+            return self.client.get_run(keep).data
+        except mlflow.exceptions.MlflowException as exc:
+            if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
+                raise
+        self.client.set_tag(run_id, "bam_model_run_store", "another store (DVC's run cache)")
+        self.say(f"trial {number}: restored from DVC's run cache; its model's run {keep} is not"
+                 f" in {mask(self.uri)} (another checkout sharing the cache logged it): the"
+                 " child run records the restored metrics")  # fmt: skip
+        return None
 
     def _supersede(self, run_id: str, keep: str) -> None:
 
