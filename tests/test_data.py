@@ -368,6 +368,24 @@ def test_truncated_image_is_named(tmp_path):
         acquire(DataConfig(dataset="images", path=str(root)))
 
 
+@pytest.mark.parametrize("kind", ["broken", "loop"])
+def test_an_image_that_cannot_be_read_is_named_not_skipped(tmp_path, kind):
+    """A broken or looping symbolic link among the images used to be left out silently."""
+    root = tmp_path / "imgs"
+    for i in range(3):
+        _png(root / "a" / f"{i}.png")
+    link = root / "a" / "3.png"
+    if kind == "broken":
+        link.symlink_to(tmp_path / "gone.png")
+        says = r"imgs/a/3.png: cannot be read: a broken symbolic link \(to .*gone.png\)"
+    else:
+        (root / "a" / "4.png").symlink_to(link)
+        link.symlink_to(root / "a" / "4.png")
+        says = r"imgs/a/3.png: cannot be read: a symbolic link loop"
+    with pytest.raises(BamError, match=says):
+        acquire(DataConfig(dataset="images", path=str(root)))
+
+
 def test_other_sizes_with_resize_off_are_refused(tmp_path):
     root = tmp_path / "imgs"
     _png(root / "0.png")

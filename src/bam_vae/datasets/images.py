@@ -16,7 +16,8 @@ viewer shows); converted to 8-bit grayscale (``convert("L")``: ITU-R 601-2 luma;
 grayscale scaled from 0..65535) and, unless already 28 x 28, resized to 28 x 28 with Lanczos
 (antialiased; the aspect ratio is not kept); ``data.resize: false`` refuses other sizes
 instead. The counts of each conversion are recorded in ``metrics/data.json``. Other files (a
-README, labels.csv) are ignored.
+README, labels.csv) are ignored; an image name that cannot be read (a broken or looping
+symbolic link, no read permission) is refused in one line naming it.
 """
 
 from __future__ import annotations
@@ -41,7 +42,34 @@ MAX_PIXELS = 50_000_000
 
 
 def _files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in SUFFIXES)
+    """The image files of ``folder``, sorted; one that cannot be read (a broken or looping
+    symbolic link, no read permission) is one line naming it, never silently left out."""
+    import errno
+    import os
+    import stat
+
+    found = []
+    for path in sorted(folder.iterdir()):
+        if path.suffix.lower() not in SUFFIXES:
+            continue
+        try:
+            mode = path.stat().st_mode  # follows links
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                why = "a symbolic link loop"
+            elif path.is_symlink():
+                why = f"a broken symbolic link (to {os.readlink(path)})"
+            else:
+                why = exc.strerror or type(exc).__name__
+            raise BamError(f"{path}: cannot be read: {why}; expected an image file (fix or"
+                           " remove it)") from None  # fmt: skip
+        if stat.S_ISDIR(mode):
+            continue
+        if not os.access(path, os.R_OK):
+            raise BamError(f"{path}: cannot be read: permission denied; expected a readable"
+                           " image file (chmod +r, or remove it)")  # fmt: skip
+        found.append(path)
+    return found
 
 
 def _subfolders(folder: Path) -> list[Path]:
