@@ -223,6 +223,34 @@ def test_an_mlflow_database_is_refused_as_a_study_storage_before_optuna_writes(t
     assert "studies" not in tables and "trials" not in tables
 
 
+@pytest.mark.slow
+def test_a_trial_failed_by_another_drivers_heartbeat_is_dropped_and_the_study_goes_on(tmp_path):
+    """Optuna #5470/#4234: a driver paused past the heartbeat's grace period has its running
+    trial failed by another driver (and the point re-enqueued); when its objective returns,
+    Optuna raised "Cannot tell a FAIL trial" out of `optimize` and the driver died. Replayed
+    on an RDB storage: the first trial is failed underneath its objective, as
+    `fail_stale_trials` does, and the driver ends with its 3 trials anyway."""
+    from types import SimpleNamespace
+
+    from optuna.trial import TrialState
+
+    storage = optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 'study.db'}")
+    s = optuna.create_study(storage=storage, study_name="paused")
+
+    def objective(trial: optuna.Trial) -> float:
+        x = trial.suggest_float("x", 0, 1)
+        if trial.number == 0:  # another driver's check, while this one was asleep
+            storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+            raise study_module.TakenOver("trial 0 was failed by another driver")
+        return x
+
+    driver = SimpleNamespace(p=SimpleNamespace(trials=3), objective=objective,
+                             enough=lambda study, _t: None)  # fmt: skip
+    study_module.optimize(s, driver, 1)
+    assert [t.state.name for t in s.trials] == ["FAIL", "COMPLETE", "COMPLETE", "COMPLETE"]
+    assert len(study_module.finished(s)) == 3
+
+
 def test_the_guard_runs_its_command_whatever_pythonpath_it_gets(tmp_path):
     """The command's output goes to the log and its exit status comes back. The guard is the
     sweep's own code: a ``bam_vae`` first on the command's PYTHONPATH (the clone's ``src``,

@@ -57,7 +57,9 @@ class _Quiet(logging.Filter):
     """Optuna logs a traceback for every failed trial: ours say why in one line."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.exc_info and isinstance(record.exc_info[1], TrialFailed | Stopped | Surplus):
+        if record.exc_info and isinstance(
+            record.exc_info[1], TrialFailed | Stopped | Surplus | TakenOver
+        ):
             record.exc_info = None
         return True
 
@@ -70,8 +72,17 @@ class Surplus(Exception):
     """Another driver of the study started its last trial first: FAIL, not counted."""
 
 
+class TakenOver(Exception):
+    """Another driver's heartbeat check failed the trial while it ran here: not counted, its
+    point retried (Optuna #5470, #4234)."""
+
+
 class Stopped(Exception):
     """The driver was told to stop: the trial is FAIL, not counted, and retried."""
+
+
+# An RDB study's heartbeat: a driver silent this long has its running trials failed and retried.
+GRACE_S = 60
 
 
 def sweeps_dir(root: Path) -> Path:
@@ -110,7 +121,7 @@ def open_storage(url: str | None, root: Path) -> tuple[Any, str]:
         with warnings.catch_warnings():  # the heartbeat is "experimental" since Optuna 2.8
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=3)
-            storage = optuna.storages.RDBStorage(full, heartbeat_interval=20, grace_period=60,
+            storage = optuna.storages.RDBStorage(full, heartbeat_interval=20, grace_period=GRACE_S,
                                                  heartbeat_stale_trial_callback=retry)  # fmt: skip
     except Exception as exc:
         raise BamError(f"cannot open the study storage {mask(url)}: {reason(exc)}") from None
@@ -570,6 +581,8 @@ class Driver:
             result = self.ray.get(ref)
         except Exception as exc:  # lost with every retry, or a Ray-level failure
             result = {"status": "failed", "reason": f"{type(exc).__name__}: {reason(exc)}"}
+        if self._taken_over(trial):
+            self._drop(trial, None)
         if result.get("log"):
             (self.logs / f"{exp}.log").write_text(result["log"])
         trial.set_user_attr("node", f"{result.get('node_id', '')[:8]} ({result.get('host', '')})")
@@ -601,7 +614,10 @@ class Driver:
             for m in sorted(history, key=lambda m: m.step):
                 if m.step > step:
                     step = m.step
-                    trial.report(m.value, step)
+                    try:
+                        trial.report(m.value, step)
+                    except optuna.exceptions.UpdateFinishedTrialError:
+                        self._drop(trial, ref)
                     if trial.should_prune():
                         why = f"epoch {step}: {self.p.prune_on} {m.value:.4g}"
                         self._cancel(ref)
@@ -611,6 +627,28 @@ class Driver:
                             with contextlib.suppress(Exception):
                                 self.client.set_terminated(run_id, status="KILLED")
                         raise optuna.TrialPruned(why)
+
+    def _taken_over(self, trial: Any) -> bool:
+        """Whether another driver's heartbeat check failed this trial while it ran here: this
+        driver stopped beating for longer than the grace period (a machine asleep, a swap
+        stall, a lost connection) and the other one took it for dead (RDB storages)."""
+        from optuna.trial import TrialState
+
+        failed = self.study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
+        return any(t.number == trial.number for t in failed)
+
+    def _drop(self, trial: Any, ref: Any) -> None:
+        """Give up a trial another driver failed: stop its task, supersede its runs (KILLED,
+        their versions deleted), so its point's retry gives the one FINISHED child run; say
+        so and raise :class:`TakenOver` (the driver goes on, :func:`optimize`)."""
+        if ref is not None:
+            self._cancel(ref)
+        for run_id in self.runs(trial.number):
+            self._supersede(run_id, "its retry")
+        self.say(f"trial {trial.number}: failed by another driver's heartbeat check while it"
+                 f" ran here (no heartbeat for over {GRACE_S} s); its point runs again as a"
+                 " retry, this run is dropped")  # fmt: skip
+        raise TakenOver(f"trial {trial.number} was failed by another driver")
 
     def _cancel(self, ref: Any) -> None:
         """Stop a task's pipeline (its guard: SIGTERM, then SIGKILL) and wait for it."""
@@ -694,6 +732,22 @@ class Driver:
         """Callback: stop once the study (every driver's trials) has its ``--trials``."""
         if len(finished(study)) >= self.p.trials:
             study.stop()
+
+
+def optimize(study: Any, driver: Any, slots: int) -> None:
+    """``study.optimize`` with ``driver.objective`` until the study has ``--trials`` finished
+    trials. A trial another driver's heartbeat check failed while it ran here makes Optuna
+    raise "Cannot tell a FAIL trial" out of ``optimize`` once the objective returns (it tells
+    without ``skip_if_finished``); the objective has said so in one line (:class:`TakenOver`),
+    so this goes on with the trials left."""
+    while (left := driver.p.trials - len(finished(study))) > 0:
+        try:
+            study.optimize(driver.objective, n_trials=left, n_jobs=min(slots, left),
+                           catch=(TrialFailed, Surplus), callbacks=[driver.enough])  # fmt: skip
+            return
+        except ValueError as exc:
+            if "Cannot tell a FAIL trial" not in str(exc):
+                raise
 
 
 def _table(study: Any) -> str:
@@ -817,8 +871,7 @@ def sweep(options: list[str], trials: int | None = None, **kw: Any) -> Any:
             for s in previous:
                 signal.signal(s, stop)
             try:
-                study.optimize(driver.objective, n_trials=left, n_jobs=min(slots, left),
-                               catch=(TrialFailed, Surplus), callbacks=[driver.enough])  # fmt: skip
+                optimize(study, driver, slots)
             except Stopped:
                 status = "KILLED"
             finally:
