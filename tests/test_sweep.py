@@ -25,7 +25,7 @@ import optuna
 import psutil
 import pytest
 import yaml
-from helpers import REPO, copy_checkout, env_with_venv, free_port
+from helpers import REPO, as_postgres, copy_checkout, env_with_venv, free_port
 
 from bam_vae.errors import BamError
 from bam_vae.sweep import guard
@@ -706,6 +706,60 @@ def test_a_torn_journal_record_is_cut_and_the_study_goes_on(sweep_project):
     code, out = sweep(sweep_project, args, env)  # and after: the study reads as it is
     assert code == 0 and "Traceback" not in out and "torn record" not in out, out
     assert "4 of 4 trials finished" in out
+
+
+@pytest.mark.e2e
+@pytest.mark.slow
+def test_a_resumed_sweep_draws_new_points_through_bam_sweep(sweep_project):
+    """Issue 49's replay: `bam sweep --trials 2`, then the same command with `--trials 4`:
+    the resume drew the first two points again; now the study ends with 4 distinct ones."""
+    env = local_env() | {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16)}
+    args = ["--name", "dup", "--metric", "test_loss", "-S", "model.z_dim=range(2,40)"]
+    for trials in ("2", "4"):
+        code, out = sweep(sweep_project, [*args, "--trials", trials], env)
+        assert code == 0 and "Traceback" not in out, out
+    points = [t.params["model.z_dim"] for t in study(sweep_project, "dup").trials]
+    assert len(points) == 4 and len(set(points)) == 4, points
+
+
+@pytest.mark.e2e
+@pytest.mark.slow
+def test_bam_sweep_refuses_a_tracking_database_as_its_storage(sweep_project, database):
+    """The project's own MLflow SQLite file, and a PostgreSQL database holding MLflow's
+    tables (as `bam server` makes one): one line each, nothing written by Optuna."""
+    name = f"{database.rsplit('/', 1)[1]}_tracking"
+    made = as_postgres("createdb", "-O", "bam", name)
+    assert made.returncode == 0, made.stderr
+    tracking_db = database.rsplit("/", 1)[0] + "/" + name
+    env = local_env()
+    try:
+        run([sys.executable, "-m", "mlflow", "db", "upgrade", sqlalchemy_uri(tracking_db)],
+            sweep_project, env)  # fmt: skip
+        before = (sweep_project / "mlruns" / "mlflow.db").stat().st_size
+        for storage in ("sqlite:///mlruns/mlflow.db", tracking_db):
+            args = [
+                "bam",
+                "sweep",
+                "--name",
+                "clash",
+                "--storage",
+                storage,
+                "-S",
+                "model.z_dim=2,3",
+            ]
+            done = subprocess.run(args, cwd=sweep_project, env=env, capture_output=True,
+                                  text=True, timeout=DEADLINE)  # fmt: skip
+            lines = [line for line in done.stderr.splitlines() if line.strip()]
+            assert done.returncode == 2 and len(lines) == 1, done.stdout + done.stderr
+            assert "is an MLflow database" in lines[0] and ":bam@" not in lines[0], lines[0]
+        found = rows(sweep_project, "select name from sqlite_master where type='table'")
+        assert "studies" not in {r[0] for r in found}
+        assert (sweep_project / "mlruns" / "mlflow.db").stat().st_size == before
+        tables = as_postgres("psql", "-d", name, "-tAc", "select count(*) from information_schema"
+                             ".tables where table_name = 'studies'")  # fmt: skip
+        assert tables.stdout.strip() == "0", tables
+    finally:
+        as_postgres("dropdb", "--if-exists", "--force", name)
 
 
 def kill_carrying(needle: str) -> None:
