@@ -734,6 +734,21 @@ class Driver:
             study.stop()
 
 
+@contextlib.contextmanager
+def storage_errors(where: str) -> Any:
+    """An error of the study's storage while the study runs (a journal Optuna cannot read;
+    SQLite or PostgreSQL gone or refusing, which Optuna's RDB storage raises as
+    ``StorageInternalError``), as one line naming the storage."""
+    import json
+
+    import optuna
+
+    try:
+        yield
+    except (optuna.exceptions.StorageInternalError, json.JSONDecodeError) as exc:
+        raise BamError(f"the study storage {where}: {type(exc).__name__}: {reason(exc)}") from None
+
+
 def optimize(study: Any, driver: Any, slots: int) -> None:
     """``study.optimize`` with ``driver.objective`` until the study has ``--trials`` finished
     trials. A trial another driver's heartbeat check failed while it ran here makes Optuna
@@ -846,65 +861,66 @@ def sweep(options: list[str], trials: int | None = None, **kw: Any) -> Any:
     uri = tracking.tracking_uri()
     tracking.init(writes="bam sweep logs its study run")  # a server that refuses: here
     study, where = open_study(p)
-    recover(study)
-    parent = _parent_run(study, p, where)
-    had = len(finished(study))
-    left = p.trials - had
-    print(
-        f"sweep {p.name}: {had} of {p.trials} trials finished, {p.sampler}"
-        f" sampler, pruner {p.pruner}, metric {p.metric} ({p.direction}) from stage"
-        f" {p.stage}; study in {where}; parent run {parent} in {mask(uri)}",
-        flush=True,
-    )
-    status = "FINISHED"
-    driver = None
-    if left > 0:
-        with connect(p, uri) as (ray, slots):
-            driver = Driver(p, study, ray, parent, uri)
-            previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-
-            def stop(signum: int, _frame: Any) -> None:
-                driver.say(f"{signal.Signals(signum).name}: stopping the running trials;"
-                           " finished ones are kept")  # fmt: skip
-                driver.stop.set()
-
-            for s in previous:
-                signal.signal(s, stop)
-            try:
-                optimize(study, driver, slots)
-            except Stopped:
-                status = "KILLED"
-            finally:
-                for s, handler in previous.items():
-                    signal.signal(s, handler)
-    done = finished(study)
-    if p.source != str(p.root):  # trials pushed their experiments to origin: fetch them here
-        made = {t.user_attrs["dvc_exp"] for t in done if t.state.name == "COMPLETE"}
-        missing = sorted(made - set(git.experiments_named(p.root, p.name)))
-        why = git.pull_experiments(p.root, missing) if missing else ""
-        if why:
-            print(f"sweep: the experiments stay on origin ({why}); `dvc exp pull origin"
-                  f" {p.name}-<n>` fetches one", flush=True)  # fmt: skip
-    if status == "FINISHED" and len(done) < p.trials:
-        status = "RUNNING"  # other drivers still at it: the last one closes the parent
-    client = tracking.client()
-    _settle(study, client, tracking.init(), parent)
-    _summarise(study, client, parent, p)
-    if status != "RUNNING":
-        client.set_terminated(parent, status=status)
-    print("\n" + _table(study), flush=True)
-    if status == "KILLED":
-        raise Interrupted(
-            f"sweep {p.name} interrupted: {len(done)} of {p.trials} trials"
-            " finished and are kept; the same command continues the study"
+    with storage_errors(where):  # the storage failing mid-study: one line naming it
+        recover(study)
+        parent = _parent_run(study, p, where)
+        had = len(finished(study))
+        left = p.trials - had
+        print(
+            f"sweep {p.name}: {had} of {p.trials} trials finished, {p.sampler}"
+            f" sampler, pruner {p.pruner}, metric {p.metric} ({p.direction}) from stage"
+            f" {p.stage}; study in {where}; parent run {parent} in {mask(uri)}",
+            flush=True,
         )
-    complete = [t for t in done if t.state == optuna.trial.TrialState.COMPLETE]
-    if not complete:
-        raise BamError(f"sweep {p.name}: no trial completed ({len(done)} finished); reasons"
-                       f" above, logs in {sweeps_dir(p.root) / p.name}")  # fmt: skip
-    best = study.best_trial
-    print(f"\nsweep {p.name}: {len(done)} of {p.trials} trials finished; best trial"
-          f" {best.number} ({p.name}-{best.number}) {p.metric} {best.value:.4g}; `dvc exp"
-          f" apply {p.name}-{best.number}`, `bam report --sweep {p.name}`, `optuna-dashboard"
-          f" {where}`", flush=True)  # fmt: skip
-    return study
+        status = "FINISHED"
+        driver = None
+        if left > 0:
+            with connect(p, uri) as (ray, slots):
+                driver = Driver(p, study, ray, parent, uri)
+                previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+
+                def stop(signum: int, _frame: Any) -> None:
+                    driver.say(f"{signal.Signals(signum).name}: stopping the running trials;"
+                               " finished ones are kept")  # fmt: skip
+                    driver.stop.set()
+
+                for s in previous:
+                    signal.signal(s, stop)
+                try:
+                    optimize(study, driver, slots)
+                except Stopped:
+                    status = "KILLED"
+                finally:
+                    for s, handler in previous.items():
+                        signal.signal(s, handler)
+        done = finished(study)
+        if p.source != str(p.root):  # trials pushed their experiments to origin: fetch them here
+            made = {t.user_attrs["dvc_exp"] for t in done if t.state.name == "COMPLETE"}
+            missing = sorted(made - set(git.experiments_named(p.root, p.name)))
+            why = git.pull_experiments(p.root, missing) if missing else ""
+            if why:
+                print(f"sweep: the experiments stay on origin ({why}); `dvc exp pull origin"
+                      f" {p.name}-<n>` fetches one", flush=True)  # fmt: skip
+        if status == "FINISHED" and len(done) < p.trials:
+            status = "RUNNING"  # other drivers still at it: the last one closes the parent
+        client = tracking.client()
+        _settle(study, client, tracking.init(), parent)
+        _summarise(study, client, parent, p)
+        if status != "RUNNING":
+            client.set_terminated(parent, status=status)
+        print("\n" + _table(study), flush=True)
+        if status == "KILLED":
+            raise Interrupted(
+                f"sweep {p.name} interrupted: {len(done)} of {p.trials} trials"
+                " finished and are kept; the same command continues the study"
+            )
+        complete = [t for t in done if t.state == optuna.trial.TrialState.COMPLETE]
+        if not complete:
+            raise BamError(f"sweep {p.name}: no trial completed ({len(done)} finished); reasons"
+                           f" above, logs in {sweeps_dir(p.root) / p.name}")  # fmt: skip
+        best = study.best_trial
+        print(f"\nsweep {p.name}: {len(done)} of {p.trials} trials finished; best trial"
+              f" {best.number} ({p.name}-{best.number}) {p.metric} {best.value:.4g}; `dvc exp"
+              f" apply {p.name}-{best.number}`, `bam report --sweep {p.name}`, `optuna-dashboard"
+              f" {where}`", flush=True)  # fmt: skip
+        return study
