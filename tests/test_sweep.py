@@ -251,6 +251,17 @@ def test_a_trial_failed_by_another_drivers_heartbeat_is_dropped_and_the_study_go
     assert len(study_module.finished(s)) == 3
 
 
+def test_the_study_storage_failing_mid_study_is_one_line_naming_it():
+    import json
+
+    where = "postgresql://bam@db/x"
+    for exc in (optuna.exceptions.StorageInternalError("An exception is raised during the commit"),
+                json.JSONDecodeError("Expecting value", '{"op_code": 5, "wor', 18)):  # fmt: skip
+        with pytest.raises(BamError) as err, study_module.storage_errors(where):
+            raise exc
+        assert str(err.value).startswith(f"the study storage {where}: {type(exc).__name__}")
+
+
 def test_the_guard_runs_its_command_whatever_pythonpath_it_gets(tmp_path):
     """The command's output goes to the log and its exit status comes back. The guard is the
     sweep's own code: a ``bam_vae`` first on the command's PYTHONPATH (the clone's ``src``,
