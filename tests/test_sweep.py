@@ -244,7 +244,7 @@ def test_a_trial_failed_by_another_drivers_heartbeat_is_dropped_and_the_study_go
             raise study_module.TakenOver("trial 0 was failed by another driver")
         return x
 
-    driver = SimpleNamespace(p=SimpleNamespace(trials=3), objective=objective,
+    driver = SimpleNamespace(p=SimpleNamespace(trials=3), objective=objective, again=False,
                              enough=lambda study, _t: None)  # fmt: skip
     study_module.optimize(s, driver, 1)
     assert [t.state.name for t in s.trials] == ["FAIL", "COMPLETE", "COMPLETE", "COMPLETE"]
@@ -771,6 +771,25 @@ def test_bam_sweep_refuses_a_tracking_database_as_its_storage(sweep_project, dat
         assert tables.stdout.strip() == "0", tables
     finally:
         as_postgres("dropdb", "--if-exists", "--force", name)
+
+
+@pytest.mark.e2e
+@pytest.mark.slow
+def test_a_point_drawn_again_is_not_run_and_the_study_ends_with_distinct_points(sweep_project):
+    """Random sampling of choice(2,3,4) for 3 trials draws some z twice (seed 0 does): such a
+    draw is a DUPLICATE row, not a trial, and the study ends with the 3 distinct points."""
+    env = local_env() | {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16)}
+    args = ["--name", "distinct", "--metric", "test_loss", "--sampler", "random", "--trials",
+            "3", "-S", "model.z_dim=choice(2,3,4)"]  # fmt: skip
+    code, out = sweep(sweep_project, args, env)
+    assert code == 0 and "Traceback" not in out, out
+    s = study(sweep_project, "distinct")
+    done = [t for t in s.trials if t.state.name == "COMPLETE"]
+    assert sorted(t.params["model.z_dim"] for t in done) == [2, 3, 4], states(s)
+    duplicates = [t for t in s.trials if "duplicate" in t.user_attrs]
+    assert duplicates and "DUPLICATE" in out, "seed 0 no longer draws a point twice"
+    ran = {e for _, _, e in children(sweep_project, s.user_attrs["mlflow_parent_run_id"])}
+    assert ran == {f"distinct-{t.number}" for t in done}
 
 
 def kill_carrying(needle: str) -> None:

@@ -83,6 +83,8 @@ class Stopped(Exception):
 
 # An RDB study's heartbeat: a driver silent this long has its running trials failed and retried.
 GRACE_S = 60
+# Draws in a row of points the study holds already before a driver takes the space as exhausted.
+MAX_DUPLICATES = 100
 
 
 def sweeps_dir(root: Path) -> Path:
@@ -517,6 +519,8 @@ class Driver:
         self.client, self.experiment_id = tracking.client(), tracking.init()
         self.stop = threading.Event()
         self.t0 = time.monotonic()
+        self.duplicates = 0  # draws in a row of points the study holds already
+        self.again = False  # this pass of optimize lost trials to such draws
         me = __import__("psutil").Process()
         self.me = [socket.gethostname(), me.pid, me.create_time()]
         self.env = git.git_identity(p.root)
@@ -557,6 +561,16 @@ class Driver:
             trial.set_user_attr("surplus", "the study had its trials running or finished")
             self.study.stop()
             raise Surplus(f"trial {trial.number} not run: the study has its {self.p.trials}")
+        if self._held(trial, values):  # TPE and random sampling may draw a point again
+            trial.set_user_attr("duplicate", "the study holds this point already")
+            self.duplicates += 1
+            self.again = self.duplicates <= MAX_DUPLICATES  # a pass more for the trials left
+            if not self.again:
+                self.say(f"{MAX_DUPLICATES} points in a row the study already holds: the space"
+                         " looks exhausted; stopping")  # fmt: skip
+                self.study.stop()
+            raise Surplus(f"trial {trial.number} not run: the study holds its point already")
+        self.duplicates = 0
         exp = f"{self.p.name}-{trial.number}"
         trial.set_user_attr("driver", self.me)
         trial.set_user_attr("dvc_exp", exp)
@@ -627,6 +641,14 @@ class Driver:
                             with contextlib.suppress(Exception):
                                 self.client.set_terminated(run_id, status="KILLED")
                         raise optuna.TrialPruned(why)
+
+    def _held(self, trial: Any, values: dict[str, Any]) -> bool:
+        """Whether another trial that counts (finished, or running) has these params."""
+        from optuna.trial import TrialState
+
+        others = self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+        counted = [*finished(self.study), *others]
+        return any(t.number != trial.number and t.params == values for t in counted)
 
     def _taken_over(self, trial: Any) -> bool:
         """Whether another driver's heartbeat check failed this trial while it ran here: this
@@ -754,15 +776,19 @@ def optimize(study: Any, driver: Any, slots: int) -> None:
     trials. A trial another driver's heartbeat check failed while it ran here makes Optuna
     raise "Cannot tell a FAIL trial" out of ``optimize`` once the objective returns (it tells
     without ``skip_if_finished``); the objective has said so in one line (:class:`TakenOver`),
-    so this goes on with the trials left."""
+    so this goes on with the trials left. So it does after a pass in which drawn points
+    that the study already held took trials (``driver.again``)."""
     while (left := driver.p.trials - len(finished(study))) > 0:
+        driver.again = False
         try:
             study.optimize(driver.objective, n_trials=left, n_jobs=min(slots, left),
                            catch=(TrialFailed, Surplus), callbacks=[driver.enough])  # fmt: skip
-            return
         except ValueError as exc:
             if "Cannot tell a FAIL trial" not in str(exc):
                 raise
+            continue
+        if not driver.again:
+            return
 
 
 def _table(study: Any) -> str:
@@ -770,6 +796,7 @@ def _table(study: Any) -> str:
     for t in study.get_trials(deepcopy=False):
         state = "INTERRUPTED" if interrupted(t) else t.state.name
         state = "NOT RUN" if "surplus" in t.user_attrs else state
+        state = "DUPLICATE" if "duplicate" in t.user_attrs else state
         value = f"{t.value:.4g}" if t.state.name == "COMPLETE" else "-"
         secs = t.user_attrs.get("seconds") or (t.duration and t.duration.total_seconds())
         why = t.user_attrs.get("fail_reason") or t.user_attrs.get("pruned") or ""
