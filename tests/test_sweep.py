@@ -792,6 +792,59 @@ def test_a_point_drawn_again_is_not_run_and_the_study_ends_with_distinct_points(
     assert ran == {f"distinct-{t.number}" for t in done}
 
 
+@pytest.mark.e2e
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+def test_a_driver_paused_past_the_heartbeat_grace_period_goes_on(sweep_project, database):
+    """Optuna #5470/#4234, replayed on PostgreSQL: driver A is stopped (SIGSTOP, as a machine
+    asleep) once its first trial starts; driver B joins and, 60 s later, fails A's trial and
+    re-enqueues its point. A, continued, used to die in "Cannot tell a FAIL trial"; now it says
+    so in one line and goes on. Each point ends with one COMPLETE trial, one FINISHED child run
+    and at most one registered version."""
+    project = sweep_project
+    env = local_env() | {"BAM_STUDY_STORAGE": database, "RAY_AUTH_MODE": "token",
+                         "RAY_AUTH_TOKEN": secrets.token_hex(16)}  # fmt: skip
+    args = ["--name", "paused", "--num-cpus", "2", "--metric", "test_loss",
+            "-S", "model.z_dim=4,5,6,7,8,9"]  # fmt: skip
+    a: dict[str, object] = {}
+
+    def stop_a_once_running(line: str, proc: subprocess.Popen) -> None:
+        if "started:" in line and "stopped" not in a:
+            proc.send_signal(signal.SIGSTOP)
+            a["stopped"] = time.monotonic()
+            a["trial"] = int(re.search(r"trial (\d+)", line)[1])
+            threading.Thread(target=wake_a_when_failed, args=(proc,), daemon=True).start()
+            b = threading.Thread(target=lambda: a.update(b=sweep(project, args, env)))
+            a["b_thread"] = b
+            b.start()
+
+    def wake_a_when_failed(proc: subprocess.Popen) -> None:
+        deadline = time.monotonic() + DEADLINE
+        while time.monotonic() < deadline:
+            with contextlib.suppress(Exception):
+                trial = study(project, "paused", database).trials[a["trial"]]
+                if trial.state.name == "FAIL":
+                    break
+            time.sleep(2)
+        proc.send_signal(signal.SIGCONT)
+
+    code, out = sweep(project, args, env, stop_a_once_running)
+    a["b_thread"].join(DEADLINE)
+    code_b, out_b = a["b"]
+    assert code == 0 and "Traceback" not in out, out
+    assert code_b == 0 and "Traceback" not in out_b, out_b
+    assert f"trial {a['trial']}: failed by another driver's heartbeat check" in out, out
+    s = study(project, "paused", database)
+    complete = [t.params["model.z_dim"] for t in s.trials if t.state.name == "COMPLETE"]
+    assert sorted(complete) == [4, 5, 6, 7, 8, 9], states(s)
+    runs = children(project, s.user_attrs["mlflow_parent_run_id"])
+    finished_runs = [(r, e) for r, st, e in runs if st == "FINISHED"]
+    number = {f"paused-{t.number}": t.params["model.z_dim"] for t in s.trials}
+    assert sorted(number[e] for _, e in finished_runs) == [4, 5, 6, 7, 8, 9], runs
+    live = versions(project, [r for r, _, _ in runs])
+    assert len(live) <= 6 and len({r for r, _ in live}) == len(live), live
+
+
 def kill_carrying(needle: str) -> None:
     """SIGKILL every process whose environment holds ``needle``."""
     for pid in os.listdir("/proc"):

@@ -665,7 +665,9 @@ class Driver:
         so and raise :class:`TakenOver` (the driver goes on, :func:`optimize`)."""
         if ref is not None:
             self._cancel(ref)
-        for run_id in self.runs(trial.number):
+        for run_id in self.runs(trial.number):  # FINISHED too: its pipeline ran on meanwhile
+            with contextlib.suppress(Exception):
+                self.client.set_terminated(run_id, status="KILLED")
             self._supersede(run_id, "its retry")
         self.say(f"trial {trial.number}: failed by another driver's heartbeat check while it"
                  f" ran here (no heartbeat for over {GRACE_S} s); its point runs again as a"
