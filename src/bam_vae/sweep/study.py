@@ -355,9 +355,9 @@ def sampler_seed(seed: int, held: int) -> int:
 def _sampler(p: Plan, held: int = 0) -> Any:
     import optuna
 
+    if p.sampler == "grid":  # --seed for every driver: it orders the grid's ids, which they share
+        return optuna.samplers.GridSampler(p.space.grid, seed=p.seed)
     seed = sampler_seed(p.seed, held)
-    if p.sampler == "grid":  # picks among the points no trial has taken yet
-        return optuna.samplers.GridSampler(p.space.grid, seed=seed)
     if p.sampler == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     return optuna.samplers.TPESampler(seed=seed)
