@@ -958,10 +958,13 @@ def test_a_trial_from_the_run_cache_whose_run_is_in_another_store_still_finishes
     other = tmp_path / "other-store" / "mlflow.db"
     other.parent.mkdir()
     env = local_env() | {"MLFLOW_TRACKING_URI": f"sqlite:///{other}"}
-    default_run = json.loads((project / "models" / "mlflow_run.json").read_text())["run_id"]
     code, out = sweep(project, ["--name", "elsewhere", "-S", "model.z_dim=3"], env)
     assert code == 0 and "Traceback" not in out, out
-    assert f"its model's run {default_run} is not in sqlite:///{other}" in out, out
+    # The run the cache names: the default point's latest training in the project's store.
+    said = re.search(rf"its model's run ([0-9a-f]{{32}}) is not in sqlite:///{other}", out)
+    assert said, out
+    default_run = said[1]
+    assert rows(project, "select count(*) from runs where run_uuid = ?", default_run) == [(1,)]
     s = study(project, "elsewhere")
     assert states(s) == ["COMPLETE"]
     with sqlite3.connect(other) as db:
