@@ -776,11 +776,12 @@ def test_bam_sweep_refuses_a_tracking_database_as_its_storage(sweep_project, dat
 @pytest.mark.e2e
 @pytest.mark.slow
 def test_a_point_drawn_again_is_not_run_and_the_study_ends_with_distinct_points(sweep_project):
-    """Random sampling of choice(2,3,4) for 3 trials draws some z twice (seed 0 does): such a
-    draw is a DUPLICATE row, not a trial, and the study ends with the 3 distinct points."""
+    """Random sampling of choice(2,3,4) for 3 trials draws some z twice (seed 0, one trial at
+    a time: 3, 4, 4; two at a time Optuna reseeds per thread): such a draw is a DUPLICATE row,
+    not a trial, and the study ends with the 3 distinct points."""
     env = local_env() | {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16)}
     args = ["--name", "distinct", "--metric", "test_loss", "--sampler", "random", "--trials",
-            "3", "-S", "model.z_dim=choice(2,3,4)"]  # fmt: skip
+            "3", "--num-cpus", "2", "-S", "model.z_dim=choice(2,3,4)"]  # fmt: skip
     code, out = sweep(sweep_project, args, env)
     assert code == 0 and "Traceback" not in out, out
     s = study(sweep_project, "distinct")
