@@ -725,7 +725,8 @@ def test_a_resumed_sweep_draws_new_points_through_bam_sweep(sweep_project):
     """Issue 49's replay: `bam sweep --trials 2`, then the same command with `--trials 4`:
     the resume drew the first two points again; now the study ends with 4 distinct ones."""
     env = local_env() | {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16)}
-    args = ["--name", "dup", "--metric", "test_loss", "-S", "model.z_dim=range(2,40)"]
+    # z from 10 up: the node-kill test's points (5-8) must still train, not come from the cache
+    args = ["--name", "dup", "--metric", "test_loss", "-S", "model.z_dim=range(10,40)"]
     for trials in ("2", "4"):
         code, out = sweep(sweep_project, [*args, "--trials", trials], env)
         assert code == 0 and "Traceback" not in out, out
@@ -805,8 +806,9 @@ def test_a_driver_paused_past_the_heartbeat_grace_period_goes_on(sweep_project, 
     project = sweep_project
     env = local_env() | {"BAM_STUDY_STORAGE": database, "RAY_AUTH_MODE": "token",
                          "RAY_AUTH_TOKEN": secrets.token_hex(16)}  # fmt: skip
+    # z from 40 up: the node-kill test's points (5-8) must still train, not come from the cache
     args = ["--name", "paused", "--num-cpus", "2", "--metric", "test_loss",
-            "-S", "model.z_dim=4,5,6,7,8,9"]  # fmt: skip
+            "-S", "model.z_dim=40,41,42,43,44,45"]  # fmt: skip
     a: dict[str, object] = {}
 
     def stop_a_once_running(line: str, proc: subprocess.Popen) -> None:
@@ -837,11 +839,11 @@ def test_a_driver_paused_past_the_heartbeat_grace_period_goes_on(sweep_project, 
     assert f"trial {a['trial']}: failed by another driver's heartbeat check" in out, out
     s = study(project, "paused", database)
     complete = [t.params["model.z_dim"] for t in s.trials if t.state.name == "COMPLETE"]
-    assert sorted(complete) == [4, 5, 6, 7, 8, 9], states(s)
+    assert sorted(complete) == [40, 41, 42, 43, 44, 45], states(s)
     runs = children(project, s.user_attrs["mlflow_parent_run_id"])
     finished_runs = [(r, e) for r, st, e in runs if st == "FINISHED"]
     number = {f"paused-{t.number}": t.params["model.z_dim"] for t in s.trials}
-    assert sorted(number[e] for _, e in finished_runs) == [4, 5, 6, 7, 8, 9], runs
+    assert sorted(number[e] for _, e in finished_runs) == [40, 41, 42, 43, 44, 45], runs
     live = versions(project, [r for r, _, _ in runs])
     assert len(live) <= 6 and len({r for r, _ in live}) == len(live), live
 
